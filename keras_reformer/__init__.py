@@ -1,0 +1,9 @@
+"""keras-reformer: the Reformer (Kitaev et al., 2020) as Keras 3 layers.
+
+Public API: `keras_reformer.layers`, `keras_reformer.models`,
+`keras_reformer.export`.
+"""
+
+from keras_reformer import layers  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Pure math shared by the layers (hashing, sort/chunk, logsumexp combine)."""
