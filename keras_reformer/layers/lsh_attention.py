@@ -4,7 +4,11 @@ import random
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, ops, regularizers
+from keras import constraints, initializers, regularizers
+
+# Keras exposes these mask helpers only under keras.src; MultiHeadAttention
+# uses the same two to take over the mask of its query.
+from keras.src.backend import get_keras_mask, set_keras_mask
 
 from keras_reformer.ops import lsh
 from keras_reformer.ops.random import deterministic_normal
@@ -59,6 +63,12 @@ class LSHAttention(keras.layers.Layer):
     This is repeated for `num_hashes` independent rotations and the rounds
     are combined with their logsumexp weights. Cost per layer is
     O(length * num_hashes * bucket_size) instead of O(length ** 2).
+
+    With `use_causal_mask=True` a query attends to the most recent
+    `num_chunks_before * bucket_size` keys of its own bucket (in every
+    round), never to later positions: unlike chunk windows, whose boundaries
+    move with the buckets of later tokens, this keeps every output strictly
+    independent of the tokens after it.
 
     Masks are compared on original positions: causal, padding (Keras mask
     or `attention_mask`) and self (a query attends to itself only when
@@ -342,11 +352,17 @@ class LSHAttention(keras.layers.Layer):
             "num_hashes", num_hashes
         )
         if query_mask is None:
-            query_mask = keras.backend.get_keras_mask(query) if hasattr(
-                keras.backend, "get_keras_mask"
-            ) else getattr(query, "_keras_mask", None)
+            query_mask = get_keras_mask(query)
 
         x = query
+        if len(x.shape) != 3 or x.shape[-1] != self._input_dim:
+            raise ValueError(
+                "LSHAttention expects `query` of shape (batch, length, "
+                f"{self._input_dim}), the shape it was built for. Received: "
+                f"query.shape={tuple(x.shape)}"
+            )
+        # The mask is consumed here; the projections must not see it.
+        set_keras_mask(x, None)
         batch = tf.shape(x)[0]
         length = x.shape[1] if x.shape[1] is not None else tf.shape(x)[1]
         c = self.bucket_size
@@ -379,23 +395,37 @@ class LSHAttention(keras.layers.Layer):
         v = tf.transpose(tf.pad(v, [[0, 0], [0, pad], [0, 0], [0, 0]]), [0, 2, 1, 3])
         valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
 
-        buckets, total = self._hash(qk, padded_length, num_hashes, training)
         dropout = None
         if self.dropout > 0 and training:
             dropout = lambda p: self._dropout_layer(p, training=True)  # noqa: E731
-        out = lsh.lsh_attend(
-            qk,
-            v,
-            buckets,
-            total,
-            valid,
-            bucket_size=c,
-            chunks_before=self.num_chunks_before,
-            chunks_after=self.num_chunks_after,
-            causal=bool(use_causal_mask),
-            pair_allowed=pair_allowed,
-            dropout=dropout,
-        )  # (B, H, Lp, E)
+        causal = bool(use_causal_mask)
+
+        def dense():
+            return lsh.dense_attend(
+                qk, v, valid, causal=causal, pair_allowed=pair_allowed,
+                dropout=dropout,
+            )
+
+        def hashed():
+            buckets, total = self._hash(qk, padded_length, num_hashes, training)
+            return lsh.lsh_attend(
+                qk, v, buckets, total, valid,
+                bucket_size=c,
+                chunks_before=self.num_chunks_before,
+                chunks_after=self.num_chunks_after,
+                causal=causal,
+                pair_allowed=pair_allowed,
+                dropout=dropout,
+            )
+
+        covers = lsh.window_covers_all(
+            padded_length // c, self.num_chunks_before, self.num_chunks_after,
+            causal,
+        )
+        if isinstance(covers, bool):
+            out = dense() if covers else hashed()
+        else:
+            out = tf.cond(covers, dense, hashed)  # length known only at run time
         out = tf.transpose(out, [0, 2, 1, 3])[:, :length]
         return self.output_dense(tf.cast(out, self.compute_dtype))
 

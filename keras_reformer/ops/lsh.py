@@ -95,6 +95,7 @@ def sort_order(buckets, valid, num_buckets):
     Returns:
         order: (B, H, R, L) int32, sorted position -> original position.
         inverse: (B, H, R, L) int32, original position -> sorted position.
+        sorted_buckets: (B, H, R, L) int32, the bucket at each sorted slot.
     """
     length = tf.shape(buckets)[-1]
     buckets = tf.where(valid[:, None, None, :], buckets, num_buckets)
@@ -104,7 +105,8 @@ def sort_order(buckets, valid, num_buckets):
     )
     order = tf.argsort(key, axis=-1)
     inverse = tf.argsort(order, axis=-1)
-    return tf.cast(order, tf.int32), tf.cast(inverse, tf.int32)
+    sorted_buckets = tf.gather(buckets, order, axis=3, batch_dims=3)
+    return tf.cast(order, tf.int32), tf.cast(inverse, tf.int32), sorted_buckets
 
 
 def look_around(chunks, before, after, pad_value):
@@ -138,26 +140,38 @@ def _chunk(x, bucket_size):
     return tf.reshape(x, new_shape)
 
 
-def chunked_attention_logits(queries, keys, query_positions, key_positions,
-                             key_valid, causal, pair_allowed, length):
+def chunked_attention_logits(queries, keys, query, key, causal, reach,
+                             pair_allowed, length):
     """Masked, scaled logits of each chunk against its window (float32).
 
     Args:
         queries: (B, H, R, N, C, D); keys: (B, H, R, N, W, D), unit-normalised.
-        query_positions: (B, H, R, N, C) int32 original positions.
-        key_positions: (B, H, R, N, W) int32 (-1 outside the round).
-        key_valid: (B, H, R, N, W) bool.
+        query: dict of (B, H, R, N, C) int32 tensors for the query slots:
+            "position" (original position), "bucket", "slot" (sorted index).
+        key: the same for the key window, (B, H, R, N, W), plus "valid"
+            (bool); slots outside the round have valid False, slot -1.
         causal: python bool.
+        reach: how many sorted slots back a causal query may look.
         pair_allowed: None or (B, L, L) bool, an explicit attention mask.
         length: scalar, L (for indexing `pair_allowed`).
     """
     scale = 1.0 / math.sqrt(float(queries.shape[-1]))
     logits = tf.matmul(queries, keys, transpose_b=True) * scale
-    q_pos = query_positions[..., :, None]
-    k_pos = key_positions[..., None, :]
-    masked = tf.logical_not(key_valid)[..., None, :]
+    q_pos = query["position"][..., :, None]
+    k_pos = key["position"][..., None, :]
+    masked = tf.logical_not(key["valid"])[..., None, :]
     if causal:
+        # Chunk boundaries move with the buckets of later tokens, so a causal
+        # query that saw "its chunk and the one before" would see a key set
+        # that depends on the future. Instead it sees the `reach` most recent
+        # keys of its own bucket: a set fixed by the tokens up to it.
+        q_slot = query["slot"][..., :, None]
+        k_slot = key["slot"][..., None, :]
         masked = tf.logical_or(masked, k_pos > q_pos)
+        masked = tf.logical_or(masked, q_slot - k_slot > reach)
+        masked = tf.logical_or(
+            masked, query["bucket"][..., :, None] != key["bucket"][..., None, :]
+        )
     if pair_allowed is not None:
         batch = tf.shape(pair_allowed)[0]
         flat = tf.reshape(pair_allowed, [batch, -1])
@@ -168,8 +182,47 @@ def chunked_attention_logits(queries, keys, query_positions, key_positions,
         masked = tf.logical_or(
             masked, tf.logical_not(tf.reshape(allowed, tf.shape(index)))
         )
-    logits = tf.where(q_pos == k_pos, SELF_MASK_VALUE, logits)
+    return _mask_logits(logits, q_pos == k_pos, masked)
+
+
+def _mask_logits(logits, same_position, masked):
+    logits = tf.where(same_position, SELF_MASK_VALUE, logits)
     return tf.where(masked, MASK_VALUE, logits)
+
+
+def _unit(vectors):
+    """Keys are the unit-normalised queries (shared QK)."""
+    return vectors * tf.math.rsqrt(
+        tf.maximum(tf.reduce_sum(tf.square(vectors), -1, keepdims=True), 1e-12)
+    )
+
+
+def window_covers_all(num_chunks, chunks_before, chunks_after, causal):
+    """True when every query's chunk window already spans the whole input.
+
+    Then LSH attention is full attention, computed densely (exactly, and
+    cheaper than hashing). Works on python ints and scalar tensors.
+    """
+    reach = chunks_before if causal else min(chunks_before, chunks_after)
+    return num_chunks - 1 <= reach
+
+
+def dense_attend(qk, values, valid, *, causal=False, pair_allowed=None,
+                 dropout=None):
+    """Plain shared-QK softmax attention, (B, H, L, E), for short inputs."""
+    scale = 1.0 / math.sqrt(float(qk.shape[-1]))
+    logits = tf.matmul(qk, _unit(qk), transpose_b=True) * scale  # (B,H,L,L)
+    positions = tf.range(tf.shape(qk)[2])
+    masked = tf.logical_not(valid)[:, None, None, :]
+    if causal:
+        masked = tf.logical_or(masked, positions[None, :] > positions[:, None])
+    if pair_allowed is not None:
+        masked = tf.logical_or(masked, tf.logical_not(pair_allowed)[:, None])
+    same = positions[:, None] == positions[None, :]
+    probs = tf.nn.softmax(_mask_logits(logits, same, masked), axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return tf.matmul(probs, values)
 
 
 def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
@@ -185,7 +238,9 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         valid: (B, L) bool; False marks padding (masked as keys everywhere).
         bucket_size: C, the chunk length.
         chunks_before, chunks_after: chunks each chunk also attends to.
-        causal: mask keys at later original positions.
+        causal: mask keys at later original positions; a causal query sees
+            only keys of its own bucket at most `chunks_before * C` sorted
+            slots back, so its output never depends on later tokens.
         pair_allowed: optional (B, L, L) bool mask of allowed (query, key).
         dropout: optional callable applied to attention probabilities.
 
@@ -193,27 +248,36 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         (B, H, L, E) float32 attention output.
     """
     length = tf.shape(qk)[2]
-    order, inverse = sort_order(buckets, valid, num_buckets)
+    order, inverse, sorted_buckets = sort_order(buckets, valid, num_buckets)
 
-    keys = qk * tf.math.rsqrt(
-        tf.maximum(tf.reduce_sum(tf.square(qk), -1, keepdims=True), 1e-12)
-    )
+    keys = _unit(qk)
     sorted_q = _chunk(tf.gather(qk, order, axis=2, batch_dims=2), bucket_size)
     sorted_k = _chunk(tf.gather(keys, order, axis=2, batch_dims=2), bucket_size)
     sorted_v = _chunk(
         tf.gather(values, order, axis=2, batch_dims=2), bucket_size
     )
-    sorted_valid = _chunk(tf.gather(valid, order, axis=1, batch_dims=1), bucket_size)
-    positions = _chunk(order, bucket_size)
-
+    slots = tf.broadcast_to(tf.range(length), tf.shape(order))
+    query = {
+        "position": _chunk(order, bucket_size),
+        "bucket": _chunk(sorted_buckets, bucket_size),
+        "slot": _chunk(slots, bucket_size),
+        "valid": _chunk(
+            tf.gather(valid, order, axis=1, batch_dims=1), bucket_size
+        ),
+    }
     window = (chunks_before, chunks_after)
+    pads = {"position": -1, "bucket": -1, "slot": -1, "valid": False}
+    key = {
+        name: look_around(value, *window, pads[name])
+        for name, value in query.items()
+    }
     logits = chunked_attention_logits(
         sorted_q,
         look_around(sorted_k, *window, 0.0),
-        positions,
-        look_around(positions, *window, -1),
-        look_around(sorted_valid, *window, False),
+        query,
+        key,
         causal,
+        chunks_before * bucket_size,
         pair_allowed,
         length,
     )
