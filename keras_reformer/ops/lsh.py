@@ -109,11 +109,47 @@ def sort_order(buckets, valid, num_buckets):
     return tf.cast(order, tf.int32), tf.cast(inverse, tf.int32), sorted_buckets
 
 
-def look_around(chunks, before, after, pad_value):
+def gather_rounds(x, order, inverse):
+    """x (B, H, L, ...) -> (B, H, R, L, ...) in each round's sorted order.
+
+    The gradient of a gather is a scatter-add, slow on CPU; since `order` is
+    a permutation, the gradient is a gather by its inverse, summed over rounds.
+    (The permutations are arguments, not closures, so that TF's custom-gradient
+    check does not trace them back to the projection weights.)
+    """
+
+    @tf.custom_gradient
+    def forward(x, order, inverse):
+        def grad(upstream):
+            back = tf.gather(upstream, inverse, axis=3, batch_dims=3)
+            return tf.reduce_sum(back, axis=2), None, None
+
+        return tf.gather(x, order, axis=2, batch_dims=2), grad
+
+    return forward(x, order, inverse)
+
+
+def unsort_rounds(x, order, inverse):
+    """x (B, H, R, L, ...) in sorted order -> original order; gradient by gather."""
+
+    @tf.custom_gradient
+    def forward(x, order, inverse):
+        def grad(upstream):
+            return tf.gather(upstream, order, axis=3, batch_dims=3), None, None
+
+        return tf.gather(x, inverse, axis=3, batch_dims=3), grad
+
+    return forward(x, order, inverse)
+
+
+def look_around(chunks, before, after, pad_value=None):
     """Concatenate each chunk with `before` previous and `after` next chunks.
 
-    Chunks outside the round are filled with `pad_value` (they never wrap
-    into another round or the other end of this one).
+    Built from `tf.roll`, whose gradient is another roll (slicing a padded
+    copy instead made StridedSliceGrad the costliest op of the backward
+    pass). Rolling wraps around the round; with `pad_value` the wrapped-in
+    chunks are overwritten with it. Float tensors (keys, values) need no pad:
+    the mask built from the padded integer tensors hides those slots.
 
     Args:
         chunks: (B, H, R, N, C, ...) tensor.
@@ -123,11 +159,17 @@ def look_around(chunks, before, after, pad_value):
     """
     if before == 0 and after == 0:
         return chunks
-    rank = len(chunks.shape)
-    paddings = [[0, 0]] * 3 + [[before, after]] + [[0, 0]] * (rank - 4)
-    padded = tf.pad(chunks, paddings, constant_values=pad_value)
     count = tf.shape(chunks)[3]
-    parts = [padded[:, :, :, i : i + count] for i in range(before + 1 + after)]
+    index = tf.range(count)
+    trailing = [1] * (len(chunks.shape) - 4)
+    parts = []
+    for offset in range(-before, after + 1):
+        part = chunks if offset == 0 else tf.roll(chunks, -offset, axis=3)
+        if pad_value is not None and offset != 0:
+            inside = tf.logical_and(index + offset >= 0, index + offset < count)
+            inside = tf.reshape(inside, [1, 1, 1, count] + trailing)
+            part = tf.where(inside, part, tf.cast(pad_value, chunks.dtype))
+        parts.append(part)
     return tf.concat(parts, axis=4)
 
 
@@ -140,38 +182,42 @@ def _chunk(x, bucket_size):
     return tf.reshape(x, new_shape)
 
 
-def chunked_attention_logits(queries, keys, query, key, causal, reach,
-                             pair_allowed, length):
-    """Masked, scaled logits of each chunk against its window (float32).
+def chunk_bias(query, key, causal, reach, pair_allowed, length):
+    """Additive float32 mask of each chunk's queries against its key window.
+
+    0 where attention is allowed, SELF_MASK_VALUE on a query's own key,
+    MASK_VALUE where masked. Built from integer positions only, so it needs
+    no gradient; adding it instead of `tf.where` on the logits keeps the
+    backward pass to a plain pass-through. (A logit plus -1e9 rounds to -1e9
+    in float32, so adding equals overwriting.)
 
     Args:
-        queries: (B, H, R, N, C, D); keys: (B, H, R, N, W, D), unit-normalised.
         query: dict of (B, H, R, N, C) int32 tensors for the query slots:
             "position" (original position), "bucket", "slot" (sorted index).
         key: the same for the key window, (B, H, R, N, W), plus "valid"
-            (bool); slots outside the round have valid False, slot -1.
+            (bool); slots outside the round have bucket and slot -1.
         causal: python bool.
         reach: how many sorted slots back a causal query may look.
         pair_allowed: None or (B, L, L) bool, an explicit attention mask.
         length: scalar, L (for indexing `pair_allowed`).
     """
-    scale = 1.0 / math.sqrt(float(queries.shape[-1]))
-    logits = tf.matmul(queries, keys, transpose_b=True) * scale
     q_pos = query["position"][..., :, None]
     k_pos = key["position"][..., None, :]
-    masked = tf.logical_not(key["valid"])[..., None, :]
     if causal:
         # Chunk boundaries move with the buckets of later tokens, so a causal
         # query that saw "its chunk and the one before" would see a key set
         # that depends on the future. Instead it sees the `reach` most recent
-        # keys of its own bucket: a set fixed by the tokens up to it.
-        q_slot = query["slot"][..., :, None]
-        k_slot = key["slot"][..., None, :]
-        masked = tf.logical_or(masked, k_pos > q_pos)
-        masked = tf.logical_or(masked, q_slot - k_slot > reach)
+        # keys of its own bucket: a set fixed by the tokens up to it. Within a
+        # bucket sorted order is position order, so slot distance in
+        # [0, reach] is "earlier and recent". Padding has a bucket of its own,
+        # so the bucket test also masks padding keys for real queries.
+        back = query["slot"][..., :, None] - key["slot"][..., None, :]
         masked = tf.logical_or(
-            masked, query["bucket"][..., :, None] != key["bucket"][..., None, :]
+            tf.cast(back, tf.uint32) > reach,  # negative wraps: later keys
+            query["bucket"][..., :, None] != key["bucket"][..., None, :],
         )
+    else:
+        masked = tf.logical_not(key["valid"])[..., None, :]
     if pair_allowed is not None:
         batch = tf.shape(pair_allowed)[0]
         flat = tf.reshape(pair_allowed, [batch, -1])
@@ -182,12 +228,66 @@ def chunked_attention_logits(queries, keys, query, key, causal, reach,
         masked = tf.logical_or(
             masked, tf.logical_not(tf.reshape(allowed, tf.shape(index)))
         )
-    return _mask_logits(logits, q_pos == k_pos, masked)
+    return _bias(q_pos == k_pos, masked)
 
 
-def _mask_logits(logits, same_position, masked):
-    logits = tf.where(same_position, SELF_MASK_VALUE, logits)
-    return tf.where(masked, MASK_VALUE, logits)
+def chunk_attention(queries, keys, values, bias, keep=None):
+    """Softmax attention of each chunk over its window, with a hand-written
+    gradient.
+
+    Autodiff through `exp(logits - logsumexp(logits))` keeps several
+    (C x W)-sized intermediates and runs a dozen elementwise passes over them
+    backward; the gradient below needs the saved probabilities and two:
+    `ds = p * (dp - delta)`, as in FlashAttention's backward, with the
+    logsumexp's own gradient folded into `delta`.
+
+    Args:
+        queries: (..., C, D), already scaled by 1 / sqrt(D).
+        keys: (..., W, D); values: (..., W, E).
+        bias: (..., C, W) additive mask (no gradient).
+        keep: optional (..., C, W) dropout multiplier, 0 or 1 / (1 - rate).
+
+    Returns:
+        out (..., C, E) and lse (..., C, 1), the log of each row's normaliser.
+    """
+
+    @tf.custom_gradient
+    def attend(q, k, v, bias, keep):
+        logits = tf.matmul(q, k, transpose_b=True) + bias
+        lse = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
+        probs = tf.exp(logits - lse)
+        dropped = keep.shape.rank != 1
+        kept = probs * keep if dropped else probs
+        out = tf.matmul(kept, v)
+
+        def grad(d_out, d_lse):
+            d_v = tf.matmul(kept, d_out, transpose_a=True)
+            d_probs = tf.matmul(d_out, v, transpose_b=True)
+            if dropped:
+                d_probs = d_probs * keep
+            delta = tf.reduce_sum(d_out * out, axis=-1, keepdims=True)
+            if d_lse is not None:
+                delta = delta - d_lse
+            d_logits = probs * (d_probs - delta)
+            return (
+                tf.matmul(d_logits, k),
+                tf.matmul(d_logits, q, transpose_a=True),
+                d_v,
+                None,
+                None,
+            )
+
+        return (out, lse), grad
+
+    if keep is None:
+        # An empty stand-in: custom_gradient takes tensors only.
+        return attend(queries, keys, values, bias, tf.zeros([0]))
+    return attend(queries, keys, values, bias, keep)
+
+
+def _bias(same_position, masked):
+    self_bias = tf.where(same_position, SELF_MASK_VALUE, 0.0)
+    return tf.where(masked, MASK_VALUE, self_bias)
 
 
 def _unit(vectors):
@@ -219,7 +319,7 @@ def dense_attend(qk, values, valid, *, causal=False, pair_allowed=None,
     if pair_allowed is not None:
         masked = tf.logical_or(masked, tf.logical_not(pair_allowed)[:, None])
     same = positions[:, None] == positions[None, :]
-    probs = tf.nn.softmax(_mask_logits(logits, same, masked), axis=-1)
+    probs = tf.nn.softmax(logits + _bias(same, masked), axis=-1)
     if dropout is not None:
         probs = dropout(probs)
     return tf.matmul(probs, values)
@@ -242,7 +342,8 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
             only keys of its own bucket at most `chunks_before * C` sorted
             slots back, so its output never depends on later tokens.
         pair_allowed: optional (B, L, L) bool mask of allowed (query, key).
-        dropout: optional callable applied to attention probabilities.
+        dropout: optional callable applied to attention probabilities (it
+            is applied to a tensor of ones to get the dropout multiplier).
 
     Returns:
         (B, H, L, E) float32 attention output.
@@ -250,12 +351,10 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
     length = tf.shape(qk)[2]
     order, inverse, sorted_buckets = sort_order(buckets, valid, num_buckets)
 
-    keys = _unit(qk)
-    sorted_q = _chunk(tf.gather(qk, order, axis=2, batch_dims=2), bucket_size)
-    sorted_k = _chunk(tf.gather(keys, order, axis=2, batch_dims=2), bucket_size)
-    sorted_v = _chunk(
-        tf.gather(values, order, axis=2, batch_dims=2), bucket_size
-    )
+    width = qk.shape[-1]
+    sorted_q = _chunk(gather_rounds(qk, order, inverse), bucket_size)
+    sorted_k = _chunk(gather_rounds(_unit(qk), order, inverse), bucket_size)
+    sorted_v = _chunk(gather_rounds(values, order, inverse), bucket_size)
     slots = tf.broadcast_to(tf.range(length), tf.shape(order))
     query = {
         "position": _chunk(order, bucket_size),
@@ -271,28 +370,23 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         name: look_around(value, *window, pads[name])
         for name, value in query.items()
     }
-    logits = chunked_attention_logits(
-        sorted_q,
-        look_around(sorted_k, *window, 0.0),
-        query,
-        key,
-        causal,
-        chunks_before * bucket_size,
-        pair_allowed,
-        length,
+    bias = chunk_bias(
+        query, key, causal, chunks_before * bucket_size, pair_allowed, length
     )
-    lse = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
-    probs = tf.exp(logits - lse)
-    if dropout is not None:
-        probs = dropout(probs)
-    out = tf.matmul(probs, look_around(sorted_v, *window, 0.0))
+    out, lse = chunk_attention(
+        sorted_q * (1.0 / math.sqrt(float(width))),
+        look_around(sorted_k, *window),
+        look_around(sorted_v, *window),
+        bias,
+        keep=None if dropout is None else dropout(tf.ones_like(bias)),
+    )
 
     # Back to (B, H, R, L, ...) in original order, then weight the rounds by
     # their share of the total softmax mass: softmax over R of the lse.
     shape = tf.shape(out)
     out = tf.reshape(out, [shape[0], shape[1], shape[2], length, shape[-1]])
     lse = tf.reshape(lse, [shape[0], shape[1], shape[2], length])
-    out = tf.gather(out, inverse, axis=3, batch_dims=3)
-    lse = tf.gather(lse, inverse, axis=3, batch_dims=3)
+    out = unsort_rounds(out, order, inverse)
+    lse = unsort_rounds(lse, order, inverse)
     weights = tf.nn.softmax(lse, axis=2)
     return tf.reduce_sum(out * weights[..., None], axis=2)

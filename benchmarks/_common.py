@@ -1,0 +1,74 @@
+"""Shared plumbing of the benchmarks: one fresh process per point, CSV out.
+
+Every point runs in its own Python process so that its peak RSS is its own
+(ru_maxrss never goes down within a process), and the parent collects one
+JSON line per point. Ratios are only ever formed between points of one run.
+"""
+
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process so far, in MiB (Linux: KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb():
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def emit(record):
+    """Called in the child: print the point's result as the last line."""
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+def run_point(script, args, timeout=1800):
+    """Run `script --point args...` in a fresh process; return its record.
+
+    A point that crashes or is killed (e.g. out of memory) comes back as a
+    record with `status` saying so instead of stopping the sweep.
+    """
+    cmd = [sys.executable, script, "--point", *map(str, args)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            record = json.loads(line[len("RESULT "):])
+            record.setdefault("status", "ok")
+            return record
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+    return {"status": f"failed rc={proc.returncode} after "
+                      f"{time.time() - start:.0f}s: {tail[0][:200]}"}
+
+
+def write_csv(name, rows):
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def progress(message):
+    print(message, file=sys.stderr, flush=True)
