@@ -192,9 +192,6 @@ class LSHAttention(keras.layers.Layer):
             )
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self._dropout_layer = keras.layers.Dropout(
-            self.dropout, seed=seed + 1, dtype="float32"
-        )
 
     @property
     def num_hashes(self):
@@ -395,15 +392,18 @@ class LSHAttention(keras.layers.Layer):
         v = tf.transpose(tf.pad(v, [[0, 0], [0, pad], [0, 0], [0, 0]]), [0, 2, 1, 3])
         valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
 
-        dropout = None
+        rate, dropout_seed = 0.0, None
         if self.dropout > 0 and training:
-            dropout = lambda p: self._dropout_layer(p, training=True)  # noqa: E731
+            # A stateless mask from a seed of the layer's generator: the same
+            # seed state (e.g. replayed by a reversible stack) gives the same mask.
+            rate = self.dropout
+            dropout_seed = tf.cast(self.seed_generator.next(), tf.int32)
         causal = bool(use_causal_mask)
 
         def dense():
             return lsh.dense_attend(
                 qk, v, valid, causal=causal, pair_allowed=pair_allowed,
-                dropout=dropout,
+                dropout_rate=rate, dropout_seed=dropout_seed,
             )
 
         def hashed():
@@ -415,7 +415,8 @@ class LSHAttention(keras.layers.Layer):
                 chunks_after=self.num_chunks_after,
                 causal=causal,
                 pair_allowed=pair_allowed,
-                dropout=dropout,
+                dropout_rate=rate,
+                dropout_seed=dropout_seed,
             )
 
         covers = lsh.window_covers_all(

@@ -13,11 +13,12 @@ import math
 
 import tensorflow as tf
 
-# A key that is masked gets MASK_VALUE; a query's own key gets the much milder
-# SELF_MASK_VALUE so that a query with nothing else to attend to still has a
-# defined softmax (it attends to itself). Logits are float32, where both fit.
-MASK_VALUE = -1e9
-SELF_MASK_VALUE = -1e5
+from keras_reformer.ops.chunk_attention import (
+    GROUP_ELEMENTS,
+    bias_from_masks,
+    dropout_keep,
+    rows_attention,
+)
 
 # Above this many buckets the (D x buckets/2) projection costs more than the
 # chunked attention itself (2 * C keys per query at C = 64), so derived bucket
@@ -142,154 +143,6 @@ def unsort_rounds(x, order, inverse):
     return forward(x, order, inverse)
 
 
-def look_around(chunks, before, after, pad_value=None):
-    """Concatenate each chunk with `before` previous and `after` next chunks.
-
-    Built from `tf.roll`, whose gradient is another roll (slicing a padded
-    copy instead made StridedSliceGrad the costliest op of the backward
-    pass). Rolling wraps around the round; with `pad_value` the wrapped-in
-    chunks are overwritten with it. Float tensors (keys, values) need no pad:
-    the mask built from the padded integer tensors hides those slots.
-
-    Args:
-        chunks: (B, H, R, N, C, ...) tensor.
-
-    Returns:
-        (B, H, R, N, (before + 1 + after) * C, ...) tensor.
-    """
-    if before == 0 and after == 0:
-        return chunks
-    count = tf.shape(chunks)[3]
-    index = tf.range(count)
-    trailing = [1] * (len(chunks.shape) - 4)
-    parts = []
-    for offset in range(-before, after + 1):
-        part = chunks if offset == 0 else tf.roll(chunks, -offset, axis=3)
-        if pad_value is not None and offset != 0:
-            inside = tf.logical_and(index + offset >= 0, index + offset < count)
-            inside = tf.reshape(inside, [1, 1, 1, count] + trailing)
-            part = tf.where(inside, part, tf.cast(pad_value, chunks.dtype))
-        parts.append(part)
-    return tf.concat(parts, axis=4)
-
-
-def _chunk(x, bucket_size):
-    """(B, H, R, L, ...) -> (B, H, R, L / C, C, ...)."""
-    shape = tf.shape(x)
-    new_shape = tf.concat(
-        [shape[:3], [shape[3] // bucket_size, bucket_size], shape[4:]], axis=0
-    )
-    return tf.reshape(x, new_shape)
-
-
-def chunk_bias(query, key, causal, reach, pair_allowed, length):
-    """Additive float32 mask of each chunk's queries against its key window.
-
-    0 where attention is allowed, SELF_MASK_VALUE on a query's own key,
-    MASK_VALUE where masked. Built from integer positions only, so it needs
-    no gradient; adding it instead of `tf.where` on the logits keeps the
-    backward pass to a plain pass-through. (A logit plus -1e9 rounds to -1e9
-    in float32, so adding equals overwriting.)
-
-    Args:
-        query: dict of (B, H, R, N, C) int32 tensors for the query slots:
-            "position" (original position), "bucket", "slot" (sorted index).
-        key: the same for the key window, (B, H, R, N, W), plus "valid"
-            (bool); slots outside the round have bucket and slot -1.
-        causal: python bool.
-        reach: how many sorted slots back a causal query may look.
-        pair_allowed: None or (B, L, L) bool, an explicit attention mask.
-        length: scalar, L (for indexing `pair_allowed`).
-    """
-    q_pos = query["position"][..., :, None]
-    k_pos = key["position"][..., None, :]
-    if causal:
-        # Chunk boundaries move with the buckets of later tokens, so a causal
-        # query that saw "its chunk and the one before" would see a key set
-        # that depends on the future. Instead it sees the `reach` most recent
-        # keys of its own bucket: a set fixed by the tokens up to it. Within a
-        # bucket sorted order is position order, so slot distance in
-        # [0, reach] is "earlier and recent". Padding has a bucket of its own,
-        # so the bucket test also masks padding keys for real queries.
-        back = query["slot"][..., :, None] - key["slot"][..., None, :]
-        masked = tf.logical_or(
-            tf.cast(back, tf.uint32) > reach,  # negative wraps: later keys
-            query["bucket"][..., :, None] != key["bucket"][..., None, :],
-        )
-    else:
-        masked = tf.logical_not(key["valid"])[..., None, :]
-    if pair_allowed is not None:
-        batch = tf.shape(pair_allowed)[0]
-        flat = tf.reshape(pair_allowed, [batch, -1])
-        index = q_pos * length + tf.maximum(k_pos, 0)
-        allowed = tf.gather(
-            flat, tf.reshape(index, [batch, -1]), batch_dims=1
-        )
-        masked = tf.logical_or(
-            masked, tf.logical_not(tf.reshape(allowed, tf.shape(index)))
-        )
-    return _bias(q_pos == k_pos, masked)
-
-
-def chunk_attention(queries, keys, values, bias, keep=None):
-    """Softmax attention of each chunk over its window, with a hand-written
-    gradient.
-
-    Autodiff through `exp(logits - logsumexp(logits))` keeps several
-    (C x W)-sized intermediates and runs a dozen elementwise passes over them
-    backward; the gradient below needs the saved probabilities and two:
-    `ds = p * (dp - delta)`, as in FlashAttention's backward, with the
-    logsumexp's own gradient folded into `delta`.
-
-    Args:
-        queries: (..., C, D), already scaled by 1 / sqrt(D).
-        keys: (..., W, D); values: (..., W, E).
-        bias: (..., C, W) additive mask (no gradient).
-        keep: optional (..., C, W) dropout multiplier, 0 or 1 / (1 - rate).
-
-    Returns:
-        out (..., C, E) and lse (..., C, 1), the log of each row's normaliser.
-    """
-
-    @tf.custom_gradient
-    def attend(q, k, v, bias, keep):
-        logits = tf.matmul(q, k, transpose_b=True) + bias
-        lse = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
-        probs = tf.exp(logits - lse)
-        dropped = keep.shape.rank != 1
-        kept = probs * keep if dropped else probs
-        out = tf.matmul(kept, v)
-
-        def grad(d_out, d_lse):
-            d_v = tf.matmul(kept, d_out, transpose_a=True)
-            d_probs = tf.matmul(d_out, v, transpose_b=True)
-            if dropped:
-                d_probs = d_probs * keep
-            delta = tf.reduce_sum(d_out * out, axis=-1, keepdims=True)
-            if d_lse is not None:
-                delta = delta - d_lse
-            d_logits = probs * (d_probs - delta)
-            return (
-                tf.matmul(d_logits, k),
-                tf.matmul(d_logits, q, transpose_a=True),
-                d_v,
-                None,
-                None,
-            )
-
-        return (out, lse), grad
-
-    if keep is None:
-        # An empty stand-in: custom_gradient takes tensors only.
-        return attend(queries, keys, values, bias, tf.zeros([0]))
-    return attend(queries, keys, values, bias, keep)
-
-
-def _bias(same_position, masked):
-    self_bias = tf.where(same_position, SELF_MASK_VALUE, 0.0)
-    return tf.where(masked, MASK_VALUE, self_bias)
-
-
 def _unit(vectors):
     """Keys are the unit-normalised queries (shared QK)."""
     return vectors * tf.math.rsqrt(
@@ -308,7 +161,7 @@ def window_covers_all(num_chunks, chunks_before, chunks_after, causal):
 
 
 def dense_attend(qk, values, valid, *, causal=False, pair_allowed=None,
-                 dropout=None):
+                 dropout_rate=0.0, dropout_seed=None):
     """Plain shared-QK softmax attention, (B, H, L, E), for short inputs."""
     scale = 1.0 / math.sqrt(float(qk.shape[-1]))
     logits = tf.matmul(qk, _unit(qk), transpose_b=True) * scale  # (B,H,L,L)
@@ -319,15 +172,16 @@ def dense_attend(qk, values, valid, *, causal=False, pair_allowed=None,
     if pair_allowed is not None:
         masked = tf.logical_or(masked, tf.logical_not(pair_allowed)[:, None])
     same = positions[:, None] == positions[None, :]
-    probs = tf.nn.softmax(logits + _bias(same, masked), axis=-1)
-    if dropout is not None:
-        probs = dropout(probs)
+    probs = tf.nn.softmax(logits + bias_from_masks(same, masked), axis=-1)
+    if dropout_rate > 0:
+        probs = probs * dropout_keep(tf.shape(probs), dropout_rate, dropout_seed)
     return tf.matmul(probs, values)
 
 
 def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
                chunks_before=1, chunks_after=0, causal=False,
-               pair_allowed=None, dropout=None):
+               pair_allowed=None, dropout_rate=0.0, dropout_seed=None,
+               group_elements=GROUP_ELEMENTS):
     """Chunked attention within sorted buckets, rounds combined by logsumexp.
 
     Args:
@@ -342,50 +196,59 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
             only keys of its own bucket at most `chunks_before * C` sorted
             slots back, so its output never depends on later tokens.
         pair_allowed: optional (B, L, L) bool mask of allowed (query, key).
-        dropout: optional callable applied to attention probabilities (it
-            is applied to a tensor of ones to get the dropout multiplier).
+        dropout_rate, dropout_seed: attention dropout and its (2,) int32 seed.
+        group_elements: logits computed at once (bounds memory, see
+            `chunk_attention`).
 
     Returns:
         (B, H, L, E) float32 attention output.
     """
+    batch, heads = tf.shape(qk)[0], qk.shape[1]
     length = tf.shape(qk)[2]
+    rounds = buckets.shape[2]
     order, inverse, sorted_buckets = sort_order(buckets, valid, num_buckets)
 
-    width = qk.shape[-1]
-    sorted_q = _chunk(gather_rounds(qk, order, inverse), bucket_size)
-    sorted_k = _chunk(gather_rounds(_unit(qk), order, inverse), bucket_size)
-    sorted_v = _chunk(gather_rounds(values, order, inverse), bucket_size)
-    slots = tf.broadcast_to(tf.range(length), tf.shape(order))
-    query = {
-        "position": _chunk(order, bucket_size),
-        "bucket": _chunk(sorted_buckets, bucket_size),
-        "slot": _chunk(slots, bucket_size),
-        "valid": _chunk(
-            tf.gather(valid, order, axis=1, batch_dims=1), bucket_size
-        ),
-    }
-    window = (chunks_before, chunks_after)
-    pads = {"position": -1, "bucket": -1, "slot": -1, "valid": False}
-    key = {
-        name: look_around(value, *window, pads[name])
-        for name, value in query.items()
-    }
-    bias = chunk_bias(
-        query, key, causal, chunks_before * bucket_size, pair_allowed, length
+    def rows(x):
+        """(B, H, R, L, ...) -> (B * H * R, L / C, C, ...)."""
+        shape = tf.shape(x)
+        tail = x.shape[4:].as_list()
+        static = [None if qk.shape[0] is None else qk.shape[0] * heads * rounds]
+        x = tf.reshape(
+            x, tf.concat([[-1, shape[3] // bucket_size, bucket_size], shape[4:]], 0)
+        )
+        chunks = None if qk.shape[2] is None else qk.shape[2] // bucket_size
+        return tf.ensure_shape(x, static + [chunks, bucket_size] + tail)
+
+    batch_index = tf.broadcast_to(
+        tf.range(batch)[:, None, None, None], tf.shape(order)
     )
-    out, lse = chunk_attention(
-        sorted_q * (1.0 / math.sqrt(float(width))),
-        look_around(sorted_k, *window),
-        look_around(sorted_v, *window),
-        bias,
-        keep=None if dropout is None else dropout(tf.ones_like(bias)),
+    info = {
+        "position": rows(order),
+        "bucket": rows(sorted_buckets),
+        "slot": rows(tf.broadcast_to(tf.range(length), tf.shape(order))),
+        "valid": rows(tf.gather(valid, order, axis=1, batch_dims=1)),
+        "batch": rows(batch_index),
+    }
+    flat_pair = None
+    if pair_allowed is not None:
+        flat_pair = tf.reshape(pair_allowed, [batch, -1])
+    out, lse = rows_attention(
+        rows(gather_rounds(qk, order, inverse)),
+        rows(gather_rounds(values, order, inverse)),
+        info,
+        window=(chunks_before, chunks_after),
+        causal=causal,
+        length=length,
+        pair_allowed=flat_pair,
+        rate=dropout_rate,
+        seed=dropout_seed,
+        budget=group_elements,
     )
 
     # Back to (B, H, R, L, ...) in original order, then weight the rounds by
     # their share of the total softmax mass: softmax over R of the lse.
-    shape = tf.shape(out)
-    out = tf.reshape(out, [shape[0], shape[1], shape[2], length, shape[-1]])
-    lse = tf.reshape(lse, [shape[0], shape[1], shape[2], length])
+    out = tf.reshape(out, [batch, heads, rounds, length, values.shape[-1]])
+    lse = tf.reshape(lse, [batch, heads, rounds, length])
     out = unsort_rounds(out, order, inverse)
     lse = unsort_rounds(lse, order, inverse)
     weights = tf.nn.softmax(lse, axis=2)

@@ -1,0 +1,302 @@
+"""Attention of sorted chunks over their windows, in bounded memory.
+
+Rows are the flattened (batch, head, round) triples of LSH attention, each a
+sorted sequence cut into N chunks of C slots. Every chunk attends to a window
+of W = C * (before + 1 + after) slots. The (C x W) logits of all rows at once
+take `rows * L * W` floats (at 64K tokens, 4 heads and 2 rounds: 268 MB per
+tensor, several alive at once), so long inputs are processed a group of rows
+at a time in a `tf.while_loop` whose gradient recomputes each group instead
+of keeping its probabilities: memory stays at one group's worth, forward and
+backward, whatever the length.
+"""
+
+import math
+
+import tensorflow as tf
+
+# A key that is masked gets MASK_VALUE; a query's own key gets the much milder
+# SELF_MASK_VALUE so that a query with nothing else to attend to still has a
+# defined softmax (it attends to itself). Logits are float32, where both fit.
+MASK_VALUE = -1e9
+SELF_MASK_VALUE = -1e5
+
+# Logit elements per group of rows (2^23 float32 = 32 MiB per (C x W) tensor).
+GROUP_ELEMENTS = 2**23
+
+INFO_PADS = {"position": -1, "bucket": -1, "slot": -1, "valid": False}
+
+
+def look_around(chunks, before, after, pad_value=None):
+    """Concatenate each chunk with `before` previous and `after` next chunks.
+
+    Built from `tf.roll`, whose gradient is another roll (slicing a padded
+    copy instead made StridedSliceGrad the costliest op of the backward
+    pass). Rolling wraps around the row; with `pad_value` the wrapped-in
+    chunks are overwritten with it. Float tensors (keys, values) need no pad:
+    the mask built from the padded integer tensors hides those slots.
+
+    Args:
+        chunks: (rows, N, C, ...) tensor.
+
+    Returns:
+        (rows, N, (before + 1 + after) * C, ...) tensor.
+    """
+    if before == 0 and after == 0:
+        return chunks
+    count = tf.shape(chunks)[1]
+    index = tf.range(count)
+    trailing = [1] * (len(chunks.shape) - 2)
+    parts = []
+    for offset in range(-before, after + 1):
+        part = chunks if offset == 0 else tf.roll(chunks, -offset, axis=1)
+        if pad_value is not None and offset != 0:
+            inside = tf.logical_and(index + offset >= 0, index + offset < count)
+            inside = tf.reshape(inside, [1, count] + trailing)
+            part = tf.where(inside, part, tf.cast(pad_value, chunks.dtype))
+        parts.append(part)
+    return tf.concat(parts, axis=2)
+
+
+def bias_from_masks(same_position, masked):
+    """Additive float32 mask: 0, SELF_MASK_VALUE on self, MASK_VALUE masked.
+
+    Adding it equals overwriting: a logit plus -1e9 rounds to -1e9 in
+    float32. Built from integers only, so it needs no gradient.
+    """
+    self_bias = tf.where(same_position, SELF_MASK_VALUE, 0.0)
+    return tf.where(masked, MASK_VALUE, self_bias)
+
+
+def chunk_bias(query, key, causal, reach, pair_rows, length):
+    """Additive mask of each chunk's queries against its key window.
+
+    Args:
+        query: dict of (rows, N, C) tensors for the query slots: "position"
+            (original position), "bucket", "slot" (sorted index), "valid".
+        key: the same for the key window, (rows, N, W); slots outside the
+            row have bucket and slot -1 and valid False.
+        causal: python bool.
+        reach: how many sorted slots back a causal query may look.
+        pair_rows: None or (rows, L * L) bool explicit attention masks.
+        length: scalar, L (for indexing `pair_rows`).
+
+    Returns:
+        (rows, N, C, W) float32.
+    """
+    q_pos = query["position"][..., :, None]
+    k_pos = key["position"][..., None, :]
+    if causal:
+        # Chunk boundaries move with the buckets of later tokens, so a causal
+        # query that saw "its chunk and the one before" would see a key set
+        # that depends on the future. Instead it sees the `reach` most recent
+        # keys of its own bucket: a set fixed by the tokens up to it. Within a
+        # bucket sorted order is position order, so slot distance in
+        # [0, reach] is "earlier and recent". Padding has a bucket of its own,
+        # so the bucket test also masks padding keys for real queries.
+        back = query["slot"][..., :, None] - key["slot"][..., None, :]
+        masked = tf.logical_or(
+            tf.cast(back, tf.uint32) > reach,  # negative wraps: later keys
+            query["bucket"][..., :, None] != key["bucket"][..., None, :],
+        )
+    else:
+        masked = tf.logical_not(key["valid"])[..., None, :]
+    if pair_rows is not None:
+        rows = tf.shape(pair_rows)[0]
+        index = q_pos * length + tf.maximum(k_pos, 0)
+        allowed = tf.gather(pair_rows, tf.reshape(index, [rows, -1]), batch_dims=1)
+        masked = tf.logical_or(
+            masked, tf.logical_not(tf.reshape(allowed, tf.shape(index)))
+        )
+    return bias_from_masks(q_pos == k_pos, masked)
+
+
+def dropout_keep(shape, rate, seed):
+    """Dropout multiplier (0 or 1 / (1 - rate)) from a stateless seed, so the
+    same seed gives the same mask in a recomputation."""
+    uniform = tf.random.stateless_uniform(shape, seed=seed)
+    return tf.cast(uniform >= rate, tf.float32) * (1.0 / (1.0 - rate))
+
+
+def softmax_attention(queries, keys, values, bias, keep=None):
+    """Softmax attention with a hand-written gradient; returns out and lse.
+
+    Autodiff through `exp(logits - logsumexp(logits))` keeps several
+    (C x W)-sized intermediates and runs a dozen elementwise passes over them
+    backward; the gradient below needs the saved probabilities and two:
+    `ds = p * (dp - delta)`, as in FlashAttention's backward, with the
+    logsumexp's own gradient folded into `delta`. The mask and dropout are
+    arguments, not closures, so that TF's custom-gradient check does not
+    trace them back to the projection weights.
+
+    Args:
+        queries: (..., C, D), already scaled by 1 / sqrt(D).
+        keys: (..., W, D); values: (..., W, E).
+        bias: (..., C, W) additive mask (no gradient).
+        keep: optional (..., C, W) dropout multiplier.
+
+    Returns:
+        out (..., C, E) and lse (..., C, 1), the log of each row's normaliser.
+    """
+
+    @tf.custom_gradient
+    def attend(q, k, v, bias, keep):
+        logits = tf.matmul(q, k, transpose_b=True) + bias
+        lse = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
+        probs = tf.exp(logits - lse)
+        dropped = keep.shape.rank != 1
+        kept = probs * keep if dropped else probs
+        out = tf.matmul(kept, v)
+
+        def grad(d_out, d_lse):
+            d_v = tf.matmul(kept, d_out, transpose_a=True)
+            d_probs = tf.matmul(d_out, v, transpose_b=True)
+            if dropped:
+                d_probs = d_probs * keep
+            delta = tf.reduce_sum(d_out * out, axis=-1, keepdims=True)
+            if d_lse is not None:
+                delta = delta - d_lse
+            d_logits = probs * (d_probs - delta)
+            return (
+                tf.matmul(d_logits, k),
+                tf.matmul(d_logits, q, transpose_a=True),
+                d_v,
+                None,
+                None,
+            )
+
+        return (out, lse), grad
+
+    if keep is None:
+        keep = tf.zeros([0])  # an empty stand-in: custom_gradient takes tensors
+    return attend(queries, keys, values, bias, keep)
+
+
+def _unit(vectors):
+    """Keys are the unit-normalised queries (shared QK)."""
+    return vectors * tf.math.rsqrt(
+        tf.maximum(tf.reduce_sum(tf.square(vectors), -1, keepdims=True), 1e-12)
+    )
+
+
+def _attend_group(q, v, info, group_index, settings):
+    """One group of rows: keys, windows, mask, dropout, attention -> out, lse.
+
+    Keys are derived from the sorted queries here rather than gathered, so
+    that no full-length copy of them is kept for the backward pass.
+    """
+    before, after = settings["window"]
+    key = {
+        name: look_around(info[name], before, after, pad)
+        for name, pad in INFO_PADS.items()
+    }
+    pair_rows = None
+    if settings["pair_allowed"] is not None:
+        pair_rows = tf.gather(settings["pair_allowed"], info["batch"][:, 0, 0])
+    bias = chunk_bias(
+        info, key, settings["causal"], before * q.shape[2], pair_rows,
+        settings["length"],
+    )
+    keep = None
+    if settings["rate"] > 0:
+        seed = settings["seed"] + tf.stack([0, group_index])
+        keep = dropout_keep(tf.shape(bias), settings["rate"], seed)
+    out, lse = softmax_attention(
+        q * (1.0 / math.sqrt(float(q.shape[-1]))),
+        look_around(_unit(q), before, after),
+        look_around(v, before, after),
+        bias,
+        keep,
+    )
+    return out, lse[..., 0]
+
+
+def group_size(rows, row_elements, budget=GROUP_ELEMENTS):
+    """Largest divisor g of `rows` with g * row_elements <= budget (>= 1)."""
+    best = 1
+    for g in range(1, rows + 1):
+        if rows % g == 0 and g * row_elements <= budget:
+            best = g
+    return best
+
+
+def rows_attention(q, v, info, *, window, causal, length, pair_allowed=None,
+                   rate=0.0, seed=None, budget=GROUP_ELEMENTS):
+    """Chunked attention of every row; a loop over groups when it is large.
+
+    Args:
+        q, v: (rows, N, C, D|E) float32 sorted queries (keys are their unit
+            vectors) and values.
+        info: dict of (rows, N, C) int32 "position", "bucket", "slot",
+            "batch" (the row's batch index) and bool "valid".
+        window: (chunks_before, chunks_after).
+        causal: python bool.
+        length: scalar L.
+        pair_allowed: None or (B, L * L) bool explicit masks.
+        rate, seed: attention dropout rate and a (2,) int32 seed.
+        budget: logit elements per group (the memory knob).
+
+    Returns:
+        out (rows, N, C, E) and lse (rows, N, C).
+    """
+    settings = dict(window=window, causal=causal, length=length,
+                    pair_allowed=pair_allowed, rate=rate, seed=seed)
+    rows, chunks, size = q.shape[0], q.shape[1], q.shape[2]
+    if rows is None or chunks is None:
+        return _attend_group(q, v, info, 0, settings)
+    width = size * (window[0] + 1 + window[1])
+    group = group_size(rows, chunks * size * width, budget)
+    if group == rows:
+        # Everything fits at once: autodiff keeps the probabilities.
+        return _attend_group(q, v, info, 0, settings)
+
+    groups = rows // group
+    names = sorted(info)
+
+    def split(x):
+        return tf.reshape(x, [groups, group] + x.shape[1:].as_list())
+
+    def run_group(args):
+        index, q, v, *ints = args
+        return _attend_group(q, v, dict(zip(names, ints)), index, settings)
+
+    indices = tf.range(groups)
+    int_args = [split(info[n]) for n in names]
+    out_spec = (
+        tf.TensorSpec([group, chunks, size, v.shape[-1]], tf.float32),
+        tf.TensorSpec([group, chunks, size], tf.float32),
+    )
+
+    @tf.custom_gradient
+    def looped(q, v, *ints):
+        out, lse = tf.map_fn(
+            run_group, (indices, q, v, *ints), fn_output_signature=out_spec,
+            parallel_iterations=1,
+        )
+
+        def grad(d_out, d_lse):
+            if d_lse is None:
+                d_lse = tf.zeros_like(lse)
+
+            def group_grad(args):
+                index, q, v, d_out, d_lse, *ints = args
+                with tf.GradientTape() as tape:
+                    tape.watch([q, v])
+                    out, lse = run_group((index, q, v, *ints))
+                # d_out enters the recomputation's gradient, so XLA cannot
+                # hoist the recomputation into the forward pass.
+                return tuple(tape.gradient([out, lse], [q, v], [d_out, d_lse]))
+
+            spec = tf.TensorSpec([group, chunks, size, None], tf.float32)
+            grads = tf.map_fn(
+                group_grad, (indices, q, v, d_out, d_lse, *ints),
+                fn_output_signature=(spec, spec), parallel_iterations=1,
+            )
+            return list(grads) + [None] * len(ints)
+
+        return (out, lse), grad
+
+    out, lse = looped(split(q), split(v), *int_args)
+    return (
+        tf.reshape(out, [rows, chunks, size, v.shape[-1]]),
+        tf.reshape(lse, [rows, chunks, size]),
+    )

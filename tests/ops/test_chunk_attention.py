@@ -1,0 +1,67 @@
+"""The grouped (looped, recomputing) path equals the all-at-once path."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_reformer.ops import lsh
+
+
+def problem(seed=0, batch=2, heads=2, rounds=3, length=64, width=8):
+    rng = np.random.default_rng(seed)
+    qk = tf.constant(rng.normal(size=(batch, heads, length, width)), tf.float32)
+    v = tf.constant(rng.normal(size=(batch, heads, length, width)), tf.float32)
+    buckets = tf.constant(rng.integers(0, 4, size=(batch, heads, rounds, length)), tf.int32)
+    valid = np.ones((batch, length), bool)
+    valid[-1, -9:] = False
+    return qk, v, buckets, tf.constant(valid)
+
+
+def run(qk, v, buckets, valid, budget, **kwargs):
+    with tf.GradientTape() as tape:
+        tape.watch([qk, v])
+        out = lsh.lsh_attend(qk, v, buckets, 4, valid, bucket_size=8,
+                             group_elements=budget, **kwargs)
+        loss = tf.reduce_sum(out * tf.sin(out))
+    return out, tape.gradient(loss, [qk, v])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["eager", "graph", "jit"])
+def test_grouped_equals_single_pass(causal, mode):
+    qk, v, buckets, valid = problem()
+    fn = run
+    if mode != "eager":
+        fn = tf.function(run, jit_compile=mode == "jit")
+    # 12 rows of 64 * 16 logits: budget 2048 -> groups of 2 rows (6 loops).
+    out_a, grads_a = fn(qk, v, buckets, valid, 2**30, causal=causal)
+    out_b, grads_b = fn(qk, v, buckets, valid, 2048, causal=causal)
+    np.testing.assert_allclose(out_a, out_b, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_group_size_divides_rows():
+    from keras_reformer.ops.chunk_attention import group_size
+
+    assert group_size(12, 1024, 2048) == 2
+    assert group_size(12, 1024, 10**9) == 12
+    assert group_size(7, 1024, 4096) == 1  # prime: one row at a time
+    assert group_size(8, 10**9, 1) == 1
+
+
+@pytest.mark.parametrize("budget", [2**30, 2048])
+def test_gradient_with_dropout_matches_finite_differences(budget):
+    qk, v, buckets, valid = problem(batch=1, heads=1, rounds=2, length=32, width=4)
+    seed = tf.constant([3, 4], tf.int32)
+
+    def f(qk, v):
+        out = lsh.lsh_attend(qk, v, buckets, 4, valid,
+                             bucket_size=8, causal=True, dropout_rate=0.3,
+                             dropout_seed=seed, group_elements=budget // 4)
+        return tf.reduce_sum(out * tf.cos(out), axis=-1)
+
+    f64 = tf.function(f)
+    theoretical, numerical = tf.test.compute_gradient(f64, [qk, v], delta=1e-2)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, atol=3e-2, rtol=3e-2)
