@@ -462,3 +462,19 @@ def test_combination_of_all_small_settings_is_finite():
         layer = make_layer(num_chunks_before=before, num_chunks_after=after)
         out = np.asarray(layer(inputs(1, 45), use_causal_mask=causal))
         assert np.all(np.isfinite(out)), (before, after, causal)
+
+
+def test_saved_model_is_deterministic_for_any_length(tmp_path):
+    inp = keras.Input((None, FEATURES))
+    out = LSHAttention(num_heads=2, key_dim=8, bucket_size=8, num_hashes=2,
+                       factorize_above=4)(inp, use_causal_mask=True)
+    model = keras.Model(inp, out)
+    path = os.path.join(tmp_path, "sm")
+    model.export(path, format="tf_saved_model", verbose=False)
+    loaded = tf.saved_model.load(path)
+    # 6: dense path; 100: hashed with 26 derived buckets, factorized (> 4).
+    for length in (6, 100):
+        x = inputs(2, length, seed=length)
+        first = np.asarray(loaded.serve(x))
+        np.testing.assert_array_equal(first, np.asarray(loaded.serve(x)))
+        np.testing.assert_allclose(first, np.asarray(model(x)), atol=1e-5)
