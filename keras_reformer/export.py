@@ -1,0 +1,106 @@
+"""SavedModel export for TensorFlow Serving.
+
+`export_saved_model(model, "models/reformer")` writes `models/reformer/1/`,
+a SavedModel with the `serve` tag and these signatures:
+
+- `serving_default`: `token_ids` int32 `[batch, length]` -> `logits`
+  `[batch, length, vocabulary]` (every position is a real token);
+- `with_padding_mask`: `token_ids` and `padding_mask` int32 `[batch, length]`
+  (1 = token, 0 = padding) -> `logits`. Keras masks do not survive export, so
+  padding is an explicit input (a signature cannot have optional inputs,
+  hence two signatures);
+- with `text_signature=True`, `next_token`: `text` string `[batch]`,
+  tokenized in the graph into UTF-8 bytes by tensorflow-text's ByteSplitter
+  -> `log_probs` `[batch, vocabulary]` of the token after each text.
+  Needs a byte-level model (vocabulary 256); loading it requires the TF Text
+  ops (`import tensorflow_text`; TF Serving links them).
+
+Batch and length are dynamic. Inference is deterministic (LSH rotations come
+from each layer's seed). Bad requests fail with INVALID_ARGUMENT: token ids
+outside `[0, vocabulary_size)`, lengths above the position embedding's
+maximum, a padding mask of another shape.
+"""
+
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+from keras_reformer.text import byte_tokenizer
+
+
+def _logits(model, token_ids, padding_mask):
+    tf.debugging.assert_equal(
+        tf.shape(token_ids), tf.shape(padding_mask),
+        message="padding_mask must have the shape of token_ids",
+    )
+    out = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
+    return tf.cast(out, tf.float32)
+
+
+def export_saved_model(model, export_dir, version=1, text_signature=False,
+                       overwrite=False):
+    """Write `model` as `export_dir/<version>/` for TF Serving.
+
+    Args:
+        model: a `ReformerModel` (any Keras model taking the dict inputs
+            `token_ids`/`padding_mask` works).
+        export_dir: the model base path TF Serving is pointed at.
+        version: positive int, the version folder.
+        text_signature: add the `next_token` string signature (byte-level
+            language models only).
+        overwrite: replace an existing version folder.
+
+    Returns:
+        The path of the written version folder.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    path = os.path.join(os.fspath(export_dir), str(version))
+    if os.path.exists(path):
+        if not overwrite:
+            raise ValueError(
+                f"{path} exists; pass overwrite=True or another `version`."
+            )
+        shutil.rmtree(path)
+    if text_signature and getattr(model, "vocabulary_size", None) != byte_tokenizer.VOCABULARY_SIZE:
+        raise ValueError(
+            "`text_signature=True` needs a byte-level model "
+            f"(vocabulary_size={byte_tokenizer.VOCABULARY_SIZE}). Received "
+            f"vocabulary_size={getattr(model, 'vocabulary_size', None)}"
+        )
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    ids_spec = tf.TensorSpec([None, None], tf.int32, name="token_ids")
+    mask_spec = tf.TensorSpec([None, None], tf.int32, name="padding_mask")
+
+    def serve(token_ids):
+        return {"logits": _logits(model, token_ids, tf.ones_like(token_ids))}
+
+    def serve_padded(token_ids, padding_mask):
+        return {"logits": _logits(model, token_ids, padding_mask)}
+
+    archive.add_endpoint("serving_default", serve, input_signature=[ids_spec])
+    archive.add_endpoint(
+        "with_padding_mask", serve_padded, input_signature=[ids_spec, mask_spec]
+    )
+    if text_signature:
+        def next_token(text):
+            ragged = byte_tokenizer.tokenize(text)
+            tf.debugging.assert_positive(
+                ragged.row_lengths(), message="every text needs at least one byte"
+            )
+            ids = ragged.to_tensor(0)
+            mask = tf.ones_like(ragged).to_tensor(0)
+            logits = _logits(model, ids, mask)
+            last = tf.gather(logits, ragged.row_lengths() - 1, axis=1, batch_dims=1)
+            return {"log_probs": tf.nn.log_softmax(last, axis=-1)}
+
+        archive.add_endpoint(
+            "next_token", next_token,
+            input_signature=[tf.TensorSpec([None], tf.string, name="text")],
+        )
+    archive.write_out(path, verbose=False)
+    return path

@@ -1,0 +1,131 @@
+"""The two halves of a Reformer layer, as blocks for ReversibleSequence."""
+
+import random
+
+import keras
+
+from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
+from keras_reformer.layers.lsh_attention import LSHAttention
+
+
+def _resolve_seed(seed):
+    # Always a concrete seed, stored in the config: a Dropout seeded by
+    # Keras' global generator could not be replayed by ReversibleSequence.
+    return random.randint(0, 2**30) if seed is None else seed
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class AttentionBlock(keras.layers.Layer):
+    """`F` of a Reformer layer: LayerNorm -> LSHAttention -> dropout.
+
+    Takes a padding `mask` (passed by ReversibleSequence) and applies the
+    causal mask if `causal`. All other arguments go to `LSHAttention`.
+
+    Args:
+        num_heads, key_dim: of the attention.
+        causal: mask future positions.
+        dropout: residual dropout on the block's output.
+        attention_dropout: dropout on attention probabilities.
+        seed: seeds the attention and the dropout (None: drawn).
+        **attention_kwargs: `bucket_size`, `num_hashes`, `num_buckets`, ...
+    """
+
+    def __init__(self, num_heads, key_dim, causal=True, dropout=0.0,
+                 attention_dropout=0.0, seed=None, attention_kwargs=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads, self.key_dim = num_heads, key_dim
+        self.causal = bool(causal)
+        self.dropout_rate = dropout
+        self.attention_dropout = attention_dropout
+        seed = self.seed = _resolve_seed(seed)
+        self.attention_kwargs = dict(attention_kwargs or {})
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=1e-6, dtype=self.dtype_policy, name="norm"
+        )
+        self.attention = LSHAttention(
+            num_heads, key_dim, dropout=attention_dropout, seed=seed,
+            dtype=self.dtype_policy, name="attention", **self.attention_kwargs,
+        )
+        self.dropout = keras.layers.Dropout(
+            dropout, seed=seed + 1, dtype=self.dtype_policy
+        )
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        self.norm.build(input_shape)
+        self.attention.build(input_shape)
+        self.dropout.build(input_shape)
+
+    def call(self, inputs, mask=None, training=None):
+        x = self.norm(inputs)
+        x = self.attention(
+            x, attention_mask=mask, use_causal_mask=self.causal, training=training
+        )
+        return self.dropout(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads, key_dim=self.key_dim, causal=self.causal,
+            dropout=self.dropout_rate, attention_dropout=self.attention_dropout,
+            seed=self.seed, attention_kwargs=self.attention_kwargs,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class FeedForwardBlock(keras.layers.Layer):
+    """`G` of a Reformer layer: LayerNorm -> ChunkedFeedForward -> dropout.
+
+    Args:
+        intermediate_dim: FFN width.
+        chunk_size: positions per FFN slice.
+        activation: of the FFN (default "gelu").
+        dropout: residual dropout (and the FFN's inner dropout).
+        seed: seeds the dropouts (None: drawn).
+    """
+
+    def __init__(self, intermediate_dim, chunk_size=128, activation="gelu",
+                 dropout=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.intermediate_dim = intermediate_dim
+        self.chunk_size = chunk_size
+        self.activation = activation
+        self.dropout_rate = dropout
+        seed = self.seed = _resolve_seed(seed)
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=1e-6, dtype=self.dtype_policy, name="norm"
+        )
+        self.feed_forward = ChunkedFeedForward(
+            intermediate_dim, activation=activation, dropout=dropout,
+            chunk_size=chunk_size, seed=seed, dtype=self.dtype_policy,
+            name="feed_forward",
+        )
+        self.dropout = keras.layers.Dropout(
+            dropout, seed=seed + 1, dtype=self.dtype_policy
+        )
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        self.norm.build(input_shape)
+        self.feed_forward.build(input_shape)
+        self.dropout.build(input_shape)
+
+    def call(self, inputs, training=None):
+        x = self.feed_forward(self.norm(inputs), training=training)
+        return self.dropout(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            intermediate_dim=self.intermediate_dim, chunk_size=self.chunk_size,
+            activation=self.activation, dropout=self.dropout_rate, seed=self.seed,
+        )
+        return config

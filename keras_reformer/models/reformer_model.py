@@ -1,0 +1,318 @@
+"""ReformerModel: token ids -> logits (or hidden states), a functional keras.Model."""
+
+import random
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
+from keras_reformer.layers.reformer_blocks import AttentionBlock, FeedForwardBlock
+from keras_reformer.layers.reversible_sequence import ReversibleSequence
+from keras_reformer.layers.sinusoidal_position_embedding import (
+    SinusoidalPositionEmbedding,
+)
+from keras_reformer.layers.token_id_check import TokenIdCheck
+
+POSITION_EMBEDDINGS = ("axial", "sinusoidal", None)
+
+
+def _positive(name, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`{name}` must be a positive integer"
+            f"{' or None' if allow_none else ''}. Received: {name}={value!r}"
+        )
+    return value
+
+
+def _rate(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReformerModel(keras.Model):
+    """The Reformer: LSH attention in a reversible stack with chunked FFNs.
+
+    A functional model (built in `__init__`, as keras-hub builds backbones):
+
+        token ids (+ padding mask) -> Embedding -> + position embedding
+        -> [x, x] -> ReversibleSequence of num_layers x
+           (LayerNorm -> LSHAttention, LayerNorm -> ChunkedFeedForward)
+        -> concat(y1, y2) -> LayerNorm -> Dense(vocabulary_size)
+
+    Inputs are a dict: `"token_ids"` (int32, `(batch, length)`, any length up
+    to `max_sequence_length`) and `"padding_mask"` (`(batch, length)`, 1 for
+    real tokens, 0 for padding). Output: logits `(batch, length,
+    vocabulary_size)`, or with `include_head=False` the final hidden states
+    `(batch, length, 2 * hidden_dim)` for a head of your own, e.g.
+
+        encoder = ReformerModel(vocab, causal=False, include_head=False)
+        pooled = keras.layers.GlobalAveragePooling1D()(encoder.output)
+        classifier = keras.Model(encoder.input, keras.layers.Dense(2)(pooled))
+
+    Args:
+        vocabulary_size: number of token ids.
+        num_layers: reversible layers (each an attention and an FFN block).
+        hidden_dim: model width (each of the two streams).
+        num_heads: attention heads.
+        key_dim: width per head (default `hidden_dim // num_heads`).
+        intermediate_dim: FFN width (default `4 * hidden_dim`).
+        feedforward_chunk_size: positions per FFN slice.
+        bucket_size, num_hashes, num_buckets: LSH attention (see LSHAttention).
+        dropout: residual and embedding dropout.
+        attention_dropout: dropout on attention probabilities.
+        max_sequence_length: longest input (sizes the position embedding).
+        axial_shape: `(l1, l2)` of the axial embedding (default derived).
+        position_embedding: "axial" (default), "sinusoidal" or None.
+        causal: True for a language model, False for an encoder.
+        reversible: False computes the same function with ordinary autodiff.
+        include_head: add the LayerNorm'd vocabulary projection (logits).
+        seed: seeds every random part (None: drawn, stored in the config).
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers=2,
+        hidden_dim=256,
+        num_heads=4,
+        key_dim=None,
+        intermediate_dim=None,
+        feedforward_chunk_size=128,
+        bucket_size=64,
+        num_hashes=2,
+        num_buckets=None,
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_sequence_length=8192,
+        axial_shape=None,
+        position_embedding="axial",
+        causal=True,
+        reversible=True,
+        include_head=True,
+        seed=None,
+        dtype=None,
+        **kwargs,
+    ):
+        _positive("vocabulary_size", vocabulary_size)
+        _positive("num_layers", num_layers)
+        _positive("hidden_dim", hidden_dim)
+        _positive("num_heads", num_heads)
+        key_dim = _positive("key_dim", key_dim, True) or max(1, hidden_dim // num_heads)
+        intermediate_dim = (
+            _positive("intermediate_dim", intermediate_dim, True) or 4 * hidden_dim
+        )
+        _positive("feedforward_chunk_size", feedforward_chunk_size)
+        _positive("max_sequence_length", max_sequence_length)
+        _rate("dropout", dropout)
+        _rate("attention_dropout", attention_dropout)
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
+                f"Received: position_embedding={position_embedding!r}"
+            )
+        if seed is None:
+            seed = random.randint(0, 2**20)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(
+                f"`seed` must be None or a non-negative integer. Received: seed={seed!r}"
+            )
+
+        token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
+        ids = TokenIdCheck(vocabulary_size, dtype=dtype, name="token_id_check")(
+            token_ids
+        )
+        x = keras.layers.Embedding(
+            vocabulary_size, hidden_dim, dtype=dtype, name="token_embedding",
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )(ids)
+        if position_embedding == "axial":
+            x = x + AxialPositionEmbedding(
+                max_sequence_length, axial_shape=axial_shape, dtype=dtype,
+                name="position_embedding",
+            )(x)
+        elif position_embedding == "sinusoidal":
+            x = x + SinusoidalPositionEmbedding(
+                max_sequence_length, dtype=dtype, name="position_embedding"
+            )(x)
+        x = keras.layers.Dropout(dropout, seed=seed, dtype=dtype,
+                                 name="embedding_dropout")(x)
+        attention_kwargs = dict(bucket_size=bucket_size, num_hashes=num_hashes,
+                                num_buckets=num_buckets)
+        blocks = [
+            (
+                AttentionBlock(
+                    num_heads, key_dim, causal=causal, dropout=dropout,
+                    attention_dropout=attention_dropout, seed=seed + 10 * i + 1,
+                    attention_kwargs=attention_kwargs, dtype=dtype,
+                    name=f"attention_block_{i}",
+                ),
+                FeedForwardBlock(
+                    intermediate_dim, chunk_size=feedforward_chunk_size,
+                    dropout=dropout, seed=seed + 10 * i + 5, dtype=dtype,
+                    name=f"feed_forward_block_{i}",
+                ),
+            )
+            for i in range(num_layers)
+        ]
+        mask = keras.ops.cast(padding_mask, "bool")
+        y1, y2 = ReversibleSequence(
+            blocks, reversible=reversible, dtype=dtype, name="reversible_stack"
+        )([x, x], mask=[mask, mask])
+        h = keras.layers.Concatenate(dtype=dtype, name="concat_streams")([y1, y2])
+        h = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype,
+                                            name="final_norm")(h)
+        outputs = h
+        if include_head:
+            outputs = keras.layers.Dense(
+                vocabulary_size, dtype=dtype, name="logits"
+            )(h)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=outputs,
+            dtype=dtype,
+            **kwargs,
+        )
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.intermediate_dim = intermediate_dim
+        self.feedforward_chunk_size = feedforward_chunk_size
+        self.bucket_size = bucket_size
+        self.num_hashes = num_hashes
+        self.num_buckets = num_buckets
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.max_sequence_length = max_sequence_length
+        self.axial_shape = axial_shape
+        self.position_embedding = position_embedding
+        self.causal = causal
+        self.reversible = reversible
+        self.include_head = include_head
+        self.seed = seed
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "vocabulary_size": self.vocabulary_size,
+            "num_layers": self.num_layers,
+            "hidden_dim": self.hidden_dim,
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "feedforward_chunk_size": self.feedforward_chunk_size,
+            "bucket_size": self.bucket_size,
+            "num_hashes": self.num_hashes,
+            "num_buckets": self.num_buckets,
+            "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
+            "max_sequence_length": self.max_sequence_length,
+            "axial_shape": self.axial_shape,
+            "position_embedding": self.position_embedding,
+            "causal": self.causal,
+            "reversible": self.reversible,
+            "include_head": self.include_head,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def set_num_hashes(self, num_hashes):
+        """Change the hash rounds of every attention layer (no retraining)."""
+        for layer in self._flatten_layers():
+            if isinstance(layer, AttentionBlock):
+                layer.attention.num_hashes = num_hashes
+
+    # -------------------------------------------------------------- generate
+
+    def _logits_fn(self):
+        if getattr(self, "_generate_fn", None) is None:
+            spec = tf.TensorSpec([None, None], tf.int32)
+
+            @tf.function(input_signature=[spec, spec])
+            def logits(ids, mask):
+                out = self({"token_ids": ids, "padding_mask": mask}, training=False)
+                lengths = tf.reduce_sum(mask, axis=1)
+                last = tf.gather(out, lengths - 1, axis=1, batch_dims=1)
+                return tf.cast(last, tf.float32)
+
+            self._generate_fn = logits
+        return self._generate_fn
+
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None,
+                 seed=None, end_token_id=None):
+        """Sample continuations of `prompt_ids` (causal models only).
+
+        Each step runs the model on the whole prefix (no cache): generating
+        `n` tokens after a prompt of `p` costs `n` forward passes over
+        `p..p+n` tokens, i.e. O(n * (p + n)) token-steps of LSH attention.
+
+        Args:
+            prompt_ids: `(batch, length)` ints, or one list of ints.
+            max_new_tokens: tokens to add.
+            temperature: 0 for greedy (argmax) decoding, else the softmax
+                temperature.
+            top_k: sample among the `top_k` most likely tokens only.
+            seed: int; the same seed gives the same samples.
+            end_token_id: stop a sequence once it produced this token (the
+                rest of its row is filled with it); stop when all have.
+
+        Returns:
+            int32 numpy array `(batch, length + generated)`.
+        """
+        if not self.causal or not self.include_head:
+            raise ValueError(
+                "generate() needs a causal model with its head "
+                f"(causal={self.causal}, include_head={self.include_head})."
+            )
+        ids = np.asarray(prompt_ids, dtype=np.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise ValueError(
+                "`prompt_ids` must be (batch, length) with length >= 1. "
+                f"Received shape: {ids.shape}"
+            )
+        _positive("max_new_tokens", max_new_tokens)
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0. Received: {temperature}")
+        _positive("top_k", top_k, allow_none=True)
+        if ids.shape[1] + max_new_tokens > self.max_sequence_length:
+            raise ValueError(
+                f"Prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} "
+                f"exceeds max_sequence_length={self.max_sequence_length}."
+            )
+        seed = random.randint(0, 2**30) if seed is None else int(seed)
+        logits_fn = self._logits_fn()
+        done = np.zeros(len(ids), bool)
+        for step in range(max_new_tokens):
+            logits = logits_fn(ids, np.ones_like(ids))
+            if temperature == 0:
+                nxt = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.shape[-1]:
+                    kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
+                    logits = tf.where(logits < kth, -1e9, logits)
+                nxt = tf.random.stateless_categorical(
+                    logits, 1, seed=[seed, step], dtype=tf.int32
+                )[:, 0]
+            nxt = np.asarray(nxt)
+            if end_token_id is not None:
+                nxt = np.where(done, end_token_id, nxt)
+                done |= nxt == end_token_id
+            ids = np.concatenate([ids, nxt[:, None].astype(np.int32)], axis=1)
+            if end_token_id is not None and done.all():
+                break
+        return ids
