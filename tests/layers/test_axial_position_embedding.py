@@ -1,0 +1,62 @@
+"""AxialPositionEmbedding against a table built by hand from its two axes."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_reformer.layers import AxialPositionEmbedding
+
+
+def test_positions_are_concatenated_axis_rows():
+    layer = AxialPositionEmbedding(48, axial_shape=(4, 12), axial_dims=(3, 5))
+    x = tf.zeros((2, 30, 8))
+    out = np.asarray(layer(x))
+    first, second = np.asarray(layer.first), np.asarray(layer.second)
+    for p in range(30):
+        want = np.concatenate([first[p // 12], second[p % 12]])
+        np.testing.assert_allclose(out[0, p], want)
+        np.testing.assert_allclose(out[1, p], want)
+    assert layer.count_params() == 4 * 3 + 12 * 5  # sum, not product
+
+
+def test_default_shape_covers_maximum_and_any_shorter_length():
+    layer = AxialPositionEmbedding(65536)
+    assert layer.axial_shape[0] * layer.axial_shape[1] >= 65536
+    full = np.asarray(layer(tf.zeros((1, 300, 16))))
+    short = np.asarray(layer(tf.zeros((1, 7, 16))))
+    np.testing.assert_array_equal(short[0], full[0, :7])
+
+
+def test_too_long_inputs_fail_clearly():
+    layer = AxialPositionEmbedding(20, axial_shape=(4, 5))
+    with pytest.raises(ValueError, match="exceeds the axial maximum 20"):
+        layer(tf.zeros((1, 21, 4)))
+    fn = tf.function(layer.__call__, input_signature=[tf.TensorSpec([None, None, 4])])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="axial maximum"):
+        fn(tf.zeros((1, 21, 4)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"max_sequence_length": 0}, "max_sequence_length"),
+        ({"max_sequence_length": 100, "axial_shape": (4, 5)}, "axial_shape"),
+        ({"max_sequence_length": 10, "axial_shape": (4,)}, "axial_shape"),
+        ({"max_sequence_length": 10, "axial_dims": (2, -1)}, "axial_dims"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        AxialPositionEmbedding(**kwargs)
+
+
+def test_dims_must_sum_to_width():
+    layer = AxialPositionEmbedding(10, axial_dims=(2, 3))
+    with pytest.raises(ValueError, match="axial_dims"):
+        layer(tf.zeros((1, 5, 6)))
+
+
+def test_config_round_trip():
+    layer = AxialPositionEmbedding(100, axial_shape=(10, 10), axial_dims=(4, 4))
+    clone = AxialPositionEmbedding.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
