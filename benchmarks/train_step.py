@@ -111,6 +111,8 @@ def point(model, length, jit, steps):
     rng = np.random.default_rng(0)
     x = rng.integers(1, 256, size=(1, length)).astype("int32")
     y = np.roll(x, -1, axis=1)
+    if model == "reformer":
+        x = {"token_ids": x, "padding_mask": np.ones_like(x)}
     base = _common.current_rss_mb()
     for _ in range(2):
         net.train_on_batch(x, y)

@@ -1,18 +1,21 @@
 """Attention of sorted chunks over their windows, in bounded memory.
 
-Rows are the flattened (batch, head, round) triples of LSH attention, each a
-sorted sequence cut into N chunks of C slots. Every chunk attends to a window
+Rows are the (batch, head, round) triples of LSH attention, each a sorted
+sequence cut into N chunks of C slots. Every chunk attends to a window
 of W = C * (before + 1 + after) slots. The (C x W) logits of all rows at once
 take `rows * L * W` floats (at 64K tokens, 4 heads and 2 rounds: 268 MB per
-tensor, several alive at once), so long inputs are processed a group of rows
-at a time in a `tf.while_loop` whose gradient recomputes each group instead
-of keeping its probabilities: memory stays at one group's worth, forward and
-backward, whatever the length.
+tensor, several alive at once), so long inputs are processed a group of (batch,
+head) pairs at a time, from sorting to the combination of the rounds, in a
+`tf.while_loop` whose gradient recomputes each group instead of keeping its
+intermediates: memory stays at one group's worth, forward and backward,
+whatever the length.
 """
 
 import math
 
 import tensorflow as tf
+
+from keras_reformer.ops.permute import gather_rounds, unsort_rounds
 
 # A key that is masked gets MASK_VALUE; a query's own key gets the much milder
 # SELF_MASK_VALUE so that a query with nothing else to attend to still has a
@@ -193,8 +196,8 @@ def _attend_group(q, v, info, group_index, settings):
     if settings["pair_allowed"] is not None:
         pair_rows = tf.gather(settings["pair_allowed"], info["batch"][:, 0, 0])
     bias = chunk_bias(
-        info, key, settings["causal"], before * q.shape[2], pair_rows,
-        settings["length"],
+        info, key, settings["causal"], before * settings["bucket_size"],
+        pair_rows, settings["length"],
     )
     keep = None
     if settings["rate"] > 0:
@@ -210,93 +213,128 @@ def _attend_group(q, v, info, group_index, settings):
     return out, lse[..., 0]
 
 
-def group_size(rows, row_elements, budget=GROUP_ELEMENTS):
-    """Largest divisor g of `rows` with g * row_elements <= budget (>= 1)."""
+def group_size(count, item_elements, budget=GROUP_ELEMENTS):
+    """Largest divisor g of `count` with g * item_elements <= budget (>= 1)."""
     best = 1
-    for g in range(1, rows + 1):
-        if rows % g == 0 and g * row_elements <= budget:
+    for g in range(1, count + 1):
+        if count % g == 0 and g * item_elements <= budget:
             best = g
     return best
 
 
-def rows_attention(q, v, info, *, window, causal, length, pair_allowed=None,
-                   rate=0.0, seed=None, budget=GROUP_ELEMENTS):
-    """Chunked attention of every row; a loop over groups when it is large.
+def _attend_pairs(qk, v, ints, group_index, settings):
+    """Attention of a group of (batch, head) pairs, all rounds, combined.
+
+    Sorting, chunked attention, unsorting and the logsumexp combination of
+    the rounds all happen here, so only (pairs, L, width) tensors exist
+    outside a group: nothing of size rounds x L x width is kept for backward.
 
     Args:
-        q, v: (rows, N, C, D|E) float32 sorted queries (keys are their unit
-            vectors) and values.
-        info: dict of (rows, N, C) int32 "position", "bucket", "slot",
-            "batch" (the row's batch index) and bool "valid".
-        window: (chunks_before, chunks_after).
-        causal: python bool.
+        qk: (g, L, D) queries; v: (g, L, E) values.
+        ints: dict of "order", "inverse", "bucket" (g, R, L) int32 (sorted
+            slot -> position, its inverse, the bucket at each sorted slot),
+            "valid" (g, L) bool, "batch" (g,) int32 batch index of the pair.
+        group_index: scalar, numbers the dropout seed of the group.
+
+    Returns:
+        (g, L, E) float32.
+    """
+    order, inverse = ints["order"], ints["inverse"]
+    pairs, rounds, length = tf.shape(order)[0], order.shape[1], tf.shape(order)[2]
+    size = settings["bucket_size"]
+
+    def rows(x):
+        """(g, R, L, ...) -> (g * R, L / C, C, ...)."""
+        tail = tf.shape(x)[3:]
+        return tf.reshape(x, tf.concat([[-1, length // size, size], tail], 0))
+
+    info = {
+        "position": rows(order),
+        "bucket": rows(ints["bucket"]),
+        "slot": rows(tf.broadcast_to(tf.range(length), tf.shape(order))),
+        "valid": rows(tf.gather(ints["valid"], order, axis=1, batch_dims=1)),
+        "batch": rows(tf.broadcast_to(ints["batch"][:, None, None], tf.shape(order))),
+    }
+    out, lse = _attend_group(
+        rows(gather_rounds(qk, order, inverse)),
+        rows(gather_rounds(v, order, inverse)),
+        info, group_index, settings,
+    )
+    out = unsort_rounds(
+        tf.reshape(out, [pairs, rounds, length, v.shape[-1]]), order, inverse
+    )
+    lse = unsort_rounds(tf.reshape(lse, [pairs, rounds, length]), order, inverse)
+    # Each round weighs by its share of the total softmax mass.
+    weights = tf.nn.softmax(lse, axis=1)
+    return tf.reduce_sum(out * weights[..., None], axis=1)
+
+
+def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
+                    pair_allowed=None, rate=0.0, seed=None,
+                    budget=GROUP_ELEMENTS):
+    """LSH attention of every (batch, head) pair; a loop over groups if large.
+
+    Args:
+        qk: (P, L, D) float32 queries (keys are their unit vectors).
+        v: (P, L, E) float32 values.
+        ints: see `_attend_pairs` (for all P pairs).
+        bucket_size: C; window: (chunks_before, chunks_after); causal: bool.
         length: scalar L.
         pair_allowed: None or (B, L * L) bool explicit masks.
         rate, seed: attention dropout rate and a (2,) int32 seed.
         budget: logit elements per group (the memory knob).
 
     Returns:
-        out (rows, N, C, E) and lse (rows, N, C).
+        (P, L, E) float32.
     """
     settings = dict(window=window, causal=causal, length=length,
-                    pair_allowed=pair_allowed, rate=rate, seed=seed)
-    rows, chunks, size = q.shape[0], q.shape[1], q.shape[2]
-    if rows is None or chunks is None:
-        return _attend_group(q, v, info, 0, settings)
-    width = size * (window[0] + 1 + window[1])
-    group = group_size(rows, chunks * size * width, budget)
-    if group == rows:
+                    pair_allowed=pair_allowed, rate=rate, seed=seed,
+                    bucket_size=bucket_size)
+    count, rounds, positions = qk.shape[0], ints["order"].shape[1], qk.shape[1]
+    if count is None or positions is None or rounds is None:
+        return _attend_pairs(qk, v, ints, 0, settings)
+    width = bucket_size * (window[0] + 1 + window[1])
+    group = group_size(count, rounds * positions * width, budget)
+    if group == count:
         # Everything fits at once: autodiff keeps the probabilities.
-        return _attend_group(q, v, info, 0, settings)
+        return _attend_pairs(qk, v, ints, 0, settings)
 
-    groups = rows // group
-    names = sorted(info)
+    groups = count // group
+    names = sorted(ints)
 
     def split(x):
         return tf.reshape(x, [groups, group] + x.shape[1:].as_list())
 
     def run_group(args):
-        index, q, v, *ints = args
-        return _attend_group(q, v, dict(zip(names, ints)), index, settings)
+        index, qk, v, *values = args
+        return _attend_pairs(qk, v, dict(zip(names, values)), index, settings)
 
     indices = tf.range(groups)
-    int_args = [split(info[n]) for n in names]
-    out_spec = (
-        tf.TensorSpec([group, chunks, size, v.shape[-1]], tf.float32),
-        tf.TensorSpec([group, chunks, size], tf.float32),
-    )
+    out_spec = tf.TensorSpec([group, positions, v.shape[-1]], tf.float32)
 
     @tf.custom_gradient
-    def looped(q, v, *ints):
-        out, lse = tf.map_fn(
-            run_group, (indices, q, v, *ints), fn_output_signature=out_spec,
-            parallel_iterations=1,
-        )
+    def looped(qk, v, *values):
+        out = tf.map_fn(run_group, (indices, qk, v, *values),
+                        fn_output_signature=out_spec, parallel_iterations=1)
 
-        def grad(d_out, d_lse):
-            if d_lse is None:
-                d_lse = tf.zeros_like(lse)
-
+        def grad(d_out):
             def group_grad(args):
-                index, q, v, d_out, d_lse, *ints = args
+                index, qk, v, d_out, *values = args
                 with tf.GradientTape() as tape:
-                    tape.watch([q, v])
-                    out, lse = run_group((index, q, v, *ints))
+                    tape.watch([qk, v])
+                    out = run_group((index, qk, v, *values))
                 # d_out enters the recomputation's gradient, so XLA cannot
                 # hoist the recomputation into the forward pass.
-                return tuple(tape.gradient([out, lse], [q, v], [d_out, d_lse]))
+                return tuple(tape.gradient(out, [qk, v], d_out))
 
-            spec = tf.TensorSpec([group, chunks, size, None], tf.float32)
+            spec = tf.TensorSpec([group, positions, None], tf.float32)
             grads = tf.map_fn(
-                group_grad, (indices, q, v, d_out, d_lse, *ints),
+                group_grad, (indices, qk, v, d_out, *values),
                 fn_output_signature=(spec, spec), parallel_iterations=1,
             )
-            return list(grads) + [None] * len(ints)
+            return list(grads) + [None] * len(values)
 
-        return (out, lse), grad
+        return out, grad
 
-    out, lse = looped(split(q), split(v), *int_args)
-    return (
-        tf.reshape(out, [rows, chunks, size, v.shape[-1]]),
-        tf.reshape(lse, [rows, chunks, size]),
-    )
+    out = looped(split(qk), split(v), *[split(ints[n]) for n in names])
+    return tf.reshape(out, [count, positions, v.shape[-1]])

@@ -17,7 +17,7 @@ from keras_reformer.ops.chunk_attention import (
     GROUP_ELEMENTS,
     bias_from_masks,
     dropout_keep,
-    rows_attention,
+    pairs_attention,
 )
 
 # Above this many buckets the (D x buckets/2) projection costs more than the
@@ -110,39 +110,6 @@ def sort_order(buckets, valid, num_buckets):
     return tf.cast(order, tf.int32), tf.cast(inverse, tf.int32), sorted_buckets
 
 
-def gather_rounds(x, order, inverse):
-    """x (B, H, L, ...) -> (B, H, R, L, ...) in each round's sorted order.
-
-    The gradient of a gather is a scatter-add, slow on CPU; since `order` is
-    a permutation, the gradient is a gather by its inverse, summed over rounds.
-    (The permutations are arguments, not closures, so that TF's custom-gradient
-    check does not trace them back to the projection weights.)
-    """
-
-    @tf.custom_gradient
-    def forward(x, order, inverse):
-        def grad(upstream):
-            back = tf.gather(upstream, inverse, axis=3, batch_dims=3)
-            return tf.reduce_sum(back, axis=2), None, None
-
-        return tf.gather(x, order, axis=2, batch_dims=2), grad
-
-    return forward(x, order, inverse)
-
-
-def unsort_rounds(x, order, inverse):
-    """x (B, H, R, L, ...) in sorted order -> original order; gradient by gather."""
-
-    @tf.custom_gradient
-    def forward(x, order, inverse):
-        def grad(upstream):
-            return tf.gather(upstream, order, axis=3, batch_dims=3), None, None
-
-        return tf.gather(x, inverse, axis=3, batch_dims=3), grad
-
-    return forward(x, order, inverse)
-
-
 def _unit(vectors):
     """Keys are the unit-normalised queries (shared QK)."""
     return vectors * tf.math.rsqrt(
@@ -205,37 +172,33 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
     """
     batch, heads = tf.shape(qk)[0], qk.shape[1]
     length = tf.shape(qk)[2]
-    rounds = buckets.shape[2]
     order, inverse, sorted_buckets = sort_order(buckets, valid, num_buckets)
+    static_pairs = None if qk.shape[0] is None else qk.shape[0] * heads
 
-    def rows(x):
-        """(B, H, R, L, ...) -> (B * H * R, L / C, C, ...)."""
-        shape = tf.shape(x)
-        tail = x.shape[4:].as_list()
-        static = [None if qk.shape[0] is None else qk.shape[0] * heads * rounds]
-        x = tf.reshape(
-            x, tf.concat([[-1, shape[3] // bucket_size, bucket_size], shape[4:]], 0)
-        )
-        chunks = None if qk.shape[2] is None else qk.shape[2] // bucket_size
-        return tf.ensure_shape(x, static + [chunks, bucket_size] + tail)
+    def pairs(x):
+        """(B, H, ...) -> (B * H, ...), keeping static sizes."""
+        flat = tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+        return tf.ensure_shape(flat, [static_pairs] + x.shape[2:].as_list())
 
-    batch_index = tf.broadcast_to(
-        tf.range(batch)[:, None, None, None], tf.shape(order)
-    )
-    info = {
-        "position": rows(order),
-        "bucket": rows(sorted_buckets),
-        "slot": rows(tf.broadcast_to(tf.range(length), tf.shape(order))),
-        "valid": rows(tf.gather(valid, order, axis=1, batch_dims=1)),
-        "batch": rows(batch_index),
+    def per_pair(x):
+        """(B, ...) -> (B * H, ...): the same row for every head."""
+        return pairs(tf.repeat(x[:, None], heads, axis=1))
+
+    ints = {
+        "order": pairs(order),
+        "inverse": pairs(inverse),
+        "bucket": pairs(sorted_buckets),
+        "valid": per_pair(valid),
+        "batch": per_pair(tf.range(batch)),
     }
     flat_pair = None
     if pair_allowed is not None:
         flat_pair = tf.reshape(pair_allowed, [batch, -1])
-    out, lse = rows_attention(
-        rows(gather_rounds(qk, order, inverse)),
-        rows(gather_rounds(values, order, inverse)),
-        info,
+    out = pairs_attention(
+        pairs(qk),
+        pairs(values),
+        ints,
+        bucket_size=bucket_size,
         window=(chunks_before, chunks_after),
         causal=causal,
         length=length,
@@ -244,12 +207,4 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         seed=dropout_seed,
         budget=group_elements,
     )
-
-    # Back to (B, H, R, L, ...) in original order, then weight the rounds by
-    # their share of the total softmax mass: softmax over R of the lse.
-    out = tf.reshape(out, [batch, heads, rounds, length, values.shape[-1]])
-    lse = tf.reshape(lse, [batch, heads, rounds, length])
-    out = unsort_rounds(out, order, inverse)
-    lse = unsort_rounds(lse, order, inverse)
-    weights = tf.nn.softmax(lse, axis=2)
-    return tf.reduce_sum(out * weights[..., None], axis=2)
+    return tf.reshape(out, [batch, heads, length, values.shape[-1]])

@@ -1,0 +1,41 @@
+"""Sorting positions into hash-round order and back, with gather gradients.
+
+The gradient of a gather is a scatter-add, slow on CPU. These gathers use
+permutations whose inverse is known, so their gradients are gathers too.
+The permutations are arguments, not closures, so that TF's custom-gradient
+check does not trace them back to the projection weights.
+
+Shapes: P (batch, head) pairs, R rounds, L positions.
+"""
+
+import tensorflow as tf
+
+
+def gather_rounds(x, order, inverse):
+    """x (P, L, ...) -> (P, R, L, ...) in each round's sorted order.
+
+    Gradient: the upstream gathered back by `inverse`, summed over rounds.
+    """
+
+    @tf.custom_gradient
+    def forward(x, order, inverse):
+        def grad(upstream):
+            back = tf.gather(upstream, inverse, axis=2, batch_dims=2)
+            return tf.reduce_sum(back, axis=1), None, None
+
+        return tf.gather(x, order, axis=1, batch_dims=1), grad
+
+    return forward(x, order, inverse)
+
+
+def unsort_rounds(x, order, inverse):
+    """x (P, R, L, ...) in sorted order -> original order (gradient: gather)."""
+
+    @tf.custom_gradient
+    def forward(x, order, inverse):
+        def grad(upstream):
+            return tf.gather(upstream, order, axis=2, batch_dims=2), None, None
+
+        return tf.gather(x, inverse, axis=2, batch_dims=2), grad
+
+    return forward(x, order, inverse)
