@@ -23,6 +23,7 @@ maximum, a padding mask of another shape.
 
 import os
 import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -52,24 +53,34 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
             language models only).
         overwrite: replace an existing version folder.
 
+    The SavedModel is written to a hidden staging folder in `export_dir` and
+    renamed into place, so a model server watching `export_dir` never loads a
+    half-written version.
+
     Returns:
         The path of the written version folder.
     """
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
-    path = os.path.join(os.fspath(export_dir), str(version))
-    if os.path.exists(path):
-        if not overwrite:
-            raise ValueError(
-                f"{path} exists; pass overwrite=True or another `version`."
-            )
-        shutil.rmtree(path)
-    if text_signature and getattr(model, "vocabulary_size", None) != byte_tokenizer.VOCABULARY_SIZE:
+        raise ValueError(
+            f"`version` must be a positive integer. Received: version={version!r}"
+        )
+    vocabulary_size = getattr(model, "vocabulary_size", None)
+    if text_signature and vocabulary_size != byte_tokenizer.VOCABULARY_SIZE:
         raise ValueError(
             "`text_signature=True` needs a byte-level model "
             f"(vocabulary_size={byte_tokenizer.VOCABULARY_SIZE}). Received "
-            f"vocabulary_size={getattr(model, 'vocabulary_size', None)}"
+            f"vocabulary_size={vocabulary_size}"
         )
+    if text_signature and not (getattr(model, "causal", True)
+                               and getattr(model, "include_head", True)):
+        raise ValueError(
+            "`text_signature=True` needs a causal language model with its head "
+            f"(causal={model.causal}, include_head={model.include_head})."
+        )
+    export_dir = os.fspath(export_dir)
+    path = os.path.join(export_dir, str(version))
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} exists; pass overwrite=True or another `version`.")
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -102,5 +113,15 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
             "next_token", next_token,
             input_signature=[tf.TensorSpec([None], tf.string, name="text")],
         )
-    archive.write_out(path, verbose=False)
+    # Written beside the target under a non-numeric name, then renamed: TF
+    # Serving polls the base path and must never see a half-written version.
+    os.makedirs(export_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".staging-{version}-", dir=export_dir)
+    try:
+        archive.write_out(os.path.join(staging, "model"), verbose=False)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(os.path.join(staging, "model"), path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path

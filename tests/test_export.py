@@ -1,5 +1,6 @@
 """SavedModel export: served in a fresh process that cannot import keras."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -23,7 +24,10 @@ SERVE = textwrap.dedent("""
     import json
     import numpy as np
     import tensorflow as tf
+    from tensorflow.python.framework import op_def_registry
     args = json.loads(sys.argv[1])
+    ops = args.get("ops", [])
+    not_core = sorted(op for op in ops if op_def_registry.get(op) is None)
     if args.get("text"):
         # Register the TF Text ops the way TF Serving has them: the op
         # libraries only (importing the tensorflow_text package imports keras).
@@ -31,8 +35,9 @@ SERVE = textwrap.dedent("""
         root = os.path.dirname(importlib.util.find_spec("tensorflow_text").origin)
         for lib in sorted(glob.glob(os.path.join(root, "**", "_*.so"), recursive=True)):
             tf.load_op_library(lib)
+    unknown = sorted(op for op in ops if op_def_registry.get(op) is None)
     loaded = tf.saved_model.load(args["path"])
-    results = {}
+    results = {"ops": {"not_core": not_core, "unknown": unknown}}
     for name, feed in args["requests"].items():
         fn = loaded.signatures[feed.pop("signature")]
         kwargs = {k: tf.constant(v) for k, v in feed.items()}
@@ -47,13 +52,16 @@ SERVE = textwrap.dedent("""
 """)
 
 
-def serve(path, requests, text=False):
+def serve(path, requests, text=False, ops=()):
+    """Runs `requests` in a fresh process without keras; with `ops`, also
+    reports which of those ops core TF lacks, and which TF Text lacks too."""
     import json
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
         [sys.executable, "-c", SERVE,
-         json.dumps({"path": path, "requests": requests, "text": text})],
+         json.dumps({"path": path, "requests": requests, "text": text,
+                     "ops": list(ops)})],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,6 +89,18 @@ def test_version_folder_and_signatures(exported):
     assert "token_ids" in shown and "logits" in shown
     assert "signature_def['with_padding_mask']" in shown
     assert "signature_def['next_token']" in shown
+    assert "tag-set: 'serve'" in shown
+    default = shown[shown.index("signature_def['serving_default']"):]
+    default = default[: default.index("Method name")]
+    assert "DT_INT32" in default and "shape: (-1, -1)" in default
+    assert "shape: (-1, -1, 256)" in default
+
+    # Only core TF and TF Text ops: what the stock model server links.
+    line = next(x for x in shown.splitlines() if "contains the following ops" in x)
+    ops = ast.literal_eval(line[line.index("{"):])
+    got = serve(path, {}, text=True, ops=sorted(ops))["ops"]
+    assert got["unknown"] == []
+    assert got["not_core"] and all(op.startswith("TFText>") for op in got["not_core"])
 
 
 def test_served_logits_equal_predict_for_two_lengths(exported):
@@ -138,9 +158,28 @@ def test_bad_requests_are_invalid_argument(exported):
     assert "padding_mask" in got["mask"]["error"]
 
 
-def test_token_signature_loads_without_tf_text(tmp_path):
+def test_export_arguments_and_token_signature_without_tf_text(exported, tmp_path):
+    _, existing = exported
     model = ReformerModel(**CONFIG)
-    path = export_saved_model(model, os.fspath(tmp_path))
+    root = os.path.dirname(existing)
+    with pytest.raises(ValueError, match="exists"):
+        export_saved_model(model, root, version=3)
+    with pytest.raises(ValueError, match="version"):
+        export_saved_model(model, os.fspath(tmp_path), version=0)
+    small = ReformerModel(**{**CONFIG, "vocabulary_size": 50})
+    with pytest.raises(ValueError, match="byte-level"):
+        export_saved_model(small, os.fspath(tmp_path), version=2, text_signature=True)
+    encoder = ReformerModel(**CONFIG, causal=False)
+    with pytest.raises(ValueError, match="causal"):
+        export_saved_model(encoder, os.fspath(tmp_path), version=2, text_signature=True)
+
+    stale = os.path.join(tmp_path, "1")
+    os.makedirs(stale)
+    open(os.path.join(stale, "stale.txt"), "w").close()
+    path = export_saved_model(model, os.fspath(tmp_path), overwrite=True)
+    assert path == stale and not os.path.exists(os.path.join(stale, "stale.txt"))
+    assert os.listdir(tmp_path) == ["1"]  # no staging folder left behind
+    # Without the text signature, no TF Text ops are needed to load it.
     ids = [[5, 6, 7, 8]]
     got = serve(path, {"r": {"signature": "serving_default", "token_ids": ids}})
     want = model.predict({"token_ids": np.array(ids), "padding_mask": np.ones((1, 4))},
@@ -148,14 +187,17 @@ def test_token_signature_loads_without_tf_text(tmp_path):
     np.testing.assert_allclose(np.asarray(got["r"]["logits"]), want, atol=1e-5)
 
 
-def test_export_arguments(tmp_path):
-    model = ReformerModel(**CONFIG)
-    export_saved_model(model, os.fspath(tmp_path), version=1)
-    with pytest.raises(ValueError, match="exists"):
-        export_saved_model(model, os.fspath(tmp_path), version=1)
-    export_saved_model(model, os.fspath(tmp_path), version=1, overwrite=True)
-    with pytest.raises(ValueError, match="version"):
-        export_saved_model(model, os.fspath(tmp_path), version=0)
-    small = ReformerModel(**{**CONFIG, "vocabulary_size": 50})
-    with pytest.raises(ValueError, match="byte-level"):
-        export_saved_model(small, os.fspath(tmp_path), version=2, text_signature=True)
+def test_byte_tokenizer_round_trip():
+    import tensorflow as tf
+
+    from keras_reformer import text
+
+    texts = ["héllo", "", "日本"]
+    ids = text.tokenize(tf.constant(texts))
+    assert ids.dtype == tf.int32
+    assert ids.to_list() == [list(t.encode("utf-8")) for t in texts]
+    assert [t.decode("utf-8") for t in text.detokenize(ids).numpy()] == texts
+    # Cut inside a character: replaced, not an error.
+    assert text.detokenize(ids[2][:4]).numpy().decode("utf-8") == "日\ufffd"
+    with pytest.raises(tf.errors.InvalidArgumentError, match="< 256"):
+        text.detokenize(tf.constant([[65, 300]]))

@@ -33,13 +33,15 @@ class AxialPositionEmbedding(keras.layers.Layer):
 
     Position `p = i * l2 + j` of an `(l1, l2)` grid gets the concatenation of
     `E1[i]` (width `d1`) and `E2[j]` (width `d2`), with `d1 + d2` the input's
-    feature size. Parameters: `l1 * d1 + l2 * d2`, not `l1 * l2 * d` (for 64K
-    positions and width 256: 65,536 instead of 16.8 million).
+    feature size. Parameters: `l1 * d1 + l2 * d2`, not `l1 * l2 * d` (for
+    `axial_shape=(128, 512)`, 64K positions, and width 256 split in halves:
+    81,920 instead of 16.8 million).
 
     Called on `(batch, length, features)` inputs, returns the position
     embeddings broadcast to that shape (add them yourself, as with keras-hub's
-    `PositionEmbedding`). Any length up to `l1 * l2` works; shorter inputs take
-    the first positions. Longer inputs raise a `ValueError` when the length is
+    `PositionEmbedding`). Any length up to `max_sequence_length` works;
+    shorter inputs take the first positions. Inputs longer than `max_sequence_length` (even where
+    the grid `l1 * l2` is larger) raise a `ValueError` when the length is
     static and an `InvalidArgumentError` at run time otherwise (XLA drops
     run-time assertions: under `jit_compile=True` only the static check runs).
 
@@ -116,19 +118,19 @@ class AxialPositionEmbedding(keras.layers.Layer):
 
     def call(self, inputs):
         length = inputs.shape[1]
-        limit = self.axial_shape[0] * self.axial_shape[1]
+        limit = self.max_sequence_length
+        message = (
+            f"exceeds the axial maximum: max_sequence_length={limit} "
+            f"(axial_shape={self.axial_shape}). Build the layer with a larger "
+            "`max_sequence_length`/`axial_shape`."
+        )
         if length is not None and length > limit:
-            raise ValueError(
-                f"Input length {length} exceeds the axial maximum {limit} "
-                f"(axial_shape={self.axial_shape}). Use a larger "
-                "`max_sequence_length`/`axial_shape`."
-            )
+            raise ValueError(f"Input length {length} {message}")
         if length is None:
             length = tf.shape(inputs)[1]
             with tf.control_dependencies([
                 tf.debugging.assert_less_equal(
-                    length, limit,
-                    message=f"input length exceeds the axial maximum {limit}",
+                    length, limit, message=f"Input length {message}"
                 )
             ]):
                 length = tf.identity(length)

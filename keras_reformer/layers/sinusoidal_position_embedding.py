@@ -9,7 +9,9 @@ class SinusoidalPositionEmbedding(keras.layers.Layer):
     """The Transformer's sin/cos position encodings, broadcast to the input.
 
     Args:
-        max_sequence_length: longest input accepted (longer inputs raise).
+        max_sequence_length: longest input accepted (longer inputs raise a
+            `ValueError` when the length is static, an `InvalidArgumentError`
+            at run time otherwise).
         max_wavelength: the longest wavelength (default 10000).
     """
 
@@ -28,6 +30,14 @@ class SinusoidalPositionEmbedding(keras.layers.Layer):
             )
         if length is None:
             length = tf.shape(inputs)[1]
+            with tf.control_dependencies([
+                tf.debugging.assert_less_equal(
+                    length, self.max_sequence_length,
+                    message="Input length exceeds max_sequence_length="
+                    f"{self.max_sequence_length}.",
+                )
+            ]):
+                length = tf.identity(length)
         width = inputs.shape[-1]
         positions = tf.cast(tf.range(length), tf.float32)[:, None]
         rates = tf.pow(

@@ -28,10 +28,36 @@ def _positive(name, value, allow_none=False):
     return value
 
 
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return bool(value)
+
+
 def _rate(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
     return float(value)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, seed=(0, 0)):
+    """Draws one token per row of `logits` `(batch, vocabulary)`.
+
+    `temperature=0` is argmax; otherwise a draw from
+    `softmax(logits / temperature)`, restricted to the `top_k` largest
+    logits if given (ties with the k-th are kept). `seed` is a stateless
+    seed pair: the same pair, the same draw. Returns int32 numpy `(batch,)`.
+    """
+    logits = tf.cast(logits, tf.float32)
+    if temperature == 0:
+        return np.asarray(tf.argmax(logits, axis=-1, output_type=tf.int32))
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
+        logits = tf.where(logits < kth, tf.constant(-np.inf, logits.dtype), logits)
+    return np.asarray(
+        tf.random.stateless_categorical(logits, 1, seed=seed, dtype=tf.int32)[:, 0]
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -111,6 +137,9 @@ class ReformerModel(keras.Model):
         _positive("max_sequence_length", max_sequence_length)
         _rate("dropout", dropout)
         _rate("attention_dropout", attention_dropout)
+        causal = _flag("causal", causal)
+        reversible = _flag("reversible", reversible)
+        include_head = _flag("include_head", include_head)
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
                 f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
@@ -222,6 +251,11 @@ class ReformerModel(keras.Model):
             "reversible": self.reversible,
             "include_head": self.include_head,
             "seed": self.seed,
+            # The policy the layers were built with (the argument, or the
+            # global policy at construction), so a reload computes alike.
+            "dtype": keras.dtype_policies.serialize(
+                self.get_layer("token_embedding").dtype_policy
+            ),
         }
 
     @classmethod
@@ -229,10 +263,21 @@ class ReformerModel(keras.Model):
         return cls(**config)
 
     def set_num_hashes(self, num_hashes):
-        """Change the hash rounds of every attention layer (no retraining)."""
+        """Change the hash rounds of every attention layer (no retraining).
+
+        E.g. more rounds for evaluation than for training. The new value is
+        in `get_config()` (and so in a `.keras` file saved afterwards); the
+        compiled predict/evaluate/train functions are retraced.
+        """
+        _positive("num_hashes", num_hashes)
         for layer in self._flatten_layers():
             if isinstance(layer, AttentionBlock):
                 layer.attention.num_hashes = num_hashes
+                layer.attention_kwargs["num_hashes"] = num_hashes
+        self.num_hashes = num_hashes
+        # Traced functions baked the old value in.
+        self._generate_fn = None
+        self.predict_function = self.test_function = self.train_function = None
 
     # -------------------------------------------------------------- generate
 
@@ -254,9 +299,13 @@ class ReformerModel(keras.Model):
                  seed=None, end_token_id=None):
         """Sample continuations of `prompt_ids` (causal models only).
 
-        Each step runs the model on the whole prefix (no cache): generating
-        `n` tokens after a prompt of `p` costs `n` forward passes over
-        `p..p+n` tokens, i.e. O(n * (p + n)) token-steps of LSH attention.
+        Each step runs the model on the whole prefix (there is no cache):
+        generating `n` tokens after a prompt of `p` costs `n` forward passes,
+        over `p, p + 1, ..., p + n - 1` tokens, i.e. O(n * (p + n))
+        token-positions of work (each pass is linear in its length, LSH
+        attention being O(length * num_hashes * bucket_size)). The pass is
+        one `tf.function` with a dynamic length: traced once, not per step.
+        All prompts of a batch have the same length (no left padding).
 
         Args:
             prompt_ids: `(batch, length)` ints, or one list of ints.
@@ -286,7 +335,9 @@ class ReformerModel(keras.Model):
             )
         _positive("max_new_tokens", max_new_tokens)
         if temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0. Received: {temperature}")
+            raise ValueError(
+                f"`temperature` must be >= 0. Received: temperature={temperature!r}"
+            )
         _positive("top_k", top_k, allow_none=True)
         if ids.shape[1] + max_new_tokens > self.max_sequence_length:
             raise ValueError(
@@ -298,17 +349,7 @@ class ReformerModel(keras.Model):
         done = np.zeros(len(ids), bool)
         for step in range(max_new_tokens):
             logits = logits_fn(ids, np.ones_like(ids))
-            if temperature == 0:
-                nxt = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
-                    logits = tf.where(logits < kth, -1e9, logits)
-                nxt = tf.random.stateless_categorical(
-                    logits, 1, seed=[seed, step], dtype=tf.int32
-                )[:, 0]
-            nxt = np.asarray(nxt)
+            nxt = sample_next_token(logits, temperature, top_k, seed=[seed, step])
             if end_token_id is not None:
                 nxt = np.where(done, end_token_id, nxt)
                 done |= nxt == end_token_id

@@ -27,13 +27,18 @@ def test_default_shape_covers_maximum_and_any_shorter_length():
     np.testing.assert_array_equal(short[0], full[0, :7])
 
 
-def test_too_long_inputs_fail_clearly():
-    layer = AxialPositionEmbedding(20, axial_shape=(4, 5))
-    with pytest.raises(ValueError, match="exceeds the axial maximum 20"):
-        layer(tf.zeros((1, 21, 4)))
+@pytest.mark.parametrize("maximum", [20, 18])
+def test_too_long_inputs_fail_clearly(maximum):
+    # With 18 the (4, 5) grid has room for 20: the stated maximum still rules.
+    layer = AxialPositionEmbedding(maximum, axial_shape=(4, 5))
+    assert layer(tf.zeros((1, maximum, 4))).shape == (1, maximum, 4)
+    with pytest.raises(ValueError, match=f"max_sequence_length={maximum}"):
+        layer(tf.zeros((1, maximum + 1, 4)))
     fn = tf.function(layer.__call__, input_signature=[tf.TensorSpec([None, None, 4])])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="axial maximum"):
-        fn(tf.zeros((1, 21, 4)))
+    assert fn(tf.zeros((1, maximum, 4))).shape == (1, maximum, 4)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=f"exceeds the axial maximum: max_sequence_length={maximum}"):
+        fn(tf.zeros((1, maximum + 1, 4)))
 
 
 @pytest.mark.parametrize(
