@@ -1,0 +1,234 @@
+"""ChunkedFeedForward: the position-wise FFN computed slice by slice."""
+
+import random
+
+import keras
+from keras import activations, constraints, initializers, regularizers
+from keras import ops
+
+# Reading weights in their own dtype (float32 under mixed precision) inside
+# call() needs autocast switched off; Keras exposes the scope only here.
+from keras.src.backend.common.variables import AutocastScope
+
+from keras_reformer.ops import chunked
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ChunkedFeedForward(keras.layers.Layer):
+    """Position-wise feed-forward network, computed over slices of the sequence.
+
+    Computes `Dense(intermediate_dim) -> activation -> dropout -> Dense(d)`
+    at every position, where `d` is the input width (or `output_dim`). The
+    sequence is cut into slices of `chunk_size` positions and the network is
+    applied to one slice at a time, so the `intermediate_dim`-wide hidden
+    tensor exists for one slice only. The gradient is computed slice by
+    slice too, recomputing each slice's hidden tensor (REFORMER.md section
+    4): training memory for the hidden layer is that of one slice, in graph
+    mode and under XLA. The result equals the unchunked network's.
+
+    Lengths that are not a multiple of `chunk_size` are padded inside the
+    layer; the padding never leaks into outputs or gradients. With
+    `chunk_size=None` the layer is the plain unchunked network (ordinary
+    autodiff), e.g. for short sequences or comparisons.
+
+    Dropout masks come from the layer's `SeedGenerator`: one seed per call,
+    one stateless mask per slice derived from it, so the backward pass (and a
+    `ReversibleSequence` recomputation) sees the same masks as the forward.
+
+    Args:
+        intermediate_dim: width of the hidden layer (`d_ff`).
+        activation: activation of the hidden layer (default "gelu").
+        dropout: dropout rate on the hidden layer, in training.
+        chunk_size: positions per slice (default 128), or None for no slicing.
+        output_dim: width of the output; defaults to the input width.
+        use_bias: whether both dense layers have biases.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer, activity_regularizer, kernel_constraint,
+        bias_constraint: as in `keras.layers.Dense` (for both dense layers).
+        seed: seed of the dropout masks; drawn now and stored in the config
+            if None.
+
+    Example:
+
+    >>> import keras, keras_reformer as kr
+    >>> ffn = kr.layers.ChunkedFeedForward(1024, chunk_size=128, dropout=0.1)
+    >>> x = keras.random.normal((2, 1000, 64))
+    >>> ffn(x, training=True).shape
+    TensorShape([2, 1000, 64])
+    """
+
+    def __init__(
+        self,
+        intermediate_dim,
+        activation="gelu",
+        dropout=0.0,
+        chunk_size=128,
+        output_dim=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self.intermediate_dim = _positive_int("intermediate_dim", intermediate_dim)
+        self.chunk_size = (
+            None if chunk_size is None else _positive_int("chunk_size", chunk_size)
+        )
+        self.output_dim = (
+            None if output_dim is None else _positive_int("output_dim", output_dim)
+        )
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1
+        ):
+            raise ValueError(
+                f"`dropout` must be a float in [0, 1). Received: dropout={dropout!r}"
+            )
+        self.dropout = float(dropout)
+        self.activation = activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        if seed is None:
+            seed = random.randint(0, 2**30)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(
+                f"`seed` must be None or a non-negative integer. Received: seed={seed!r}"
+            )
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def _dense(self, units, name):
+        def clone(initializer):
+            # A fresh initializer per sublayer, or both would draw the same values.
+            return initializer.__class__.from_config(initializer.get_config())
+
+        return keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            kernel_initializer=clone(self.kernel_initializer),
+            bias_initializer=clone(self.bias_initializer),
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            kernel_constraint=self.kernel_constraint,
+            bias_constraint=self.bias_constraint,
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3 or input_shape[-1] is None:
+            raise ValueError(
+                "ChunkedFeedForward expects inputs of shape (batch, length, "
+                f"features) with known features. Received: {input_shape}"
+            )
+        self._input_dim = input_shape[-1]
+        self.intermediate_dense = self._dense(
+            self.intermediate_dim, "intermediate_dense"
+        )
+        self.intermediate_dense.build(input_shape)
+        self.output_dense = self._dense(
+            self.output_dim or input_shape[-1], "output_dense"
+        )
+        self.output_dense.build(input_shape[:-1] + (self.intermediate_dim,))
+        self.built = True
+
+    def _params(self):
+        """The weights as tensors in the variable dtype (LoRA etc. included)."""
+        # Float32 weights under mixed precision: the slices' gradients are
+        # summed into them, which float16 would do poorly.
+        with AutocastScope(None):
+            params = [self.intermediate_dense.kernel, self.output_dense.kernel]
+            if self.use_bias:
+                params += [self.intermediate_dense.bias, self.output_dense.bias]
+            # A tensor, never a variable, goes into the custom gradient.
+            return [
+                ops.copy(p.value if isinstance(p, keras.Variable) else p)
+                for p in params
+            ]
+
+    def call(self, inputs, training=None):
+        x = inputs
+        if len(x.shape) != 3 or x.shape[-1] != self._input_dim:
+            raise ValueError(
+                "ChunkedFeedForward expects inputs of shape (batch, length, "
+                f"{self._input_dim}), the shape it was built for. Received: "
+                f"shape={tuple(x.shape)}"
+            )
+        rate = self.dropout if training else 0.0
+        seed = self.seed_generator.next() if rate > 0 else None
+        if self.chunk_size is None:
+            h = self.activation(self.intermediate_dense(x))
+            if rate > 0:
+                h = chunked.dropout(h, rate, chunked.slice_seed(seed, 0))
+            return self.output_dense(h)
+
+        dtype = self.compute_dtype
+        use_bias = self.use_bias
+        activation = self.activation
+
+        def ffn(xs, params, index):
+            # (B, C, D) -> (B, C, F) -> (B, C, D_out), in the compute dtype.
+            params = [ops.cast(p, dtype) for p in params]
+            w1, w2 = params[0], params[1]
+            h = ops.matmul(xs, w1)
+            if use_bias:
+                h = h + params[2]
+            h = activation(h)
+            if rate > 0:
+                h = chunked.dropout(h, rate, chunked.slice_seed(seed, index))
+            y = ops.matmul(h, w2)
+            if use_bias:
+                y = y + params[3]
+            return y
+
+        return chunked.chunked_map(ffn, x, self._params(), self.chunk_size)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        return input_shape[:-1] + (self.output_dim or input_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "intermediate_dim": self.intermediate_dim,
+                "activation": activations.serialize(self.activation),
+                "dropout": self.dropout,
+                "chunk_size": self.chunk_size,
+                "output_dim": self.output_dim,
+                "use_bias": self.use_bias,
+                "kernel_initializer": initializers.serialize(self.kernel_initializer),
+                "bias_initializer": initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+                "activity_regularizer": regularizers.serialize(
+                    self.activity_regularizer
+                ),
+                "kernel_constraint": constraints.serialize(self.kernel_constraint),
+                "bias_constraint": constraints.serialize(self.bias_constraint),
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return value

@@ -1,0 +1,380 @@
+"""ReversibleSequence: a stack of reversible (F, G) blocks that recomputes backward."""
+
+import keras
+import tensorflow as tf
+
+from keras_reformer.ops import reversible as rev
+
+
+def _describe(value):
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_blocks(blocks):
+    if isinstance(blocks, keras.layers.Layer) or not isinstance(
+        blocks, (list, tuple)
+    ):
+        raise ValueError(
+            "`blocks` must be a list of (f, g) pairs of Keras layers. "
+            f"Received: blocks={_describe(blocks)}"
+        )
+    if not blocks:
+        raise ValueError("`blocks` must hold at least one (f, g) pair.")
+    if len(blocks) == 2 and all(isinstance(b, keras.layers.Layer) for b in blocks):
+        raise ValueError(
+            "`blocks` must be a list of (f, g) pairs; it looks like a single "
+            "pair. Wrap it in a list: blocks=[(f, g)]. "
+            f"Received: blocks={_describe(blocks)}"
+        )
+    pairs = []
+    for index, block in enumerate(blocks):
+        if not isinstance(block, (list, tuple)) or len(block) != 2:
+            raise ValueError(
+                f"Block {index} must be a pair (f, g) of Keras layers. "
+                f"Received: blocks[{index}]={_describe(block)}"
+            )
+        for name, layer in zip(("f", "g"), block):
+            if not isinstance(layer, keras.layers.Layer):
+                raise ValueError(
+                    f"Block {index}: `{name}` must be a Keras layer. "
+                    f"Received: blocks[{index}].{name}={_describe(layer)}"
+                )
+        pairs.append((block[0], block[1]))
+    return pairs
+
+
+def _same_shape(a, b):
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(
+        x is None or y is None or x == y for x, y in zip(a, b)
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReversibleSequence(keras.layers.Layer):
+    """A stack of reversible residual blocks whose backward pass recomputes.
+
+    Each block is a pair `(f, g)` of Keras layers that map a tensor to one of
+    the same shape. Called on `[x1, x2]`, block by block:
+
+        y1 = x1 + f(x2)
+        y2 = x2 + g(y1)
+
+    and the layer returns the last block's `[y1, y2]`. Because a block's
+    inputs can be rebuilt from its outputs (`x2 = y2 - g(y1)`,
+    `x1 = y1 - f(x2)`), the gradient (a `tf.custom_gradient` over the whole
+    stack) keeps only the stack's outputs: walking back block by block it
+    rebuilds each block's inputs, reruns the block under a gradient tape and
+    takes that block's input and weight gradients. Activation memory is that
+    of one block, whatever the depth (in graph mode: `model.fit`,
+    `tf.function`, `jit_compile=True`; eager execution keeps more).
+
+    Randomness is replayed: before each `f` and `g` runs, the states of all
+    `keras.random.SeedGenerator`s inside it (those of `keras.layers.Dropout`,
+    `LSHAttention`, `ChunkedFeedForward`, or any layer of yours) are copied,
+    and the recomputation runs inside `keras.StatelessScope` with those
+    values, so it draws the same dropout masks and hash rotations as the
+    forward pass. Random ops seeded by Keras' global generator (`seed=None`)
+    are not replayed: give such layers their own `SeedGenerator`.
+
+    A Keras padding mask on the inputs (e.g. from
+    `Embedding(mask_zero=True)`) is passed to every block whose `call` takes
+    `mask` (or, failing that, `attention_mask`), and `training` to every
+    block whose `call` takes it. The output keeps the input mask.
+
+    Under mixed precision the two residual streams are kept in the variable
+    dtype (float32) inside the stack, so that rebuilding the inputs by
+    subtraction stays accurate; the blocks compute in their own dtype and
+    the outputs are cast to the layer's compute dtype.
+
+    Args:
+        blocks: list of `(f, g)` pairs of Keras layers, each mapping
+            `(batch, length, features)` to the same shape.
+        reversible: if False, compute the same function with ordinary
+            autodiff (every activation kept), for tests and debugging.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Activity regularizers of layers inside the blocks add their losses in
+    the forward pass, but those losses are not differentiated through the
+    blocks when `reversible=True` (the forward pass is not recorded).
+
+    Example:
+
+    >>> import keras, keras_reformer as kr
+    >>> def ffn():
+    ...     return keras.Sequential([
+    ...         keras.layers.LayerNormalization(),
+    ...         kr.layers.ChunkedFeedForward(64, chunk_size=16),
+    ...     ])
+    >>> blocks = [(ffn(), ffn()) for _ in range(4)]
+    >>> stack = kr.layers.ReversibleSequence(blocks)
+    >>> x = keras.random.normal((2, 50, 16))
+    >>> y1, y2 = stack([x, x])
+    >>> y1.shape
+    TensorShape([2, 50, 16])
+    """
+
+    def __init__(self, blocks, reversible=True, **kwargs):
+        super().__init__(**kwargs)
+        pairs = _check_blocks(blocks)
+        # Two flat lists, so that Keras tracks every layer (and each weight
+        # once, also when a layer is shared between blocks).
+        self.f_layers = [f for f, _ in pairs]
+        self.g_layers = [g for _, g in pairs]
+        self.reversible = bool(reversible)
+        self.supports_masking = True
+
+    @property
+    def blocks(self):
+        return list(zip(self.f_layers, self.g_layers))
+
+    @property
+    def _stream_dtype(self):
+        return self.variable_dtype
+
+    # ----------------------------------------------------------------- build
+
+    def _input_shapes(self, input_shape):
+        if (
+            not isinstance(input_shape, (list, tuple))
+            or len(input_shape) != 2
+            or not all(isinstance(s, (list, tuple)) for s in input_shape)
+        ):
+            raise ValueError(
+                "ReversibleSequence must be called on a list [x1, x2] of two "
+                f"tensors of the same shape. Received input shape: {input_shape}"
+            )
+        shape1, shape2 = (tuple(s) for s in input_shape)
+        if not _same_shape(shape1, shape2):
+            raise ValueError(
+                "ReversibleSequence expects [x1, x2] of the same shape. "
+                f"Received: x1.shape={shape1}, x2.shape={shape2}"
+            )
+        if len(shape1) < 2 or shape1[-1] is None:
+            raise ValueError(
+                "ReversibleSequence expects inputs of shape (batch, ..., "
+                f"features) with known features. Received: x1.shape={shape1}"
+            )
+        return shape1, shape2
+
+    def build(self, input_shape):
+        shape, _ = self._input_shapes(input_shape)
+        # A symbolic call builds each block the way the functional API would
+        # (also blocks without a build() of their own) and gives its output
+        # shape to check.
+        spec = keras.KerasTensor(shape, dtype=self._stream_dtype)
+        for index, (f, g) in enumerate(self.blocks):
+            for name, layer in (("f", f), ("g", g)):
+                out = layer(spec)
+                self._check_block_output(index, name, layer, shape, out)
+        self.built = True
+
+    def _check_block_output(self, index, name, layer, shape, out):
+        out_shape = getattr(out, "shape", None)
+        if out_shape is None or not _same_shape(out_shape, shape):
+            raise ValueError(
+                f"Block {index} ({name}={layer.name!r}) must return a tensor "
+                f"of the shape of its input. Input shape: {tuple(shape)}, "
+                f"output: {_describe(out_shape if out_shape is not None else out)}"
+            )
+
+    # ------------------------------------------------------------------ call
+
+    def _block_kwargs(self, layer, mask, training):
+        kwargs = {}
+        params = layer._call_signature.parameters
+        if "training" in params:
+            kwargs["training"] = training
+        if mask is not None:
+            if "mask" in params:
+                kwargs["mask"] = mask
+            elif "attention_mask" in params:
+                kwargs["attention_mask"] = mask
+        return kwargs
+
+    def _run(self, index, name, layer, x, kwargs):
+        out = layer(x, **kwargs)
+        if not _same_shape(out.shape, x.shape):
+            self._check_block_output(index, name, layer, x.shape, out)
+        return tf.cast(out, self._stream_dtype)
+
+    def call(self, inputs, mask=None, training=None):
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+            raise ValueError(
+                "ReversibleSequence must be called on a list [x1, x2] of two "
+                f"tensors. Received: {_describe(inputs)}"
+            )
+        x1, x2 = inputs
+        self._input_shapes([tuple(x1.shape), tuple(x2.shape)])
+        if isinstance(mask, (list, tuple)):
+            mask = next((m for m in mask if m is not None), None)
+        training = False if training is None else training
+        kwargs = [
+            (self._block_kwargs(f, mask, training), self._block_kwargs(g, mask, training))
+            for f, g in self.blocks
+        ]
+        x1 = tf.cast(x1, self._stream_dtype)
+        x2 = tf.cast(x2, self._stream_dtype)
+        if self.reversible:
+            y1, y2 = self._reversible(x1, x2, kwargs)
+        else:
+            y1, y2 = x1, x2
+            for index, (f, g) in enumerate(self.blocks):
+                y1 = y1 + self._run(index, "f", f, y2, kwargs[index][0])
+                y2 = y2 + self._run(index, "g", g, y1, kwargs[index][1])
+        return [tf.cast(y1, self.compute_dtype), tf.cast(y2, self.compute_dtype)]
+
+    def _reversible(self, x1, x2, kwargs):
+        blocks = self.blocks
+        states = [
+            (rev.seed_state_variables(f), rev.seed_state_variables(g))
+            for f, g in blocks
+        ]
+
+        @tf.custom_gradient
+        def stack(x1, x2):
+            snapshots = []
+            with rev.stop_recording():
+                y1, y2 = x1, x2
+                for index, (f, g) in enumerate(blocks):
+                    f_seeds = rev.snapshot(states[index][0])
+                    y1 = y1 + self._run(index, "f", f, y2, kwargs[index][0])
+                    g_seeds = rev.snapshot(states[index][1])
+                    y2 = y2 + self._run(index, "g", g, y1, kwargs[index][1])
+                    snapshots.append((f_seeds, g_seeds))
+            outputs = (y1, y2)
+
+            def grad_fn(dy1, dy2, variables=None):
+                variables = list(variables or [])
+                # Gradients are taken against the list TF hands us (its
+                # order differs between eager and graph mode).
+                sources = [
+                    v for v in variables
+                    if v.dtype.is_floating and getattr(v, "trainable", True)
+                ]
+                totals = {}
+                y1 = tf.stop_gradient(outputs[0])
+                y2 = tf.stop_gradient(outputs[1])
+                dy1 = tf.zeros_like(y1) if dy1 is None else dy1
+                dy2 = tf.zeros_like(y2) if dy2 is None else dy2
+                done = []  # weight gradients of the half-block done last
+                for index in reversed(range(len(blocks))):
+                    f, g = blocks[index]
+                    f_seeds, g_seeds = snapshots[index]
+                    # g: y2 = x2 + g(y1). Recompute only once dy2 and the
+                    # previous half's weight gradients exist (see
+                    # gradient_dependency: ordering for XLA and the executor).
+                    y1, y2, dy1, dy2, *_ = rev.barrier([y1, y2, dy1, dy2] + done)
+                    (y1,) = rev.gradient_dependency([y1], [dy2] + done)
+                    g_out, (d_y1, var_grads) = self._vjp(
+                        index, "g", g, y1, kwargs[index][1],
+                        list(zip(states[index][1], g_seeds)), dy2, sources,
+                    )
+                    done = self._accumulate(totals, sources, var_grads)
+                    dy1 = dy1 + d_y1 if d_y1 is not None else dy1
+                    x2 = y2 - g_out
+                    # f: y1 = x1 + f(x2). Recompute after the total dy1 exists.
+                    x2, dy1, dy2, *_ = rev.barrier([x2, dy1, dy2] + done)
+                    (x2,) = rev.gradient_dependency([x2], [dy1] + done)
+                    f_out, (d_x2, var_grads) = self._vjp(
+                        index, "f", f, x2, kwargs[index][0],
+                        list(zip(states[index][0], f_seeds)), dy1, sources,
+                    )
+                    done = self._accumulate(totals, sources, var_grads)
+                    dy2 = dy2 + d_x2 if d_x2 is not None else dy2
+                    x1 = y1 - f_out
+                    y1, y2 = x1, x2
+                var_grads = [totals.get(id(v)) for v in variables]
+                return [dy1, dy2], var_grads
+
+            return [y1, y2], grad_fn
+
+        y1, y2 = stack(x1, x2)
+        return y1, y2
+
+    def inverse(self, outputs, mask=None):
+        """Rebuilds the inputs `[x1, x2]` from the outputs `[y1, y2]`.
+
+        Runs the blocks in inference mode (`training=False`: no dropout,
+        fixed LSH rotations), so it inverts an inference-mode call. The
+        backward pass does the same walk with the forward's random seeds.
+        """
+        y1, y2 = (tf.cast(y, self._stream_dtype) for y in outputs)
+        for index in reversed(range(len(self.f_layers))):
+            f, g = self.f_layers[index], self.g_layers[index]
+            x2 = y2 - self._run(index, "g", g, y1, self._block_kwargs(g, mask, False))
+            x1 = y1 - self._run(index, "f", f, x2, self._block_kwargs(f, mask, False))
+            y1, y2 = x1, x2
+        return [tf.cast(y1, self.compute_dtype), tf.cast(y2, self.compute_dtype)]
+
+    def _vjp(self, index, name, layer, x, kwargs, seed_mapping, dy, sources):
+        """Reruns `layer` on `x` with its forward seeds; grads for x and sources."""
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            tape.watch(sources)
+            with keras.StatelessScope(state_mapping=seed_mapping):
+                out = self._run(index, name, layer, x, kwargs)
+        grads = tape.gradient(out, [x] + sources, output_gradients=dy)
+        return tf.stop_gradient(out), (grads[0], grads[1:])
+
+    @staticmethod
+    def _accumulate(totals, sources, grads):
+        """Adds `grads` into `totals`; returns the ones that are not None."""
+        present = []
+        for variable, grad in zip(sources, grads):
+            if grad is None:
+                continue
+            present.append(grad)
+            key = id(variable)
+            totals[key] = grad if key not in totals else totals[key] + grad
+        return present
+
+    # ------------------------------------------------------------ keras API
+
+    def compute_output_shape(self, input_shape):
+        shape1, shape2 = self._input_shapes(input_shape)
+        return [shape1, shape2]
+
+    def compute_output_spec(self, inputs, mask=None, training=None):
+        shape1, shape2 = self._input_shapes([tuple(x.shape) for x in inputs])
+        return [
+            keras.KerasTensor(shape1, dtype=self.compute_dtype),
+            keras.KerasTensor(shape2, dtype=self.compute_dtype),
+        ]
+
+    def compute_mask(self, inputs, mask=None):
+        if mask is None:
+            return None
+        if isinstance(mask, (list, tuple)):
+            known = next((m for m in mask if m is not None), None)
+            return None if known is None else [known, known]
+        return [mask, mask]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "blocks": [
+                    [
+                        keras.saving.serialize_keras_object(f),
+                        keras.saving.serialize_keras_object(g),
+                    ]
+                    for f, g in self.blocks
+                ],
+                "reversible": self.reversible,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        blocks = [
+            (
+                keras.saving.deserialize_keras_object(f),
+                keras.saving.deserialize_keras_object(g),
+            )
+            for f, g in config.pop("blocks")
+        ]
+        return cls(blocks=blocks, **config)
