@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--strategy", default="default",
                    choices=["default", "mirrored", "multiworker", "tpu"])
     p.add_argument("--tpu", default="", help="TPU name/address for --strategy tpu")
+    p.add_argument("--cpu-replicas", type=int, default=0,
+                   help="split the CPU into this many logical devices (mirrored on a CPU)")
     p.add_argument("--run-dir", default="runs/train_lm")
     p.add_argument("--prompt", default="def main(")
     p.add_argument("--sample-len", type=int, default=200)
@@ -129,6 +131,8 @@ def build_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cpu_replicas:
+        distribute.use_logical_cpus(args.cpu_replicas)
     keras.utils.set_random_seed(args.seed)
     files = args.data or data.default_corpus_files()
     train_files, val_files = data.split_files(files)
@@ -137,15 +141,23 @@ def main(argv=None):
           f"strategy {args.strategy}")
     strategy = distribute.make_strategy(args.strategy, tpu=args.tpu)
     global_batch = args.batch_size * strategy.num_replicas_in_sync
-    train = data.lm_dataset(train_files, args.seq_len, global_batch, seed=args.seed)
-    val = data.lm_dataset(val_files, args.seq_len, global_batch, shuffle=False)
+    # Training windows are never padded, so the model is trained through a
+    # wrapper that takes the token ids alone.
+    train = data.lm_dataset(train_files, args.seq_len, global_batch, seed=args.seed,
+                            with_padding_mask=False)
+    val = data.lm_dataset(val_files, args.seq_len, global_batch, shuffle=False,
+                          with_padding_mask=False)
 
     os.makedirs(args.run_dir, exist_ok=True)
     with strategy.scope():
         model, optimizer = build_model(args)
+        token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+        trainer = keras.Model(token_ids, model(
+            {"token_ids": token_ids, "padding_mask": keras.ops.ones_like(token_ids)}
+        ))
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         jit = distribute.fit_jit_compile(strategy, args.jit)
-        model.compile(optimizer, loss, metrics=["accuracy"], jit_compile=jit)
+        trainer.compile(optimizer, loss, metrics=["accuracy"], jit_compile=jit)
     callbacks = [
         # Checkpoints at epoch ends (an epoch is about a minute by default):
         # Keras resumes at the start of an epoch, so mid-epoch checkpoints
@@ -160,18 +172,29 @@ def main(argv=None):
     if args.stop_after_steps:
         callbacks.append(StopAfter(args.stop_after_steps))
     start = time.time()
-    model.fit(train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+    trainer.fit(train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
               validation_data=val, validation_steps=args.validation_steps,
               callbacks=callbacks, verbose=1, shuffle=False)
     train_seconds = time.time() - start
-    results = model.evaluate(val, steps=args.validation_steps, verbose=0,
+    results = trainer.evaluate(val, steps=args.validation_steps, verbose=0,
                              return_dict=True)
     bits = results["loss"] / math.log(2)
     print(f"validation bits per byte: {bits:.3f} (loss {results['loss']:.4f}, "
           f"accuracy {results['accuracy']:.3f}); training took {train_seconds:.0f}s, "
-          f"{int(model.optimizer.iterations.numpy())} steps")
+          f"{int(trainer.optimizer.iterations.numpy())} steps")
 
+    identical = distribute.replicas_identical(model)
+    digest = distribute.weights_digest(model)
+    print(f"replicas: {strategy.num_replicas_in_sync}; weights identical on every "
+          f"replica: {identical}; weights digest {digest[:16]}")
+    summary = {"bits_per_byte": bits, "steps": int(trainer.optimizer.iterations.numpy()),
+               "steps_this_run": counter.count, "train_seconds": train_seconds,
+               "replicas": strategy.num_replicas_in_sync,
+               "copies_per_weight": distribute.replica_copies(model),
+               "replicas_identical": identical, "weights_digest": digest}
     if not distribute.is_chief(strategy):
+        with open(os.path.join(args.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
         return results
     export_path = kr.export.export_saved_model(
         model, os.path.join(args.run_dir, "export"), version=1,
@@ -183,9 +206,7 @@ def main(argv=None):
                             top_k=20, seed=args.seed)
     text = bytes(sample[0].astype(np.uint8).tolist()).decode("utf-8", "replace")
     print("sample:\n" + text)
-    summary = {"bits_per_byte": bits, "steps": int(model.optimizer.iterations.numpy()),
-               "steps_this_run": counter.count,
-               "train_seconds": train_seconds, "export": export_path}
+    summary["export"] = export_path
     with open(os.path.join(args.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f)
     return results

@@ -64,3 +64,47 @@ def is_chief(strategy):
         task.get("type", "worker") == "worker" and task.get("index", 0) == 0
         and "chief" not in config.get("cluster", {})
     )
+
+
+def use_logical_cpus(count):
+    """Split the CPU into `count` logical devices (before any TF op runs),
+    so that MirroredStrategy has `count` replicas on a CPU-only machine."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+    )
+
+
+def replica_values(variable):
+    """The per-replica copies of a (possibly distributed) variable."""
+    inner = getattr(variable, "value", variable)
+    values = getattr(inner, "values", None)
+    if values is None:
+        values = getattr(variable, "values", None)
+    return [tf.convert_to_tensor(v) for v in (values or [inner])]
+
+
+def replica_copies(model):
+    """The fewest per-replica copies any weight has (1 if not distributed)."""
+    return min(len(replica_values(w)) for w in model.weights)
+
+
+def replicas_identical(model):
+    """True if every weight has the same value on every replica."""
+    for weight in model.weights:
+        copies = replica_values(weight)
+        for other in copies[1:]:
+            if not bool(tf.reduce_all(copies[0] == other)):
+                return False
+    return True
+
+
+def weights_digest(model):
+    """A hash of all weights: equal on workers that hold equal weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(replica_values(weight)[0].numpy().tobytes())
+    return digest.hexdigest()
+

@@ -29,11 +29,13 @@ def byte_windows(files, window):
     return tokens.unbatch().batch(window, drop_remainder=True)
 
 
-def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True):
+def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True,
+               with_padding_mask=True):
     """Batches of ({"token_ids", "padding_mask"}, next-byte targets).
 
     Windows of `seq_len + 1` bytes give inputs `w[:-1]` and targets `w[1:]`;
-    shuffled (windows), batched, repeated and prefetched.
+    shuffled (windows), batched, repeated and prefetched. Windows are never
+    padded; with `with_padding_mask=False` the inputs are the token ids alone.
     """
     ds = byte_windows(files, seq_len + 1)
     if shuffle:
@@ -41,6 +43,8 @@ def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True):
 
     def split(window):
         inputs = window[:-1]
+        if not with_padding_mask:
+            return inputs, window[1:]
         return (
             {"token_ids": inputs, "padding_mask": tf.ones_like(inputs)},
             window[1:],

@@ -10,7 +10,9 @@ import tensorflow_text as tf_text
 VOCABULARY_SIZE = 256
 
 _SPLITTER = tf_text.ByteSplitter()
-_BYTES = tf.constant([bytes([i]) for i in range(VOCABULARY_SIZE)])
+# A python list, not a tensor: creating tensors at import would fix the
+# device configuration before users can set up logical devices.
+_BYTES = [bytes([i]) for i in range(VOCABULARY_SIZE)]
 
 
 def tokenize(strings):

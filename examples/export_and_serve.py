@@ -1,0 +1,101 @@
+"""Export a ReformerModel for TF Serving, inspect it, and serve it from a
+fresh process that has neither Keras nor keras_reformer.
+
+    python examples/export_and_serve.py                    # a small model
+    python examples/export_and_serve.py --model runs/m.keras --export-dir models/reformer
+    python examples/export_and_serve.py --smoke
+
+It prints the `tensorflow_model_server` / docker command and a `curl` REST
+request for the exported folder (see docs/serving.md).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# What TF Serving has: TensorFlow and the TF Text ops, nothing of ours.
+SERVE = textwrap.dedent("""
+    import sys
+    sys.modules["keras"] = None
+    sys.modules["keras_reformer"] = None
+    import glob, importlib.util, json, os
+    import tensorflow as tf
+    root = os.path.dirname(importlib.util.find_spec("tensorflow_text").origin)
+    for lib in sorted(glob.glob(os.path.join(root, "**", "_*.so"), recursive=True)):
+        tf.load_op_library(lib)
+    loaded = tf.saved_model.load(sys.argv[1])
+    ids = tf.constant([[100, 101, 102, 32, 109]], tf.int32)
+    logits = loaded.signatures["serving_default"](token_ids=ids)["logits"]
+    texts = tf.constant(["def main(", "import "])
+    log_probs = loaded.signatures["next_token"](text=texts)["log_probs"]
+    print(json.dumps({"logits_shape": logits.shape.as_list(),
+                      "next_bytes": [bytes([int(i)]).decode("latin-1")
+                                     for i in tf.argmax(log_probs, -1)]}))
+""")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a .keras file of a byte-level ReformerModel")
+    p.add_argument("--export-dir", default=None)
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+
+    import keras
+
+    import keras_reformer as kr
+
+    if args.model:
+        model = keras.saving.load_model(args.model)
+    else:
+        size = 32 if args.smoke else 128
+        model = kr.models.ReformerModel(vocabulary_size=256, num_layers=2,
+                                        hidden_dim=size, intermediate_dim=2 * size,
+                                        max_sequence_length=4096, seed=0)
+    export_dir = args.export_dir or tempfile.mkdtemp(prefix="reformer_export_")
+    path = kr.export.export_saved_model(model, export_dir, version=args.version,
+                                        text_signature=True, overwrite=True)
+    print(f"exported: {path}")
+
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--dir", path, "--tag_set", "serve",
+                            "--signature_def", "serving_default"],
+                           capture_output=True, text=True)
+    print(f"$ saved_model_cli show --dir {path} --tag_set serve "
+          "--signature_def serving_default\n" + shown.stdout)
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    served = subprocess.run([sys.executable, "-c", SERVE, path], capture_output=True,
+                            text=True, env=env)
+    if served.returncode != 0:
+        raise SystemExit("serving check failed:\n" + served.stderr[-2000:])
+    result = json.loads(served.stdout.strip().splitlines()[-1])
+    print(f"fresh process without keras: logits {result['logits_shape']}, "
+          f"next bytes {result['next_bytes']}")
+
+    base = os.path.abspath(export_dir)
+    print(textwrap.dedent(f"""
+        Serve it (the base path holds the version folders):
+          docker run --rm -p 8501:8501 -v "{base}:/models/reformer" \\
+            -e MODEL_NAME=reformer tensorflow/serving
+          # or: tensorflow_model_server --rest_api_port=8501 \\
+          #       --model_name=reformer --model_base_path="{base}"
+        Ask it:
+          curl -s http://localhost:8501/v1/models/reformer:predict \\
+            -d '{{"instances": [[100, 101, 102, 32, 109]]}}'
+          # -> {{"predictions": [[[...256 logits...] x 5 positions]]}}
+          curl -s http://localhost:8501/v1/models/reformer:predict \\
+            -d '{{"signature_name": "next_token", "instances": ["def main("]}}'
+          # -> {{"predictions": [[...256 log-probabilities...]]}}
+    """))
+
+
+if __name__ == "__main__":
+    main()

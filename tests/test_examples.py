@@ -1,0 +1,89 @@
+"""Every example runs in --smoke mode; training resumes; MirroredStrategy works."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args, timeout=600, check=True):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", script), *args],
+        capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_train_lm_smoke_with_xla(tmp_path):
+    run_dir = os.fspath(tmp_path / "run")
+    out = run("train_lm.py", "--smoke", "--run-dir", run_dir).stdout
+    assert "XLA on" in out and "validation bits per byte" in out
+    assert "Epoch 2/2" in out  # Keras' progress output
+    result = summary(run_dir)
+    assert result["steps"] == 6 and 0 < result["bits_per_byte"] < 8.5
+    assert os.path.exists(os.path.join(run_dir, "export", "1", "saved_model.pb"))
+    logs = os.path.join(run_dir, "logs", "train")
+    assert any(name.startswith("events.out") for name in os.listdir(logs))
+    assert "sample:" in out
+
+
+def test_train_lm_resumes_after_a_crash(tmp_path):
+    run_dir = os.fspath(tmp_path / "run")
+    # Smoke: 2 epochs x 3 steps; killed during the 2nd epoch, after step 4.
+    crashed = run("train_lm.py", "--smoke", "--no-jit", "--run-dir", run_dir,
+                  "--stop-after-steps", "4", check=False)
+    assert crashed.returncode == 3, crashed.stderr[-2000:]
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+    run("train_lm.py", "--smoke", "--no-jit", "--run-dir", run_dir)
+    result = summary(run_dir)
+    # Restored at the end of epoch 1 (step 3): 3 more steps, 6 in all.
+    assert result["steps_this_run"] == 3
+    assert result["steps"] == 6
+
+
+def test_train_lm_mirrored_on_two_logical_cpus(tmp_path):
+    run_dir = os.fspath(tmp_path / "run")
+    out = run("train_lm.py", "--smoke", "--strategy", "mirrored", "--cpu-replicas", "2",
+              "--run-dir", run_dir).stdout
+    result = summary(run_dir)
+    assert result["replicas"] == 2 and result["copies_per_weight"] == 2
+    assert result["replicas_identical"] is True
+    assert "XLA is switched off" in out
+
+
+def test_mix_into_keras_smoke(tmp_path):
+    out = run("mix_into_keras.py", "--smoke", "--out", os.fspath(tmp_path)).stdout
+    for name in ("multi_head_attention", "lsh_attention", "reversible"):
+        assert f"{name}: validation accuracy" in out
+        assert os.path.exists(tmp_path / f"{name}.keras")
+    assert out.count("reloaded predictions identical: True") == 3
+
+
+def test_export_and_serve_smoke(tmp_path):
+    out = run("export_and_serve.py", "--smoke", "--export-dir", os.fspath(tmp_path)).stdout
+    assert "fresh process without keras: logits [1, 5, 256]" in out
+    assert "serving_default" in out and "tensorflow_model_server" in out
+
+
+def test_duplication_task_smoke():
+    out = run("duplication_task.py", "--smoke").stdout
+    assert "| train \\ eval | LSH-1 | LSH-2 |" in out
+    assert "| LSH-1 |" in out
+
+
+@pytest.mark.parametrize("script", ["train_lm.py", "mix_into_keras.py",
+                                    "export_and_serve.py", "duplication_task.py"])
+def test_help(script):
+    assert "--smoke" in run(script, "--help").stdout
