@@ -4,20 +4,28 @@ Byte-level models need no vocabulary file, handle any text, and keep the
 serving graph to core TF and TF Text ops.
 """
 
+import functools
+
 import tensorflow as tf
-import tensorflow_text as tf_text
 
 VOCABULARY_SIZE = 256
-
-_SPLITTER = tf_text.ByteSplitter()
 # A python list, not a tensor: creating tensors at import would fix the
 # device configuration before users can set up logical devices.
 _BYTES = [bytes([i]) for i in range(VOCABULARY_SIZE)]
 
 
+@functools.lru_cache(maxsize=None)
+def _splitter():
+    # Imported on first use: tensorflow_text adds ~100 MB to every process
+    # that imports keras_reformer, most of which never tokenize.
+    import tensorflow_text as tf_text
+
+    return tf_text.ByteSplitter()
+
+
 def tokenize(strings):
     """Strings -> int32 byte ids; a scalar gives a 1-D tensor, a batch a ragged one."""
-    return tf.cast(_SPLITTER.split(strings), tf.int32)
+    return tf.cast(_splitter().split(strings), tf.int32)
 
 
 def detokenize(ids):
