@@ -1,0 +1,251 @@
+"""Peak memory of a training step vs depth: ReversibleSequence vs plain autodiff.
+
+Setup (issue 3): length 16K, batch 1, d_model 256, f = LayerNorm ->
+causal LSHAttention (4 heads x 64, bucket 64, 2 hashes), g = LayerNorm ->
+ChunkedFeedForward(1024, dropout 0.1, chunk 512); 1, 2, 4, 8, 12 blocks;
+`reversible=True` vs `reversible=False`. A step is forward + gradients of
+every weight (and the input) of a sum-of-squares loss on concat(y1, y2), in
+one of three modes:
+
+- `graph`: `tf.function` without XLA;
+- `xla`: `tf.function(jit_compile=True)`;
+- `xla_memsched`: the same with
+  `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`, XLA's
+  CPU scheduler that orders for memory instead of concurrency.
+
+Each point runs in a fresh process (peak RSS = `ru_maxrss`). The `idle`
+point imports TensorFlow, Keras and the package and creates the input, and
+nothing else: its peak RSS is the baseline subtracted for `net_mb`. The
+depth ratio is formed from `net_mb` (peak minus idle) and also given raw.
+
+    python benchmarks/depth_memory.py            # all points, CSV + plot
+    python benchmarks/depth_memory.py --quick    # 1, 4, 12 blocks, graph mode
+    python benchmarks/depth_memory.py --modes graph xla --depths 1 12
+    python benchmarks/depth_memory.py --length 8192 --modes xla --csv depth_memory_8k_xla.csv
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+MODES = ("graph", "xla", "xla_memsched")
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+LENGTH, D_MODEL, HEADS, KEY_DIM = 16384, 256, 4, 64
+BUCKET, HASHES, FFN_DIM, FFN_CHUNK = 64, 2, 1024, 512
+
+
+def build_stack(depth, reversible):
+    import keras
+
+    import keras_reformer as kr
+
+    class Attention(keras.layers.Layer):
+        def __init__(self, seed, **kwargs):
+            super().__init__(**kwargs)
+            self.supports_masking = True
+            self.norm = keras.layers.LayerNormalization()
+            self.attention = kr.layers.LSHAttention(
+                HEADS, KEY_DIM, bucket_size=BUCKET, num_hashes=HASHES, seed=seed
+            )
+
+        def call(self, x, mask=None, training=None):
+            return self.attention(self.norm(x), attention_mask=mask,
+                                  training=training, use_causal_mask=True)
+
+    class FeedForward(keras.layers.Layer):
+        def __init__(self, seed, **kwargs):
+            super().__init__(**kwargs)
+            self.norm = keras.layers.LayerNormalization()
+            self.ffn = kr.layers.ChunkedFeedForward(
+                FFN_DIM, dropout=0.1, chunk_size=FFN_CHUNK, seed=seed
+            )
+
+        def call(self, x, training=None):
+            return self.ffn(self.norm(x), training=training)
+
+    blocks = [(Attention(2 * i), FeedForward(2 * i + 1)) for i in range(depth)]
+    return kr.layers.ReversibleSequence(blocks, reversible=reversible)
+
+
+def point(kind, depth, mode, repeats, length=LENGTH):
+    if mode == "xla_memsched":  # before TensorFlow starts XLA
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_SCHEDULER_FLAG}".strip()
+    jit = mode != "graph"
+    import keras
+    import tensorflow as tf
+
+    import keras_reformer  # noqa: F401  (the idle baseline imports it too)
+
+    keras.utils.set_random_seed(0)
+    x = tf.random.normal((1, length, D_MODEL))
+    if kind == "idle":
+        _common.emit({"kind": "idle", "depth": 0, "mode": "-",
+                      "peak_rss_mb": round(_common.peak_rss_mb())})
+        return
+    stack = build_stack(depth, reversible=(kind == "reversible"))
+    stack([x[:, :256], x[:, :256]])  # build
+    weights = stack.trainable_variables
+
+    @tf.function(jit_compile=jit)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y1, y2 = stack([x, x], training=True)
+            loss = tf.reduce_sum(tf.square(y1)) + tf.reduce_sum(tf.square(y2))
+        grads = tape.gradient(loss, [x] + weights)
+        return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+
+    before = _common.current_rss_mb()
+    start = time.perf_counter()
+    step(x)[0].numpy()  # trace, compile, run
+    first = time.perf_counter() - start
+    # TensorFlow's CPU allocator also counts tensors (not graphs, kernels or
+    # compiler memory): its peak over a warmed-up step, above what is held
+    # before it, is the step's working memory. XLA's temp arena is one
+    # allocation that this counts whole (it seems rounded to a power of
+    # two), of which only the touched pages count in RSS.
+    # TensorFlow's CPU allocator counts tensors only (not graphs, kernels or
+    # compiler memory): its peak over a warmed-up step above what it held
+    # before the step is the step's working memory. (RSS cannot show that
+    # for a second step: freed memory stays in the allocator's pool.) XLA's
+    # temp arena is one allocation that it counts whole, apparently rounded
+    # up to a power of two.
+    tf_step, times = [], []
+    for _ in range(max(repeats, 1)):
+        try:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            held = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        except (ValueError, RuntimeError):
+            held = None
+        start = time.perf_counter()
+        step(x)[0].numpy()
+        times.append(time.perf_counter() - start)
+        if held is not None:
+            peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+            tf_step.append((peak - held) / 2**20)
+    _common.emit({
+        "kind": kind, "depth": depth, "mode": mode,
+        "peak_rss_mb": round(_common.peak_rss_mb()),
+        "rss_before_first_step_mb": round(before),
+        "tf_step_peak_mb": round(statistics.median(tf_step)) if tf_step else None,
+        "tf_step_peak_max_mb": round(max(tf_step)) if tf_step else None,
+        "first_step_s": round(first, 2),
+        "step_s": round(statistics.median(times), 2),
+    })
+
+
+def plot(rows, idle, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"graph": "C0", "xla": "C1", "xla_memsched": "C2"}
+    for kind, style in (("reversible", "-"), ("plain", "--")):
+        for mode in MODES:
+            ok = [r for r in rows if r["kind"] == kind and r["mode"] == mode
+                  and r["status"] == "ok"]
+            if not ok:
+                continue
+            label = f"{'reversible' if kind == 'reversible' else 'reversible=False'}, {mode}"
+            depths = [r["depth"] for r in ok]
+            axes[0].plot(depths, [r["peak_rss_mb"] - idle for r in ok],
+                         "o" + style, color=colors[mode], label=label)
+            axes[1].plot(depths, [r["tf_step_peak_mb"] for r in ok],
+                         "o" + style, color=colors[mode], label=label)
+    for ax, title in zip(axes, ("peak RSS minus idle process (MiB)",
+                                "TF allocator peak of a warmed-up step (MiB)")):
+        ax.set_xlabel("blocks (f, g pairs)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Training step, length {rows[-1].get('length', LENGTH)}, "
+                 f"d_model {D_MODEL}, batch 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--point", nargs=5,
+                        metavar=("KIND", "DEPTH", "MODE", "REPEATS", "LENGTH"))
+    parser.add_argument("--length", type=int, default=LENGTH)
+    parser.add_argument("--kinds", nargs="+", choices=("reversible", "plain"),
+                        default=["reversible", "plain"])
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 12])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="warmed-up steps measured after the first (>= 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="depths 1, 4, 12 in graph mode only")
+    parser.add_argument("--csv", default="depth_memory.csv")
+    args = parser.parse_args()
+    if args.point:
+        kind, depth, mode, repeats, length = args.point
+        return point(kind, int(depth), mode, int(repeats), int(length))
+    if args.quick:
+        args.depths, args.modes = [1, 4, 12], ["graph"]
+
+    idle = _common.run_point(__file__, ["idle", 0, "graph", 0, args.length])
+    _common.progress(f"idle: {idle}")
+    rows = [{"kind": "idle", "depth": 0, "mode": "-", **idle}]
+    for mode in args.modes:
+        for kind in args.kinds:
+            for depth in args.depths:
+                record = _common.run_point(
+                    __file__, [kind, depth, mode, args.repeats, args.length])
+                rows.append({"kind": kind, "depth": depth, "mode": mode,
+                             "length": args.length, **record})
+                _common.progress(f"{kind} depth={depth} mode={mode}: {record}")
+    idle_mb = idle.get("peak_rss_mb", 0)
+    for row in rows:
+        if row.get("status") == "ok" and row["kind"] != "idle":
+            row["net_mb"] = row["peak_rss_mb"] - idle_mb
+    path = _common.write_csv(args.csv, rows)
+    if args.csv == "depth_memory.csv":  # the main run draws the figure
+        plot(rows, idle_mb, os.path.join(_common.DOCS, "depth_memory.png"))
+    print(f"wrote {path}; idle process peak RSS {idle_mb} MiB")
+    print("Per kind: peak RSS of the process (MiB) | the same minus the idle "
+          "process | TF allocator peak of a warmed-up step above what it held "
+          "before (median over the measured steps).")
+    print("| blocks | mode | rev: peak RSS | net of idle | TF alloc step "
+          "| plain: peak RSS | net of idle | TF alloc step | step s (rev / plain) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    by = {(r["kind"], r["depth"], r["mode"]): r for r in rows}
+    keys = ("peak_rss_mb", "net_mb", "tf_step_peak_mb")
+    for mode in args.modes:
+        for depth in args.depths:
+            cells = []
+            for kind in ("reversible", "plain"):
+                r = by.get((kind, depth, mode), {"status": "not run"})
+                cells += ([r[k] for k in keys] if r["status"] == "ok"
+                          else [r["status"], "", ""])
+            times = " / ".join(
+                str(by.get((k, depth, mode), {}).get("step_s", "-"))
+                for k in ("reversible", "plain"))
+            print("| " + " | ".join(str(c) for c in [depth, mode] + cells + [times])
+                  + " |")
+    for mode in args.modes:
+        for kind in args.kinds:
+            lo = by[(kind, min(args.depths), mode)]
+            hi = by[(kind, max(args.depths), mode)]
+            if lo["status"] == hi["status"] == "ok":
+                ratios = ", ".join(
+                    f"{name} {hi[k] / lo[k]:.2f}"
+                    for name, k in (("net of idle", "net_mb"),
+                                    ("raw", "peak_rss_mb"),
+                                    ("TF allocator step", "tf_step_peak_mb"))
+                    if hi.get(k) and lo.get(k))
+                print(f"{kind} {mode}: peak({max(args.depths)})/peak"
+                      f"({min(args.depths)}): {ratios}")
+
+
+if __name__ == "__main__":
+    main()
