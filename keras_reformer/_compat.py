@@ -1,0 +1,99 @@
+"""Every import of private Keras / TensorFlow internals, in one place.
+
+The library needs a few things that neither Keras nor TensorFlow exposes
+publicly. Each is imported here, once, so that an upgrade that moves one
+fails here with a message naming it (tests/test_compat.py imports each), and
+so that a Keras backend other than TensorFlow is refused clearly instead of
+failing deep inside a layer.
+"""
+
+import keras
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_reformer needs the TensorFlow backend of Keras (its reversible "
+        "and chunked layers are tf.custom_gradient functions). Set "
+        "KERAS_BACKEND=tensorflow before importing keras. Received: "
+        f"keras.backend.backend()={keras.backend.backend()!r}"
+    )
+
+
+def _private(what, why, importer):
+    try:
+        return importer()
+    except (ImportError, AttributeError) as error:  # pragma: no cover - upgrade guard
+        raise ImportError(
+            f"keras_reformer could not import {what} ({why}); the installed "
+            f"Keras {keras.__version__} / TensorFlow moved it. Please report "
+            "this with both versions."
+        ) from error
+
+
+def _keras_masks():
+    from keras.src.backend import get_keras_mask, set_keras_mask
+
+    return get_keras_mask, set_keras_mask
+
+
+# MultiHeadAttention reads and attaches `_keras_mask` with these two helpers;
+# there is no public equivalent.
+get_keras_mask, set_keras_mask = _private(
+    "keras.src.backend.get_keras_mask/set_keras_mask",
+    "reading and attaching the Keras mask, as MultiHeadAttention does",
+    _keras_masks,
+)
+
+
+def _autocast_scope():
+    from keras.src.backend.common.variables import AutocastScope
+
+    return AutocastScope
+
+
+# Lets ChunkedFeedForward read float32 kernels raw inside its own gradient.
+AutocastScope = _private(
+    "keras.src.backend.common.variables.AutocastScope",
+    "turning off variable autocasting inside a custom gradient",
+    _autocast_scope,
+)
+
+
+def _record():
+    from tensorflow.python.eager import record
+
+    return record
+
+
+# Stops every gradient tape at once (what tf.recompute_grad uses).
+tape_record = _private(
+    "tensorflow.python.eager.record",
+    "running a recomputed forward pass without the outer tape recording it",
+    _record,
+)
+
+
+def _control_flow_util():
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util
+
+
+control_flow_util = _private(
+    "tensorflow.python.ops.control_flow_util",
+    "telling whether a gradient runs inside an XLA context",
+    _control_flow_util,
+)
+
+
+def _dynamic_update_slice():
+    from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
+
+    return dynamic_update_slice
+
+
+# In-place slice writes under XLA (no public tf.* op lowers to it).
+dynamic_update_slice = _private(
+    "tensorflow.compiler.tf2xla.python.xla.dynamic_update_slice",
+    "in-place writes of the chunked feed-forward's slices",
+    _dynamic_update_slice,
+)
