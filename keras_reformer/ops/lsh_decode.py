@@ -1,0 +1,182 @@
+"""Cached one-token decoding of causal LSH attention, as pure functions.
+
+The causal rule of LSH attention (see `chunk_attention.chunk_bias`): in every
+hash round, a query attends to itself and to the `reach = chunks_before *
+bucket_size` most recent earlier real positions of its own bucket. That set
+depends only on the tokens up to the query, so a cache that remembers, per
+(batch, head, round, bucket), the last `reach` positions hashed there
+reproduces the full pass exactly, one token at a time.
+
+The cache (static shapes, sized by the longest sequence `M`, so a
+`tf.while_loop` under XLA keeps it in place):
+
+    keys    (B, H, M, D)  float32  unit-normalised shared-QK keys
+    values  (B, H, M, E)  float32
+    ring    (B, H, R, K, S) int32  per bucket, a ring buffer of the positions
+                                   of its last S = max(reach, 1) members
+                                   (-1: empty slot)
+    count   (B, H, R, K)  int32    members of each bucket so far
+
+K is the bucket count, R the hash rounds. A bucket's member number n (0-based,
+in position order) lives in ring slot n % S, so the ring always holds the S
+most recent members. A decode step reads one ring row per round (S
+positions), gathers those keys and values, and writes one entry per round:
+its cost is O(R * S * D), whatever the length of the text before it.
+"""
+
+import math
+
+import tensorflow as tf
+
+from keras_reformer.ops.chunk_attention import MASK_VALUE, SELF_MASK_VALUE
+from keras_reformer.ops.lsh import sort_order
+
+
+def _unit(vectors):
+    """Keys are the unit-normalised queries (shared QK), as in the full pass."""
+    return vectors * tf.math.rsqrt(
+        tf.maximum(tf.reduce_sum(tf.square(vectors), -1, keepdims=True), 1e-12)
+    )
+
+
+def ring_size(reach):
+    """Slots per bucket ring: `reach`, at least 1 (reach 0 = self only)."""
+    return max(int(reach), 1)
+
+
+def init_cache(qk, values, buckets, valid, num_buckets, reach, max_length):
+    """The cache after a prompt pass.
+
+    Args:
+        qk: (B, H, P, D) float32 shared query/key vectors of the prompt.
+        values: (B, H, P, E) float32.
+        buckets: (B, H, R, P) int32, the prompt's buckets (inference rotations).
+        valid: (B, P) bool; False marks padding, which is never a key.
+        num_buckets: int, K.
+        reach: int, earlier keys a causal query may see per round.
+        max_length: int, M >= P, the longest sequence the cache will hold.
+
+    Returns:
+        dict with "keys", "values", "ring", "count" (shapes in the module
+        docstring).
+    """
+    prompt = qk.shape[2]
+    if prompt is None or prompt > max_length:
+        raise ValueError(
+            "`qk` must have a static length <= max_length. Received: "
+            f"length={prompt}, max_length={max_length}"
+        )
+    size = ring_size(reach)
+    batch, heads, rounds = tf.shape(qk)[0], qk.shape[1], buckets.shape[2]
+    # Sorted by (bucket, position), padding last in an extra bucket K: the
+    # members of a bucket are a contiguous run, in position order.
+    order, _, sorted_buckets = sort_order(buckets, valid, num_buckets)
+    # Members per bucket (padding's extra bucket K dropped). A segment sum,
+    # not a (P, K) one-hot: K is in the hundreds for long inputs.
+    rows = tf.reshape(sorted_buckets, [-1, prompt])
+    row_count = tf.shape(rows)[0]
+    segments = tf.range(row_count)[:, None] * (num_buckets + 1) + rows
+    count = tf.math.unsorted_segment_sum(
+        tf.ones_like(segments), segments, row_count * (num_buckets + 1)
+    )
+    count = tf.reshape(count, [batch, heads, rounds, num_buckets + 1])[..., :num_buckets]
+    start = tf.cumsum(count, axis=-1, exclusive=True)
+    # Ring slot j holds the member n < count with n = j (mod S) that is most
+    # recent: n = count - 1 - ((count - 1 - j) mod S); n < 0 means empty.
+    slot = tf.range(size, dtype=tf.int32)
+    member = count[..., None] - 1 - tf.math.floormod(count[..., None] - 1 - slot, size)
+    sorted_index = tf.reshape(tf.maximum(start[..., None] + member, 0),
+                              [batch, heads, rounds, num_buckets * size])
+    position = tf.gather(order, sorted_index, axis=3, batch_dims=3)
+    position = tf.reshape(position, [batch, heads, rounds, num_buckets, size])
+    ring = tf.where(member >= 0, position, -1)
+    pad = [[0, 0], [0, 0], [0, max_length - prompt], [0, 0]]
+    return {
+        "keys": tf.pad(_unit(qk), pad),
+        "values": tf.pad(values, pad),
+        "ring": ring,
+        "count": count,
+    }
+
+
+def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None):
+    """Causal LSH attention of one new token per row, and the updated cache.
+
+    Args:
+        cache: from `init_cache` (or a previous step).
+        qk: (B, H, D) float32, the new token's shared query/key.
+        values: (B, H, E) float32.
+        buckets: (B, H, R) int32, its buckets (the same rotations as the prompt).
+        position: (B,) int32, its position in each row (< M; every position
+            before it that is a real token must already be in the cache).
+        reach: int, as in `init_cache`.
+        sliding_window: None or int; keys with `position - key >= it` are
+            masked, as in the layer.
+
+    Returns:
+        (out (B, H, E) float32, new cache).
+    """
+    ring, count = cache["ring"], cache["count"]
+    batch, heads = tf.shape(qk)[0], qk.shape[1]
+    rounds, size = ring.shape[2], ring.shape[4]
+    depth = qk.shape[-1]
+    # The ring rows of the token's bucket, one per round: (B, H, R, S).
+    mine = tf.gather(ring, buckets[..., None], axis=3, batch_dims=3)[..., 0, :]
+    members = tf.gather(count, buckets[..., None], axis=3, batch_dims=3)[..., 0]
+    allowed = mine >= 0
+    if reach == 0:
+        allowed = tf.zeros_like(allowed)  # the ring is a placeholder slot
+    if sliding_window is not None:
+        allowed = tf.logical_and(
+            allowed, position[:, None, None, None] - mine < sliding_window
+        )
+    index = tf.reshape(tf.maximum(mine, 0), [batch, heads, rounds * size])
+    keys = tf.gather(cache["keys"], index, axis=2, batch_dims=2)
+    old_values = tf.gather(cache["values"], index, axis=2, batch_dims=2)
+    keys = tf.reshape(keys, [batch, heads, rounds, size, depth])
+    old_values = tf.reshape(old_values, [batch, heads, rounds, size, values.shape[-1]])
+
+    # The same arithmetic as the full pass: queries scaled first, then the
+    # additive mask (its own key gets SELF_MASK_VALUE, masked keys MASK_VALUE).
+    query = qk * (1.0 / math.sqrt(float(depth)))
+    own_key = _unit(qk)
+    ring_logits = tf.einsum("bhd,bhrsd->bhrs", query, keys)
+    ring_logits = ring_logits + tf.where(allowed, 0.0, MASK_VALUE)
+    self_logit = tf.reduce_sum(query * own_key, -1)[:, :, None, None] + SELF_MASK_VALUE
+    self_logit = tf.broadcast_to(self_logit, [batch, heads, rounds, 1])
+    logits = tf.concat([ring_logits, self_logit], axis=-1)  # (B, H, R, S + 1)
+    lse = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
+    probs = tf.exp(logits - lse)
+    out = tf.einsum("bhrs,bhrse->bhre", probs[..., :size], old_values)
+    out = out + probs[..., size:] * values[:, :, None, :]
+    # Rounds weigh by their share of the total softmax mass.
+    weights = tf.nn.softmax(lse, axis=2)
+    out = tf.reduce_sum(out * weights, axis=2)
+
+    # Write the token: its key/value at its position, its position into the
+    # next ring slot of its bucket in every round.
+    b = tf.range(batch)[:, None]
+    h = tf.range(heads)[None, :]
+    bh = tf.stack([
+        tf.broadcast_to(b, [batch, heads]),
+        tf.broadcast_to(h, [batch, heads]),
+        tf.broadcast_to(position[:, None], [batch, heads]),
+    ], axis=-1)
+    new_keys = tf.tensor_scatter_nd_update(cache["keys"], bh, own_key)
+    new_values = tf.tensor_scatter_nd_update(cache["values"], bh, values)
+    r = tf.range(rounds)[None, None, :]
+    shape = [batch, heads, rounds]
+    bhrk = tf.stack([
+        tf.broadcast_to(b[:, :, None], shape),
+        tf.broadcast_to(h[:, :, None], shape),
+        tf.broadcast_to(r, shape),
+        buckets,
+    ], axis=-1)
+    new_count = tf.tensor_scatter_nd_add(count, bhrk, tf.ones(shape, tf.int32))
+    bhrks = tf.concat([bhrk, tf.math.floormod(members, size)[..., None]], axis=-1)
+    new_ring = tf.tensor_scatter_nd_update(
+        ring, bhrks, tf.broadcast_to(position[:, None, None], shape)
+    )
+    return out, {
+        "keys": new_keys, "values": new_values, "ring": new_ring, "count": new_count,
+    }
