@@ -1,0 +1,199 @@
+"""keras_reformer.distribute: XLA per replica in `fit` under MirroredStrategy.
+
+Logical CPUs must be configured before any TensorFlow op, which the pytest
+process may already have run, so the distributed runs happen in a fresh
+process: this file run as a script (`python tests/test_distribute.py
+mirrored`) prints a JSON report that the tests check.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+GLOBAL_BATCH, LENGTH, VOCAB, STEPS = 4, 64, 32, 3
+
+
+# ----------------------------------------------------------------- the runs
+
+
+def make_model(distribute_module, strategy, jit_compile, initial=None):
+    """A functional model around ReformerModel, compiled and prepared.
+
+    The `XlaWitness` layer adds fixed noise from `tf.random.stateless_normal`,
+    whose numbers differ with and without XLA (KERAS_NOTES): distributed
+    losses can only match the XLA reference if each replica ran XLA too.
+    """
+    import keras
+    import tensorflow as tf
+
+    import keras_reformer as kr
+
+    class XlaWitness(keras.layers.Layer):
+        def call(self, logits):
+            # (length, vocab): the same on every replica and every batch row.
+            noise = tf.random.stateless_normal(tf.shape(logits)[1:], seed=[7, 7])
+            return logits + noise
+
+    with strategy.scope():
+        ids = keras.Input((LENGTH,), dtype="int32")
+        backbone = kr.models.ReformerModel(
+            vocabulary_size=VOCAB, num_layers=1, hidden_dim=16, num_heads=2,
+            intermediate_dim=32, bucket_size=16, max_sequence_length=LENGTH,
+            dropout=0.0, causal=True, seed=3,
+        )
+        logits = backbone({"token_ids": ids, "padding_mask": keras.ops.ones_like(ids)})
+        model = keras.Model(ids, XlaWitness()(logits))
+        if initial is not None:
+            model.set_weights(initial)
+        model.compile(
+            # epsilon: a tiny second moment would turn float noise into steps.
+            keras.optimizers.Adam(1e-2, epsilon=1e-3),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        distribute_module.prepare_fit(model, jit_compile=jit_compile)
+    return model
+
+
+def train(model, strategy):
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, VOCAB, (GLOBAL_BATCH * STEPS, LENGTH)).astype("int32")
+    y = np.roll(x, -1, axis=1)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    losses = []
+    log = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"]))
+    )
+    model.fit(dataset, epochs=1, callbacks=[log], verbose=0, shuffle=False)
+    return losses
+
+
+def run_mirrored(jit_compile):
+    import tensorflow as tf
+
+    from keras_reformer import distribute
+
+    distribute.use_logical_cpus(2)
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    default = tf.distribute.get_strategy()
+    reference = make_model(distribute, default, jit_compile)
+    initial = reference.get_weights()
+    model = make_model(distribute, mirrored, jit_compile, initial)
+    report = {
+        "replicas": mirrored.num_replicas_in_sync,
+        "copies_per_weight": distribute.replica_copies(model),
+        "outer_jit_compile": model.jit_compile,
+        "reference_jit_compile": reference.jit_compile,
+        "reference_losses": train(reference, default),
+        "losses": train(model, mirrored),
+        "replicas_identical": distribute.replicas_identical(model),
+    }
+    diffs = [np.abs(a - b).max() for a, b in zip(reference.get_weights(), model.get_weights())]
+    moved = [np.abs(a - b).max() for a, b in zip(initial, model.get_weights())]
+    report["weights_max_diff"] = float(max(diffs))
+    report["weights_max_change"] = float(max(moved))
+    return report
+
+
+def run_script(mode, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    proc = subprocess.run([sys.executable, HERE, mode], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------- the tests
+
+
+@pytest.fixture(scope="module")
+def mirrored_xla():
+    return run_script("mirrored-xla")
+
+
+@pytest.fixture(scope="module")
+def mirrored_graph():
+    return run_script("mirrored-graph")
+
+
+def test_mirrored_fit_with_xla_per_replica_matches_single_device(mirrored_xla):
+    r = mirrored_xla
+    assert r["replicas"] == 2 and r["copies_per_weight"] == 2
+    # Whole-step XLA on one device; a graph step around per-replica
+    # XLA under MirroredStrategy (whole-step XLA fails there, keras#19005).
+    assert r["reference_jit_compile"] is True and r["outer_jit_compile"] is False
+    assert len(r["losses"]) == STEPS
+    np.testing.assert_allclose(r["losses"], r["reference_losses"], rtol=1e-5, atol=1e-5)
+    assert r["weights_max_change"] > 1e-3  # training moved the weights ...
+    assert r["weights_max_diff"] < 1e-5    # ... the same way on both setups
+    assert r["replicas_identical"] is True
+
+
+def test_mirrored_fit_without_xla_matches_too(mirrored_xla, mirrored_graph):
+    r = mirrored_graph
+    assert r["outer_jit_compile"] is False and r["reference_jit_compile"] is False
+    np.testing.assert_allclose(r["losses"], r["reference_losses"], rtol=1e-5, atol=1e-5)
+    assert r["weights_max_diff"] < 1e-5 and r["replicas_identical"] is True
+    # The witness tells XLA from no XLA, so the XLA test above is meaningful.
+    assert abs(r["losses"][0] - mirrored_xla["losses"][0]) > 1e-2
+
+
+def test_prepare_fit_argument_errors():
+    import keras
+
+    from keras_reformer import distribute
+
+    with pytest.raises(TypeError, match="`model` must be a keras.Model"):
+        distribute.prepare_fit("model")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="compiled with an optimizer"):
+        distribute.prepare_fit(model)
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="jit_compile=.auto."):
+        distribute.prepare_fit(model, jit_compile="auto")
+    with pytest.raises(ValueError, match="`name` must be one of"):
+        distribute.make_strategy("gpu")
+    with pytest.raises(ValueError, match="count=0"):
+        distribute.use_logical_cpus(0)
+
+
+def test_chief_and_task_from_tf_config(monkeypatch):
+    from keras_reformer import distribute
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert distribute.is_chief() and distribute.task_info() == ("worker", 0)
+    cluster = {"worker": ["a:1", "b:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
+                                                "task": {"type": "worker", "index": 1}}))
+    assert not distribute.is_chief() and distribute.task_info() == ("worker", 1)
+    cluster["chief"] = ["c:3"]
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
+                                                "task": {"type": "worker", "index": 0}}))
+    assert not distribute.is_chief()
+
+
+def test_batches_done(tmp_path):
+    from keras_reformer import distribute
+
+    assert distribute.batches_done(os.fspath(tmp_path), 5) == 0
+    (tmp_path / "training_metadata.json").write_text(json.dumps({"epoch": 2}))
+    assert distribute.batches_done(os.fspath(tmp_path), 5) == 10
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    mode = sys.argv[1]
+    if mode in ("mirrored-xla", "mirrored-graph"):
+        result = run_mirrored(jit_compile=mode == "mirrored-xla")
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    print(json.dumps(result))
