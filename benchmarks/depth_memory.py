@@ -54,7 +54,7 @@ def build_stack(depth, reversible):
             )
 
         def call(self, x, mask=None, training=None):
-            return self.attention(self.norm(x), attention_mask=mask,
+            return self.attention(self.norm(x), query_mask=mask,
                                   training=training, use_causal_mask=True)
 
     class FeedForward(keras.layers.Layer):

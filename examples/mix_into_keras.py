@@ -65,7 +65,7 @@ class AttentionHalf(keras.layers.Layer):
 
     def call(self, x, mask=None, training=None):
         y = self.norm(x)
-        return self.attention(y, y, attention_mask=mask, training=training)
+        return self.attention(y, y, query_mask=mask, training=training)
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}

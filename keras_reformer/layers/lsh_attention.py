@@ -1,29 +1,21 @@
 """LSHAttention: shared-QK LSH self-attention, a drop-in for self-attention MHA."""
 
-import random
+import string
 
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-# Keras exposes these mask helpers only under keras.src; MultiHeadAttention
-# uses the same two to take over the mask of its query.
-from keras.src.backend import get_keras_mask, set_keras_mask
-
+from keras_reformer import _checks
+from keras_reformer._compat import get_keras_mask, set_keras_mask
+from keras_reformer._seeds import resolve_seed
+from keras_reformer.layers import _attention_masks as masks
 from keras_reformer.ops import lsh
 from keras_reformer.ops.random import deterministic_normal
 
-# Seeds of the factor hashes are offset by this so that they never collide
-# with each other or with the training stream.
-_FACTOR_SEED_STRIDE = 7919
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return value
+# When neither `num_buckets`, `max_length` nor a static length is known, the
+# bucket count is derived as for this length (64 buckets at bucket_size 64).
+DEFAULT_MAX_LENGTH = 2048
 
 
 def _check_num_buckets(num_buckets):
@@ -45,10 +37,43 @@ def _check_num_buckets(num_buckets):
     ):
         return tuple(num_buckets)
     raise ValueError(
-        "`num_buckets` must be None (derived from the length), an even "
-        "integer >= 2, or a pair of even integers >= 2 for factorized "
+        "`num_buckets` must be None (derived from the maximum length), an "
+        "even integer >= 2, or a pair of even integers >= 2 for factorized "
         f"hashing. Received: num_buckets={num_buckets!r}"
     )
+
+
+def _mha_positive(name, value, allow_none=False):
+    """MultiHeadAttention's own wording for its integer arguments."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        expected = "a positive integer or `None`" if allow_none else "a positive integer"
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected "
+            f"{expected}. Received: {name}={value}"
+        )
+    return value
+
+
+def _output_shape(output_shape):
+    if not output_shape:
+        return None
+    if isinstance(output_shape, int):
+        output_shape = (output_shape,)
+    try:
+        output_shape = tuple(output_shape)
+    except TypeError:
+        output_shape = None
+    if output_shape is None or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in output_shape
+    ):
+        raise ValueError(
+            f"Invalid `output_shape`: {output_shape!r}. When specified, the "
+            "`output_shape` should be of type tuple, list, or int, of positive "
+            "integers."
+        )
+    return output_shape
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -64,51 +89,87 @@ class LSHAttention(keras.layers.Layer):
     are combined with their logsumexp weights. Cost per layer is
     O(length * num_hashes * bucket_size) instead of O(length ** 2).
 
-    With `use_causal_mask=True` a query attends to the most recent
-    `num_chunks_before * bucket_size` keys of its own bucket (in every
-    round), never to later positions: unlike chunk windows, whose boundaries
-    move with the buckets of later tokens, this keeps every output strictly
-    independent of the tokens after it.
+    Causality: with `use_causal_mask=True`, or with an `attention_mask` that
+    admits no later key (a lower-triangular mask, possibly merged with
+    padding), a query attends to the most recent `num_chunks_before *
+    bucket_size` keys of its own bucket (in every round) and never to later
+    positions: unlike chunk windows, whose boundaries move with the buckets of
+    later tokens, this keeps every output strictly independent of the tokens
+    after it.
 
-    Masks are compared on original positions: causal, padding (Keras mask
-    or `attention_mask`) and self (a query attends to itself only when
-    nothing else is allowed). Padding positions get a bucket of their own,
-    so they never take a chunk slot from a real token: appending padding
-    does not change real outputs. Lengths that are not a multiple of
-    `bucket_size` are padded inside the layer.
+    Masks mean what they mean in `MultiHeadAttention`: the Keras mask of the
+    query (e.g. from `Embedding(mask_zero=True)`), `query_mask`,
+    `value_mask`, `key_mask` and `attention_mask` only remove keys. A
+    position that no query may attend to is padding: it gets a bucket of its
+    own and takes no chunk slot, so padding a batch to a longer length never
+    changes the outputs at its real positions (its own output is not
+    meaningful; the output carries the query's Keras mask, as
+    `MultiHeadAttention`'s does, so pooling or an RNN after it skips it).
 
-    In training the rotations are drawn afresh at every call; with
-    `training=False` they are fixed by `seed`, so inference is deterministic,
-    also under XLA and in an exported SavedModel.
+    The number of buckets never depends on padding: with `num_buckets=None`
+    it is derived (about `2 * length / bucket_size`, factorized above
+    `factorize_above`) from `max_length` if given, else from the static
+    sequence length the layer is built with, else from 2048.
 
-    The constructor and call follow `keras.layers.MultiHeadAttention` for
-    self-attention: `layer(x)`, `layer(x, x)`, `layer(query=x, value=x)`,
-    `attention_mask=`, `use_causal_mask=`, `training=`. Cross-attention (a
-    `value` other than the query) is refused.
+    Inference is deterministic: the hash rotations are fixed by the
+    non-trainable weight `hash_seed` (from `seed`), which `save_weights` /
+    `load_weights` carry. In training the rotations are drawn afresh at
+    every call.
+
+    Exact dense path: when a non-causal query's chunk window covers the
+    whole (padded) input and no explicit mask or sliding window is given,
+    LSH attention equals full attention and is computed densely; the two
+    paths agree to float tolerance (tested), so the switch changes cost,
+    not meaning. The causal rule has no dense shortcut.
 
     Args:
-        num_heads: number of attention heads.
-        key_dim: width of each head's shared query/key.
-        value_dim: width of each head's value; defaults to `key_dim`.
-        dropout: dropout rate on the attention probabilities.
-        use_bias: whether the projections have biases.
-        output_shape: last dimension of the output; defaults to the input's.
-        bucket_size: chunk length (the paper's `c`), default 64.
-        num_hashes: hash rounds; may be changed after training (attribute
-            or call argument), e.g. raised for evaluation.
-        num_buckets: None (derived: about `2 * length / bucket_size`, even;
-            factorized into two hashes above `factorize_above` buckets), an
-            even int, or a pair of even ints `(b1, b2)` for factorized
-            hashing with `b1 * b2` buckets.
-        num_chunks_before: earlier chunks each chunk attends to (default 1).
-        num_chunks_after: later chunks each chunk attends to (default 0).
-        factorize_above: bucket count above which derived counts are
+        num_heads: int, number of attention heads.
+        key_dim: int, width of each head's shared query/key.
+        value_dim: int, width of each head's value; defaults to `key_dim`.
+        dropout: float, dropout rate on the attention probabilities.
+        use_bias: bool, whether the projections have biases.
+        output_shape: int or tuple, the trailing output shape; defaults to
+            the query's last dimension.
+        attention_axes: int or tuple, the axes attention runs over (for
+            inputs of rank > 3); the other axes are batch-like. Several axes
+            are flattened into one sequence.
+        sliding_window: int or None, an extra limit: keys with
+            `|query - key| >= sliding_window` are masked.
+        use_gate: bool, a sigmoid gate on the attention output per head, as
+            in `MultiHeadAttention(use_gate=True)`.
+        bucket_size: int, chunk length (the paper's `c`), default 64.
+        num_hashes: int, hash rounds; may be changed after training
+            (attribute or call argument), e.g. raised for evaluation.
+        num_buckets: None, an even int, or a pair of even ints `(b1, b2)` for
+            factorized hashing with `b1 * b2` buckets (see above for None).
+        max_length: int or None, the longest sequence the layer will see;
+            sizes the derived bucket count.
+        num_chunks_before: int, earlier chunks each chunk attends to.
+        num_chunks_after: int, later chunks each chunk attends to.
+        factorize_above: int, bucket count above which derived counts are
             factorized (default 256).
-        seed: seeds the inference rotations and the training stream. If
-            None, one is drawn now and stored in the config.
+        seed: int or None, seeds the inference rotations (`hash_seed`) and
+            the training stream. If None, one is drawn and kept in the config.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, activity_regularizer, kernel_constraint,
         bias_constraint: as in `MultiHeadAttention`.
+
+    Call arguments:
+        query: tensor of shape `(B, T, dim)` (or higher rank with
+            `attention_axes`).
+        value, key: omitted or the query itself; cross-attention is refused.
+        query_mask, value_mask, key_mask: optional `(B, T)` boolean masks
+            (filled by Keras from the inputs' masks).
+        attention_mask: optional boolean mask broadcastable to
+            `(B, num_heads, T, T)`, as in `MultiHeadAttention`: `(T, T)`,
+            `(B, T, T)`, `(1, T, T)` or `(B, num_heads, T, T)`.
+        use_causal_mask: bool, no query attends to later positions.
+        training: bool, dropout and fresh rotations when True.
+        num_hashes: int, hash rounds for this call only.
+
+    Returns:
+        Tensor of shape `query.shape[:-1] + output_shape`, carrying the
+        query's Keras mask.
 
     Example:
 
@@ -127,9 +188,13 @@ class LSHAttention(keras.layers.Layer):
         dropout=0.0,
         use_bias=True,
         output_shape=None,
+        attention_axes=None,
+        sliding_window=None,
+        use_gate=False,
         bucket_size=64,
         num_hashes=2,
         num_buckets=None,
+        max_length=None,
         num_chunks_before=1,
         num_chunks_after=0,
         factorize_above=lsh.DEFAULT_FACTORIZE_ABOVE,
@@ -143,55 +208,55 @@ class LSHAttention(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
+        num_heads = _mha_positive("num_heads", num_heads)
+        key_dim = _mha_positive("key_dim", key_dim)
+        value_dim = _mha_positive("value_dim", value_dim, allow_none=True)
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self.supports_masking = True
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.key_dim = _positive_int("key_dim", key_dim)
-        self.value_dim = (
-            self.key_dim
-            if value_dim is None
-            else _positive_int("value_dim", value_dim)
-        )
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(
-                f"`dropout` must be a float in [0, 1). Received: dropout={dropout!r}"
-            )
-        self.dropout = float(dropout)
+        self.num_heads, self.key_dim = num_heads, key_dim
+        self.value_dim = self.key_dim if value_dim is None else value_dim
+        self.dropout = _checks.rate("dropout", dropout)
         self.use_bias = bool(use_bias)
-        if output_shape is not None:
-            if isinstance(output_shape, (list, tuple)) and len(output_shape) == 1:
-                output_shape = output_shape[0]
-            output_shape = _positive_int("output_shape", output_shape)
-        self._output_dim = output_shape
-        self.bucket_size = _positive_int("bucket_size", bucket_size)
+        self.use_gate = bool(use_gate)
+        self._output_shape = _output_shape(output_shape)
+        if isinstance(attention_axes, int):
+            attention_axes = (attention_axes,)
+        elif attention_axes is not None and not isinstance(attention_axes, (list, tuple)):
+            raise ValueError(
+                "`attention_axes` must be an int, list, or tuple. "
+                f"Received: attention_axes={attention_axes}"
+            )
+        self.attention_axes = None if attention_axes is None else tuple(attention_axes)
+        if sliding_window is not None and (
+            isinstance(sliding_window, bool)
+            or not isinstance(sliding_window, int)
+            or sliding_window <= 0
+        ):
+            raise ValueError(
+                "`sliding_window` must be `None` or a positive integer. "
+                f"Received: sliding_window={sliding_window}"
+            )
+        self.sliding_window = sliding_window
+        self.bucket_size = _checks.positive_int("bucket_size", bucket_size)
         self.num_hashes = num_hashes  # validated by the property setter
         self.num_buckets = _check_num_buckets(num_buckets)
-        for name, value in (
-            ("num_chunks_before", num_chunks_before),
-            ("num_chunks_after", num_chunks_after),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(
-                    f"`{name}` must be a non-negative integer. "
-                    f"Received: {name}={value!r}"
-                )
-        self.num_chunks_before = num_chunks_before
-        self.num_chunks_after = num_chunks_after
-        self.factorize_above = _positive_int("factorize_above", factorize_above)
+        self.max_length = _checks.positive_int("max_length", max_length, allow_none=True)
+        self.num_chunks_before = _checks.non_negative_int(
+            "num_chunks_before", num_chunks_before
+        )
+        self.num_chunks_after = _checks.non_negative_int(
+            "num_chunks_after", num_chunks_after
+        )
+        self.factorize_above = _checks.positive_int("factorize_above", factorize_above)
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.bias_initializer = initializers.get(bias_initializer)
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
         self.bias_regularizer = regularizers.get(bias_regularizer)
         self.kernel_constraint = constraints.get(kernel_constraint)
         self.bias_constraint = constraints.get(bias_constraint)
-        if seed is None:
-            seed = random.randint(0, 2**30)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(
-                f"`seed` must be None or a non-negative integer. Received: seed={seed!r}"
-            )
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed = resolve_seed(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.resolved_num_buckets = None
 
     @property
     def num_hashes(self):
@@ -199,7 +264,9 @@ class LSHAttention(keras.layers.Layer):
 
     @num_hashes.setter
     def num_hashes(self, value):
-        self._num_hashes = _positive_int("num_hashes", value)
+        self._num_hashes = _checks.positive_int("num_hashes", value)
+
+    # ----------------------------------------------------------------- build
 
     def _sublayer_kwargs(self):
         def clone(initializer):
@@ -216,11 +283,37 @@ class LSHAttention(keras.layers.Layer):
             dtype=self.dtype_policy,
         )
 
+    def _axes(self, rank):
+        """(batch-like axes, attention axes) for an input of `rank`."""
+        if self.attention_axes is None:
+            attention = tuple(range(1, rank - 1))
+        else:
+            attention = []
+            for axis in self.attention_axes:
+                if not -rank < axis < rank - 1 or axis % rank in (0, rank - 1):
+                    raise ValueError(
+                        "`attention_axes` must name axes between the batch "
+                        f"and the feature axis of a rank-{rank} input. "
+                        f"Received: attention_axes={self.attention_axes}"
+                    )
+                attention.append(axis % rank)
+            attention = tuple(sorted(set(attention)))
+        free = tuple(a for a in range(rank - 1) if a not in attention)
+        return free, attention
+
+    def _derive_num_buckets(self, length):
+        if self.num_buckets is not None:
+            return self.num_buckets
+        length = self.max_length or length or DEFAULT_MAX_LENGTH
+        c = self.bucket_size
+        n = lsh.derived_num_buckets(-(-length // c) * c, c)
+        return n if n <= self.factorize_above else lsh.factor_num_buckets(n)
+
     def build(self, query_shape, value_shape=None, key_shape=None):
         query_shape = tuple(query_shape)
-        if len(query_shape) != 3:
+        if len(query_shape) < 3:
             raise ValueError(
-                "LSHAttention expects `query` of rank 3 (batch, length, "
+                "LSHAttention expects `query` of rank >= 3 (batch, length, "
                 f"features). Received: query_shape={query_shape}"
             )
         if query_shape[-1] is None:
@@ -229,45 +322,76 @@ class LSHAttention(keras.layers.Layer):
                 f"Received: query_shape={query_shape}"
             )
         for name, shape in (("value", value_shape), ("key", key_shape)):
-            if shape is not None and tuple(shape)[-1] != query_shape[-1]:
+            if shape is not None and tuple(shape) != query_shape:
                 raise ValueError(
                     f"`{name}` must be the query itself (self-attention); its "
-                    f"feature size differs. Received: {name}_shape="
-                    f"{tuple(shape)}, query_shape={query_shape}"
+                    f"shape differs. Received: {name}_shape={tuple(shape)}, "
+                    f"query_shape={query_shape}"
                 )
+        rank = len(query_shape)
+        _, attention = self._axes(rank)
+        length = 1
+        for axis in attention:
+            length = None if length is None or query_shape[axis] is None else (
+                length * query_shape[axis]
+            )
+        self.resolved_num_buckets = self._derive_num_buckets(length)
         features = query_shape[-1]
         self._input_dim = features
+        self._query_rank = rank
+        flat_shape = (None, length, features)
         bias = "de" if self.use_bias else None
-        self.qk_dense = keras.layers.EinsumDense(
-            "abc,cde->abde",
-            output_shape=(None, self.num_heads, self.key_dim),
-            bias_axes=bias,
-            name="qk",
-            **self._sublayer_kwargs(),
-        )
-        self.qk_dense.build(query_shape)
-        self.value_dense = keras.layers.EinsumDense(
-            "abc,cde->abde",
-            output_shape=(None, self.num_heads, self.value_dim),
-            bias_axes=bias,
-            name="value",
-            **self._sublayer_kwargs(),
-        )
-        self.value_dense.build(query_shape)
-        out_dim = self._output_dim or features
+
+        def heads_dense(name, width, **extra):
+            dense = keras.layers.EinsumDense(
+                "abc,cde->abde", output_shape=(None, self.num_heads, width),
+                bias_axes=bias, name=name, **extra, **self._sublayer_kwargs(),
+            )
+            dense.build(flat_shape)
+            return dense
+
+        self.qk_dense = heads_dense("qk", self.key_dim)
+        self.value_dense = heads_dense("value", self.value_dim)
+        if self.use_gate:
+            self.gate_dense = heads_dense("gate", self.value_dim, activation="sigmoid")
+        out_shape = self._output_shape or (features,)
+        letters = string.ascii_lowercase[4:4 + len(out_shape)]
         self.output_dense = keras.layers.EinsumDense(
-            "abcd,cde->abe",
-            output_shape=(None, out_dim),
-            bias_axes="e" if self.use_bias else None,
+            f"abcd,cd{letters}->ab{letters}",
+            output_shape=(None,) + out_shape,
+            bias_axes=letters if self.use_bias else None,
             name="attention_output",
             **self._sublayer_kwargs(),
         )
-        self.output_dense.build(
-            (query_shape[0], query_shape[1], self.num_heads, self.value_dim)
+        self.output_dense.build((None, length, self.num_heads, self.value_dim))
+        # The inference rotations' seed is a weight, so save_weights /
+        # load_weights reproduce predictions (a config-only seed did not).
+        self.hash_seed = self.add_weight(
+            name="hash_seed", shape=(2,), dtype="int32", trainable=False,
+            initializer=keras.initializers.Constant([self.seed, 0]),
         )
         self.built = True
 
-    # ------------------------------------------------------------------ call
+    # ------------------------------------------------- call (public helpers)
+
+    def __call__(self, *args, **kwargs):
+        # Keras converts each argument on its own (NumPy -> tensor, float64
+        # or float32 -> the compute dtype), so `layer(x, x)` reaches `call`
+        # with two different tensors. Decide self-attention here, on the
+        # objects the user passed, and forward the query alone.
+        args = list(args)
+        query = args[0] if args else kwargs.get("query")
+        for index, name in ((1, "value"), (2, "key")):
+            other = args[index] if len(args) > index else kwargs.get(name)
+            if other is not None and other is not query:
+                raise ValueError(
+                    f"LSHAttention is self-attention with shared queries and "
+                    f"keys: `{name}` must be omitted or be the query itself. "
+                    "Cross-attention is not supported; use "
+                    "keras.layers.MultiHeadAttention for it."
+                )
+            kwargs.pop(name, None)
+        return super().__call__(*args[:1], **kwargs)
 
     def _rotations(self, factors, num_hashes, training):
         """One (key_dim, num_hashes, n / 2) rotation per bucket factor."""
@@ -275,48 +399,53 @@ class LSHAttention(keras.layers.Layer):
             # Fresh every step; replayable by StatelessScope (state mapping).
             base = tf.cast(self.seed_generator.next(), tf.int32)
         else:
-            base = tf.constant([self.seed, 0], tf.int32)
+            base = tf.convert_to_tensor(self.hash_seed.value)
         rotations = []
         for i, n in enumerate(factors):
-            seed = base + tf.constant([_FACTOR_SEED_STRIDE * (i + 1), 0], tf.int32)
+            seed = tf.random.experimental.stateless_fold_in(base, i + 1)
             shape = tf.stack([self.key_dim, num_hashes, n // 2])
             rotations.append(deterministic_normal(shape, seed))
         return rotations
 
-    def _hash(self, qk, padded_length, num_hashes, training):
-        """Buckets (B, H, R, L) and the total bucket count."""
-        if self.num_buckets is not None:
-            factors = (
-                self.num_buckets
-                if isinstance(self.num_buckets, tuple)
-                else (self.num_buckets,)
-            )
-            buckets = lsh.hash_vectors(
-                qk, self._rotations(factors, num_hashes, training)
-            )
-            total = 1
-            for n in factors:
-                total *= n
-            return buckets, total
-        n = lsh.derived_num_buckets(padded_length, self.bucket_size)
-        pair = lsh.factor_num_buckets(n)
-        if isinstance(n, int):
-            if n <= self.factorize_above:
-                rotations = self._rotations((n,), num_hashes, training)
-                return lsh.hash_vectors(qk, rotations), n
-            rotations = self._rotations(pair, num_hashes, training)
-            return lsh.hash_vectors(qk, rotations), pair[0] * pair[1]
-        # Dynamic length (e.g. a SavedModel serving any length): choose at
-        # run time, with rotations drawn outside the cond.
-        single = self._rotations((n,), num_hashes, training)
-        factored = self._rotations(pair, num_hashes, training)
-        buckets = tf.cond(
-            n <= self.factorize_above,
-            lambda: lsh.hash_vectors(qk, single),
-            lambda: lsh.hash_vectors(qk, factored),
+    def _factors(self):
+        n = self.resolved_num_buckets
+        return n if isinstance(n, tuple) else (n,)
+
+    def hash_buckets(self, qk, num_hashes=None, training=False):
+        """Bucket ids of shared-QK vectors.
+
+        Args:
+            qk: (B, H, L, key_dim) float32, from `project`.
+            num_hashes: int, rounds (default: the layer's).
+            training: bool, fresh rotations (True) or those of `hash_seed`.
+
+        Returns:
+            (buckets (B, H, num_hashes, L) int32, total bucket count int).
+        """
+        num_hashes = self.num_hashes if num_hashes is None else _checks.positive_int(
+            "num_hashes", num_hashes
         )
-        total = tf.where(n <= self.factorize_above, n, pair[0] * pair[1])
-        return buckets, total
+        factors = self._factors()
+        total = 1
+        for n in factors:
+            total *= n
+        rotations = self._rotations(factors, num_hashes, training)
+        return lsh.hash_vectors(qk, rotations), total
+
+    def project(self, x):
+        """(B, L, features) -> (qk (B, H, L, D), values (B, H, L, E)), float32."""
+        qk = tf.cast(self.qk_dense(x), tf.float32)
+        v = tf.cast(self.value_dense(x), tf.float32)
+        return tf.transpose(qk, [0, 2, 1, 3]), tf.transpose(v, [0, 2, 1, 3])
+
+    def attend_output(self, out, gate=None):
+        """Attention output (B, H, L, E) float32 -> (B, L, *output_shape)."""
+        out = tf.cast(tf.transpose(out, [0, 2, 1, 3]), self.compute_dtype)
+        if gate is not None:
+            out = out * gate
+        return self.output_dense(out)
+
+    # ------------------------------------------------------------------ call
 
     def call(
         self,
@@ -332,64 +461,65 @@ class LSHAttention(keras.layers.Layer):
         use_causal_mask=False,
         num_hashes=None,
     ):
-        for name, other in (("value", value), ("key", key)):
-            if other is not None and other is not query:
-                raise ValueError(
-                    f"LSHAttention is self-attention with shared queries and "
-                    f"keys: `{name}` must be omitted or be the query tensor "
-                    "itself. Cross-attention is not supported; use "
-                    "keras.layers.MultiHeadAttention for it."
-                )
+        del value, key  # `__call__` forwards only the query (self-attention)
         if return_attention_scores:
             raise ValueError(
                 "LSHAttention never forms the dense attention matrix, so "
                 "`return_attention_scores=True` is not supported."
             )
-        num_hashes = self.num_hashes if num_hashes is None else _positive_int(
+        num_hashes = self.num_hashes if num_hashes is None else _checks.positive_int(
             "num_hashes", num_hashes
         )
         if query_mask is None:
             query_mask = get_keras_mask(query)
-
         x = query
-        if len(x.shape) != 3 or x.shape[-1] != self._input_dim:
+        if len(x.shape) != self._query_rank or x.shape[-1] != self._input_dim:
             raise ValueError(
-                "LSHAttention expects `query` of shape (batch, length, "
-                f"{self._input_dim}), the shape it was built for. Received: "
-                f"query.shape={tuple(x.shape)}"
+                f"LSHAttention expects `query` of rank {self._query_rank} with "
+                f"{self._input_dim} features, the shape it was built for. "
+                f"Received: query.shape={tuple(x.shape)}"
             )
         # The mask is consumed here; the projections must not see it.
         set_keras_mask(x, None)
+        folded = masks.fold(x, self._axes(len(x.shape)))
+        x = folded.tensor
+        key_masks = [folded.apply(m) for m in (query_mask, value_mask, key_mask)]
+        pair = None
+        if attention_mask is not None:
+            pair = masks.broadcast_pair_mask(
+                attention_mask, folded, self.num_heads, len(x.shape)
+            )
+        out = self._attend(x, key_masks, pair, bool(use_causal_mask), num_hashes, training)
+        out = folded.unfold(out)
+        if query_mask is not None:
+            set_keras_mask(out, query_mask)
+        return out
+
+    def _attend(self, x, key_masks, pair, causal, num_hashes, training):
+        """Attention of (B, L, F) `x` with (B, L) key masks and a pair mask."""
         batch = tf.shape(x)[0]
         length = x.shape[1] if x.shape[1] is not None else tf.shape(x)[1]
         c = self.bucket_size
         padded_length = -(-length // c) * c
         pad = padded_length - length
 
+        # Keys: the Keras masks, and the columns of the pair mask that some
+        # query may use. A key nobody may attend to is padding.
         valid = tf.ones([batch, length], tf.bool)
-        if query_mask is not None:
-            valid = tf.logical_and(valid, tf.cast(query_mask, tf.bool))
-        pair_allowed = None
-        if attention_mask is not None:
-            attention_mask = tf.cast(attention_mask, tf.bool)
-            rank = len(attention_mask.shape)
-            if rank == 2:
-                valid = tf.logical_and(valid, attention_mask)
-            elif rank == 3 and attention_mask.shape[1] == 1:
-                valid = tf.logical_and(valid, attention_mask[:, 0, :])
-            elif rank == 3:
-                pair_allowed = tf.pad(attention_mask, [[0, 0], [0, pad], [0, pad]])
-            else:
-                raise ValueError(
-                    "`attention_mask` must have shape (batch, length), "
-                    "(batch, 1, length) or (batch, length, length). "
-                    f"Received: attention_mask.shape={attention_mask.shape}"
-                )
+        for m in key_masks:
+            if m is not None:
+                valid = tf.logical_and(valid, tf.cast(m, tf.bool))
+        row_causal = None
+        if pair is not None:
+            valid = tf.logical_and(valid, masks.used_keys(pair))
+            if not causal:
+                row_causal = masks.admits_no_later_key(pair, valid)
+            pair = tf.pad(pair, [[0, 0], [0, 0], [0, pad], [0, pad]])
 
-        qk = tf.cast(self.qk_dense(x), tf.float32)  # (B, L, H, D)
-        v = tf.cast(self.value_dense(x), tf.float32)  # (B, L, H, E)
-        qk = tf.transpose(tf.pad(qk, [[0, 0], [0, pad], [0, 0], [0, 0]]), [0, 2, 1, 3])
-        v = tf.transpose(tf.pad(v, [[0, 0], [0, pad], [0, 0], [0, 0]]), [0, 2, 1, 3])
+        gate = self.gate_dense(x) if self.use_gate else None
+        qk, v = self.project(x)
+        qk = tf.pad(qk, [[0, 0], [0, 0], [0, pad], [0, 0]])
+        v = tf.pad(v, [[0, 0], [0, 0], [0, pad], [0, 0]])
         valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
 
         rate, dropout_seed = 0.0, None
@@ -398,47 +528,48 @@ class LSHAttention(keras.layers.Layer):
             # seed state (e.g. replayed by a reversible stack) gives the same mask.
             rate = self.dropout
             dropout_seed = tf.cast(self.seed_generator.next(), tf.int32)
-        causal = bool(use_causal_mask)
 
         def dense():
             return lsh.dense_attend(
-                qk, v, valid, causal=causal, pair_allowed=pair_allowed,
-                dropout_rate=rate, dropout_seed=dropout_seed,
+                qk, v, valid, dropout_rate=rate, dropout_seed=dropout_seed,
             )
 
         def hashed():
-            buckets, total = self._hash(qk, padded_length, num_hashes, training)
+            buckets, total = self.hash_buckets(qk, num_hashes, training)
             return lsh.lsh_attend(
                 qk, v, buckets, total, valid,
                 bucket_size=c,
                 chunks_before=self.num_chunks_before,
                 chunks_after=self.num_chunks_after,
                 causal=causal,
-                pair_allowed=pair_allowed,
+                pair_allowed=pair,
+                row_causal=row_causal,
+                sliding_window=self.sliding_window,
                 dropout_rate=rate,
                 dropout_seed=dropout_seed,
             )
 
-        covers = lsh.window_covers_all(
-            padded_length // c, self.num_chunks_before, self.num_chunks_after,
-            causal,
-        )
-        if isinstance(covers, bool):
-            out = dense() if covers else hashed()
+        if causal or pair is not None or self.sliding_window is not None:
+            out = hashed()
         else:
-            out = tf.cond(covers, dense, hashed)  # length known only at run time
-        out = tf.transpose(out, [0, 2, 1, 3])[:, :length]
-        return self.output_dense(tf.cast(out, self.compute_dtype))
+            covers = lsh.window_covers_all(
+                padded_length // c, self.num_chunks_before, self.num_chunks_after,
+                False,
+            )
+            if isinstance(covers, bool):
+                out = dense() if covers else hashed()
+            else:
+                out = tf.cond(covers, dense, hashed)  # length known only at run time
+        return self.attend_output(out[:, :, :length], gate)
 
-    def compute_mask(self, query, value=None, key=None, query_mask=None,
-                     value_mask=None, key_mask=None, **kwargs):
-        return query_mask
+    def compute_mask(self, inputs, previous_mask=None):
+        return previous_mask
 
     def compute_output_shape(self, query_shape, value_shape=None, key_shape=None):
         query_shape = tuple(query_shape)
-        return query_shape[:-1] + (self._output_dim or query_shape[-1],)
+        return query_shape[:-1] + (self._output_shape or (query_shape[-1],))
 
-    def compute_output_spec(self, query, value=None, key=None, **kwargs):
+    def compute_output_spec(self, query, **kwargs):
         return keras.KerasTensor(
             self.compute_output_shape(query.shape), dtype=self.compute_dtype
         )
@@ -452,10 +583,14 @@ class LSHAttention(keras.layers.Layer):
                 "value_dim": self.value_dim,
                 "dropout": self.dropout,
                 "use_bias": self.use_bias,
-                "output_shape": self._output_dim,
+                "output_shape": self._output_shape,
+                "attention_axes": self.attention_axes,
+                "sliding_window": self.sliding_window,
+                "use_gate": self.use_gate,
                 "bucket_size": self.bucket_size,
                 "num_hashes": self.num_hashes,
                 "num_buckets": self.num_buckets,
+                "max_length": self.max_length,
                 "num_chunks_before": self.num_chunks_before,
                 "num_chunks_after": self.num_chunks_after,
                 "factorize_above": self.factorize_above,

@@ -60,7 +60,7 @@ class AttentionBlock(keras.layers.Layer):
     def call(self, inputs, mask=None, training=None):
         x = self.norm(inputs)
         x = self.attention(
-            x, attention_mask=mask, use_causal_mask=self.causal, training=training
+            x, query_mask=mask, use_causal_mask=self.causal, training=training
         )
         return self.dropout(x, training=training)
 

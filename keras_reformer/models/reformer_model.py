@@ -172,8 +172,12 @@ class ReformerModel(keras.Model):
             )(x)
         x = keras.layers.Dropout(dropout, seed=seed, dtype=dtype,
                                  name="embedding_dropout")(x)
+        # The bucket count comes from max_sequence_length, never from a
+        # batch's (padded) length: padding must not change real outputs,
+        # and cached decoding needs a count that does not grow with the text.
         attention_kwargs = dict(bucket_size=bucket_size, num_hashes=num_hashes,
-                                num_buckets=num_buckets)
+                                num_buckets=num_buckets,
+                                max_length=max_sequence_length)
         blocks = [
             (
                 AttentionBlock(

@@ -70,7 +70,8 @@ def bias_from_masks(same_position, masked):
     return tf.where(masked, MASK_VALUE, self_bias)
 
 
-def chunk_bias(query, key, causal, reach, pair_rows, length):
+def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
+               sliding_window=None):
     """Additive mask of each chunk's queries against its key window.
 
     Args:
@@ -78,31 +79,44 @@ def chunk_bias(query, key, causal, reach, pair_rows, length):
             (original position), "bucket", "slot" (sorted index), "valid".
         key: the same for the key window, (rows, N, W); slots outside the
             row have bucket and slot -1 and valid False.
-        causal: python bool.
+        causal: python bool, the causal rule for every row.
         reach: how many sorted slots back a causal query may look.
         pair_rows: None or (rows, L * L) bool explicit attention masks.
         length: scalar, L (for indexing `pair_rows`).
+        row_causal: None or (rows,) bool: rows that follow the causal rule
+            although `causal` is False (their explicit mask admits no later
+            key, so they must not see the future through the chunk windows).
+        sliding_window: None or int: keys with |query - key| >= it are masked.
 
     Returns:
         (rows, N, C, W) float32.
     """
     q_pos = query["position"][..., :, None]
     k_pos = key["position"][..., None, :]
-    if causal:
-        # Chunk boundaries move with the buckets of later tokens, so a causal
-        # query that saw "its chunk and the one before" would see a key set
-        # that depends on the future. Instead it sees the `reach` most recent
-        # keys of its own bucket: a set fixed by the tokens up to it. Within a
-        # bucket sorted order is position order, so slot distance in
-        # [0, reach] is "earlier and recent". Padding has a bucket of its own,
-        # so the bucket test also masks padding keys for real queries.
+    # Chunk boundaries move with the buckets of later tokens, so a causal
+    # query that saw "its chunk and the one before" would see a key set that
+    # depends on the future. Instead it sees the `reach` most recent keys of
+    # its own bucket: a set fixed by the tokens up to it. Within a bucket
+    # sorted order is position order, so slot distance in [0, reach] is
+    # "earlier and recent". Padding has a bucket of its own, so the bucket
+    # test also masks padding keys for real queries.
+    def causal_masked():
         back = query["slot"][..., :, None] - key["slot"][..., None, :]
-        masked = tf.logical_or(
+        return tf.logical_or(
             tf.cast(back, tf.uint32) > reach,  # negative wraps: later keys
             query["bucket"][..., :, None] != key["bucket"][..., None, :],
         )
+
+    if causal:
+        masked = causal_masked()
     else:
         masked = tf.logical_not(key["valid"])[..., None, :]
+        if row_causal is not None:
+            masked = tf.where(
+                row_causal[:, None, None, None], causal_masked(), masked
+            )
+    if sliding_window is not None:
+        masked = tf.logical_or(masked, tf.abs(q_pos - k_pos) >= sliding_window)
     if pair_rows is not None:
         rows = tf.shape(pair_rows)[0]
         index = q_pos * length + tf.maximum(k_pos, 0)
@@ -192,16 +206,26 @@ def _attend_group(q, v, info, group_index, settings):
         name: look_around(info[name], before, after, pad)
         for name, pad in INFO_PADS.items()
     }
-    pair_rows = None
+    pair_rows = row_causal = None
+    mask_row = info["mask_row"][:, 0, 0]
     if settings["pair_allowed"] is not None:
-        pair_rows = tf.gather(settings["pair_allowed"], info["batch"][:, 0, 0])
+        pair_rows = tf.gather(settings["pair_allowed"], mask_row)
+    if settings["row_causal"] is not None:
+        row_causal = tf.gather(settings["row_causal"], mask_row)
     bias = chunk_bias(
         info, key, settings["causal"], before * settings["bucket_size"],
-        pair_rows, settings["length"],
+        pair_rows, settings["length"], row_causal=row_causal,
+        sliding_window=settings["sliding_window"],
     )
     keep = None
     if settings["rate"] > 0:
-        seed = settings["seed"] + tf.stack([0, group_index])
+        # Folding the group index into the step's seed gives every group
+        # (and, with a fresh step seed, every step) an independent mask;
+        # `seed + [0, g]` made group g of one step reuse group 0's mask of
+        # a later step.
+        seed = tf.random.experimental.stateless_fold_in(
+            settings["seed"], group_index
+        )
         keep = dropout_keep(tf.shape(bias), settings["rate"], seed)
     out, lse = softmax_attention(
         q * (1.0 / math.sqrt(float(q.shape[-1]))),
@@ -233,7 +257,8 @@ def _attend_pairs(qk, v, ints, group_index, settings):
         qk: (g, L, D) queries; v: (g, L, E) values.
         ints: dict of "order", "inverse", "bucket" (g, R, L) int32 (sorted
             slot -> position, its inverse, the bucket at each sorted slot),
-            "valid" (g, L) bool, "batch" (g,) int32 batch index of the pair.
+            "valid" (g, L) bool, "mask_row" (g,) int32: the row of the
+            explicit masks (`pair_allowed`, `row_causal`) for the pair.
         group_index: scalar, numbers the dropout seed of the group.
 
     Returns:
@@ -253,7 +278,9 @@ def _attend_pairs(qk, v, ints, group_index, settings):
         "bucket": rows(ints["bucket"]),
         "slot": rows(tf.broadcast_to(tf.range(length), tf.shape(order))),
         "valid": rows(tf.gather(ints["valid"], order, axis=1, batch_dims=1)),
-        "batch": rows(tf.broadcast_to(ints["batch"][:, None, None], tf.shape(order))),
+        "mask_row": rows(
+            tf.broadcast_to(ints["mask_row"][:, None, None], tf.shape(order))
+        ),
     }
     out, lse = _attend_group(
         rows(gather_rounds(qk, order, inverse)),
@@ -270,8 +297,8 @@ def _attend_pairs(qk, v, ints, group_index, settings):
 
 
 def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
-                    pair_allowed=None, rate=0.0, seed=None,
-                    budget=GROUP_ELEMENTS):
+                    pair_allowed=None, row_causal=None, sliding_window=None,
+                    rate=0.0, seed=None, budget=GROUP_ELEMENTS):
     """LSH attention of every (batch, head) pair; a loop over groups if large.
 
     Args:
@@ -280,7 +307,10 @@ def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
         ints: see `_attend_pairs` (for all P pairs).
         bucket_size: C; window: (chunks_before, chunks_after); causal: bool.
         length: scalar L.
-        pair_allowed: None or (B, L * L) bool explicit masks.
+        pair_allowed: None or (M, L * L) bool explicit masks, M mask rows
+            (indexed by ints["mask_row"]).
+        row_causal: None or (M,) bool, mask rows that follow the causal rule.
+        sliding_window: None or int, the largest |query - key| + 1 allowed.
         rate, seed: attention dropout rate and a (2,) int32 seed.
         budget: logit elements per group (the memory knob).
 
@@ -288,7 +318,8 @@ def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
         (P, L, E) float32.
     """
     settings = dict(window=window, causal=causal, length=length,
-                    pair_allowed=pair_allowed, rate=rate, seed=seed,
+                    pair_allowed=pair_allowed, row_causal=row_causal,
+                    sliding_window=sliding_window, rate=rate, seed=seed,
                     bucket_size=bucket_size)
     count, rounds, positions = qk.shape[0], ints["order"].shape[1], qk.shape[1]
     if count is None or positions is None or rounds is None:

@@ -147,7 +147,8 @@ def dense_attend(qk, values, valid, *, causal=False, pair_allowed=None,
 
 def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
                chunks_before=1, chunks_after=0, causal=False,
-               pair_allowed=None, dropout_rate=0.0, dropout_seed=None,
+               pair_allowed=None, row_causal=None, sliding_window=None,
+               dropout_rate=0.0, dropout_seed=None,
                group_elements=GROUP_ELEMENTS):
     """Chunked attention within sorted buckets, rounds combined by logsumexp.
 
@@ -156,13 +157,17 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         values: (B, H, L, E) float32.
         buckets: (B, H, R, L) int32 from `hash_vectors`.
         num_buckets: int or int32 scalar tensor.
-        valid: (B, L) bool; False marks padding (masked as keys everywhere).
+        valid: (B, L) bool; False marks padding (never a key, sorted last).
         bucket_size: C, the chunk length.
         chunks_before, chunks_after: chunks each chunk also attends to.
         causal: mask keys at later original positions; a causal query sees
             only keys of its own bucket at most `chunks_before * C` sorted
             slots back, so its output never depends on later tokens.
-        pair_allowed: optional (B, L, L) bool mask of allowed (query, key).
+        pair_allowed: optional (Bm, Hm, L, L) bool mask of allowed
+            (query, key), Bm in {1, B}, Hm in {1, H} (broadcast).
+        row_causal: optional (Bm, Hm) bool: mask rows that admit no later
+            key, which then follow the causal rule (see `chunk_bias`).
+        sliding_window: None or int; keys with |query - key| >= it are masked.
         dropout_rate, dropout_seed: attention dropout and its (2,) int32 seed.
         group_elements: logits computed at once (bounds memory, see
             `chunk_attention`).
@@ -184,16 +189,23 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         """(B, ...) -> (B * H, ...): the same row for every head."""
         return pairs(tf.repeat(x[:, None], heads, axis=1))
 
+    mask_row = tf.zeros([batch, heads], tf.int32)
+    flat_pair = flat_causal = None
+    if pair_allowed is not None:
+        rows_b, rows_h = pair_allowed.shape[0], pair_allowed.shape[1]
+        b_index = tf.range(batch)[:, None] if rows_b != 1 else tf.zeros([batch, 1], tf.int32)
+        h_index = tf.range(heads)[None, :] if rows_h != 1 else tf.zeros([1, heads], tf.int32)
+        mask_row = b_index * rows_h + h_index
+        flat_pair = tf.reshape(pair_allowed, [rows_b * rows_h, -1])
+        if row_causal is not None:
+            flat_causal = tf.reshape(row_causal, [-1])
     ints = {
         "order": pairs(order),
         "inverse": pairs(inverse),
         "bucket": pairs(sorted_buckets),
         "valid": per_pair(valid),
-        "batch": per_pair(tf.range(batch)),
+        "mask_row": pairs(mask_row),
     }
-    flat_pair = None
-    if pair_allowed is not None:
-        flat_pair = tf.reshape(pair_allowed, [batch, -1])
     out = pairs_attention(
         pairs(qk),
         pairs(values),
@@ -203,6 +215,8 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         causal=causal,
         length=length,
         pair_allowed=flat_pair,
+        row_causal=flat_causal,
+        sliding_window=sliding_window,
         rate=dropout_rate,
         seed=dropout_seed,
         budget=group_elements,

@@ -76,7 +76,7 @@ def test_matches_brute_force_reference(length, num_hashes, causal, padded,
     valid = padding_mask(2, length, seed=length) if padded else np.ones(
         (2, length), bool
     )
-    out = layer(x, use_causal_mask=causal, attention_mask=valid if padded else None)
+    out = layer(x, use_causal_mask=causal, query_mask=valid if padded else None)
     factors = num_buckets if isinstance(num_buckets, tuple) else (num_buckets,)
     expected = reference_output(layer, x, valid, factors, causal)
     got = np.asarray(out)
@@ -91,21 +91,41 @@ def test_matches_reference_with_wider_window():
     np.testing.assert_allclose(np.asarray(layer(x)), expected, atol=2e-5, rtol=1e-4)
 
 
+def built_for(length, **kwargs):
+    args = dict(num_heads=2, key_dim=8, bucket_size=8, num_hashes=2, seed=3)
+    args.update(kwargs)
+    layer = LSHAttention(**args)
+    layer.build((None, length, FEATURES))
+    return layer
+
+
 def test_derived_bucket_count_and_factorization():
-    # 96 positions, bucket 8: 24 buckets (2 * 96 / 8); above 16 it factorizes
-    # into two hashes of 6 and 4 buckets (even, product >= 24).
+    # Built for 96 positions, bucket 8: 24 buckets (2 * 96 / 8); above 16 it
+    # factorizes into two hashes of 6 and 4 buckets (even, product >= 24).
     x = inputs(1, 96)
     valid = np.ones((1, 96), bool)
-    plain = make_layer(num_hashes=2)
+    plain = built_for(96)
+    assert plain.resolved_num_buckets == 24
     np.testing.assert_allclose(
         np.asarray(plain(x)), reference_output(plain, x, valid, (24,), False),
         atol=2e-5, rtol=1e-4,
     )
-    factored = make_layer(num_hashes=2, factorize_above=16)
+    factored = built_for(96, factorize_above=16)
+    assert factored.resolved_num_buckets == (6, 4)
     np.testing.assert_allclose(
         np.asarray(factored(x)),
         reference_output(factored, x, valid, (6, 4), False),
         atol=2e-5, rtol=1e-4,
+    )
+    # max_length wins over the build length; unknown length: 2048 positions.
+    assert built_for(96, max_length=200).resolved_num_buckets == 50
+    assert built_for(None, factorize_above=1024).resolved_num_buckets == 512
+    # The count is fixed at build: a longer (padded) call keeps it.
+    longer = np.concatenate([x, inputs(1, 40, seed=2)], axis=1)
+    mask = np.arange(136)[None] < 96
+    np.testing.assert_allclose(
+        np.asarray(plain(longer, query_mask=mask))[:, :96],
+        np.asarray(plain(x)), atol=1e-5,
     )
 
 
@@ -113,12 +133,12 @@ def test_derived_bucket_count_and_factorization():
     "length,kwargs,causal",
     [
         (8, {}, False),  # exactly one chunk
-        (5, {}, True),  # padded inside the layer to one chunk
-        (16, {}, True),  # causal with one chunk back covers two chunks
+        (5, {}, False),  # padded inside the layer to one chunk
         (24, {"num_chunks_before": 2, "num_chunks_after": 2}, False),
     ],
 )
 def test_single_window_is_full_shared_qk_attention(length, kwargs, causal):
+    # Non-causal only: there the dense shortcut is exact (see the next test).
     layer = make_layer(num_hashes=3, **kwargs)
     x = inputs(2, length)
     valid = np.ones((2, length), bool)
@@ -128,6 +148,20 @@ def test_single_window_is_full_shared_qk_attention(length, kwargs, causal):
     )
     got = np.asarray(layer(x, use_causal_mask=causal))
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_change_of_meaning_around_two_buckets(causal):
+    # The non-causal dense shortcut (one window covers everything) and the
+    # causal rule (own bucket, never dense) both agree with the brute-force
+    # LSH reference at, below and above 2 * bucket_size.
+    for length in (8, 15, 16, 17, 24):
+        layer = built_for(None, num_buckets=4, num_hashes=2)
+        x = inputs(2, length, seed=length)
+        valid = np.ones((2, length), bool)
+        expected = reference_output(layer, x, valid, (4,), causal)
+        got = np.asarray(layer(x, use_causal_mask=causal))
+        np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -155,12 +189,13 @@ def test_causal_outputs_never_depend_on_later_tokens(training):
 def test_appended_padding_never_changes_real_outputs(causal, num_buckets):
     layer = make_layer(num_buckets=num_buckets, num_hashes=3)
     x = inputs(2, 37)
-    # 37 -> 40 keeps the padded length (40), so even a derived count agrees.
-    extra = 3 if num_buckets is None else 25
+    # The derived count comes from the build length (unknown here: the
+    # default), never from the padded length of a batch.
+    extra = 25
     longer = np.concatenate([x, inputs(2, extra, seed=9) * 5], axis=1)
     mask = np.concatenate([np.ones((2, 37), bool), np.zeros((2, extra), bool)], 1)
     short = np.asarray(layer(x, use_causal_mask=causal))
-    long = np.asarray(layer(longer, use_causal_mask=causal, attention_mask=mask))
+    long = np.asarray(layer(longer, use_causal_mask=causal, query_mask=mask))
     np.testing.assert_allclose(long[:, :37], short, atol=1e-5)
     assert np.all(np.isfinite(long))
 
@@ -176,28 +211,32 @@ def test_keras_padding_mask_from_embedding():
     got = np.asarray(model(ids))
     embedded = np.asarray(emb(ids))
     explicit = np.asarray(
-        attention(embedded, attention_mask=ids != 0, use_causal_mask=True)
+        attention(embedded, query_mask=ids != 0, use_causal_mask=True)
     )
     np.testing.assert_allclose(got, explicit, atol=1e-6)
     # Whatever sits at padded positions never reaches real outputs.
     noisy = embedded.copy()
     noisy[ids == 0] = np.random.default_rng(0).normal(size=noisy[ids == 0].shape)
-    again = np.asarray(attention(noisy, attention_mask=ids != 0, use_causal_mask=True))
+    again = np.asarray(attention(noisy, query_mask=ids != 0, use_causal_mask=True))
     np.testing.assert_allclose(again[ids != 0], got[ids != 0], atol=1e-6)
     assert np.all(np.isfinite(got))
-    # The mask propagates to the output.
-    assert attention.compute_mask(embedded, query_mask=ids != 0) is not None
+    # The mask propagates to the output, symbolically and eagerly.
+    assert out._keras_mask is not None
+    eager = attention(emb(ids), use_causal_mask=True)
+    np.testing.assert_array_equal(np.asarray(eager._keras_mask), ids != 0)
 
 
 def test_attention_mask_forms_agree():
     layer = make_layer(num_buckets=4)
     x = inputs(2, 30)
     valid = padding_mask(2, 30)
-    a = np.asarray(layer(x, attention_mask=valid))
+    # MHA's forms of a key padding mask: (B, 1, S), (B, T, S), (B, H, T, S).
+    a = np.asarray(layer(x, query_mask=valid))
     b = np.asarray(layer(x, attention_mask=valid[:, None, :]))
-    c = np.asarray(layer(x, query_mask=valid))
-    np.testing.assert_allclose(a, b, atol=0)
-    np.testing.assert_allclose(a, c, atol=0)
+    c = np.asarray(layer(x, attention_mask=np.repeat(valid[:, None, :], 30, 1)))
+    d = np.asarray(layer(x, attention_mask=np.broadcast_to(valid[:, None, None, :], (2, 2, 30, 30))))
+    for other in (b, c, d):
+        np.testing.assert_allclose(a[valid], other[valid], atol=1e-6)
 
 
 def test_pairwise_attention_mask_matches_reference():
@@ -230,7 +269,7 @@ def test_fully_masked_rows_are_finite():
     x = inputs(2, 20)
     mask = np.zeros((2, 20), bool)
     mask[0, :3] = True
-    out = np.asarray(layer(x, attention_mask=mask, use_causal_mask=True))
+    out = np.asarray(layer(x, query_mask=mask, use_causal_mask=True))
     assert np.all(np.isfinite(out))
     pair = np.zeros((2, 20, 20), bool)
     assert np.all(np.isfinite(np.asarray(layer(x, attention_mask=pair))))
@@ -305,7 +344,7 @@ def test_swap_for_multi_head_attention_in_functional_model():
     mha = build(keras.layers.MultiHeadAttention)
     lsh = build(LSHAttention)
     assert [w.shape for w in mha.weights if "key" not in w.path] == [
-        w.shape for w in lsh.weights
+        w.shape for w in lsh.trainable_weights
     ]
 
 
@@ -374,7 +413,7 @@ def test_config_round_trip():
                 "num_chunks_before", "num_chunks_after", "factorize_above",
                 "seed"):
         assert key in config
-    assert config["num_buckets"] == (4, 6) and config["output_shape"] == 7
+    assert config["num_buckets"] == (4, 6) and config["output_shape"] == (7,)
     # A seed drawn at construction is stored, so a clone hashes the same way.
     auto = LSHAttention(num_heads=1, key_dim=4)
     assert isinstance(auto.get_config()["seed"], int)
@@ -403,7 +442,7 @@ def test_mixed_precision(policy):
         layer = make_layer(num_buckets=4)
         layer.set_weights(reference.get_weights())
         mask = padding_mask(2, 60)
-        out = layer(x, use_causal_mask=True, attention_mask=mask)
+        out = layer(x, use_causal_mask=True, query_mask=mask)
         assert out.dtype == policy.split("_")[1]
         assert np.all(np.isfinite(np.asarray(out, np.float32)))
         tol = 0.05 if policy == "mixed_float16" else 0.2
@@ -440,11 +479,11 @@ def test_bad_arguments_name_themselves(kwargs, name):
 
 def test_bad_shapes():
     layer = LSHAttention(num_heads=2, key_dim=8)
-    with pytest.raises(ValueError, match="rank 3"):
+    with pytest.raises(ValueError, match="rank >= 3"):
         layer(tf.zeros((2, 10)))
     layer = make_layer()
     with pytest.raises(ValueError, match="attention_mask"):
-        layer(tf.zeros((2, 10, FEATURES)), attention_mask=tf.ones((2, 1, 1, 10)))
+        layer(tf.zeros((2, 10, FEATURES)), attention_mask=tf.ones((3, 10, 10)))
     built = make_layer()
     with pytest.raises(Exception, match=str(FEATURES)):
         built(tf.zeros((2, 10, FEATURES + 1)))
@@ -472,7 +511,7 @@ def test_saved_model_is_deterministic_for_any_length(tmp_path):
     path = os.path.join(tmp_path, "sm")
     model.export(path, format="tf_saved_model", verbose=False)
     loaded = tf.saved_model.load(path)
-    # 6: dense path; 100: hashed with 26 derived buckets, factorized (> 4).
+    # Built for an unknown length: the default bucket count, factorized (> 4).
     for length in (6, 100):
         x = inputs(2, length, seed=length)
         first = np.asarray(loaded.serve(x))

@@ -73,7 +73,7 @@ def hand_wired(model, inputs):
     y1 = y2 = x
     for f, g in model.get_layer("reversible_stack").blocks:
         attention_in = tf.constant(layer_norm(y2, f.norm), tf.float32)
-        y1 = y1 + np.asarray(f.attention(attention_in, attention_mask=mask,
+        y1 = y1 + np.asarray(f.attention(attention_in, query_mask=mask,
                                          use_causal_mask=model.causal, training=False))
         ffn = g.feed_forward
         h = gelu(dense(layer_norm(y1, g.norm), ffn.intermediate_dense))

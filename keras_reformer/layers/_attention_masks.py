@@ -1,0 +1,140 @@
+"""Mask plumbing of LSHAttention: MultiHeadAttention's mask forms and axes.
+
+`MultiHeadAttention` accepts inputs of any rank (attention over
+`attention_axes`, the other axes batch-like) and an `attention_mask` that
+broadcasts to its scores `(B, *free, heads, *T, *S)`. LSH attention works on
+`(batch, length, features)`; these helpers fold an input into that form, map
+the masks along, and unfold the output.
+"""
+
+import tensorflow as tf
+
+
+def _prod(sizes):
+    total = 1
+    for size in sizes:
+        total = total * size
+    return total
+
+
+def _size(tensor, axis):
+    static = tensor.shape[axis]
+    return static if static is not None else tf.shape(tensor)[axis]
+
+
+class Folded:
+    """An input `(B, ..., F)` folded to `(B', L, F)` and the way back.
+
+    B' is the product of the batch-like axes (`free`, batch first), L the
+    product of the attention axes, in order.
+    """
+
+    def __init__(self, x, axes):
+        self.free, self.attention = axes
+        rank = len(x.shape)
+        self.identity = self.free == (0,) and self.attention == (1,)
+        self.free_sizes = [_size(x, a) for a in self.free]
+        self.attention_sizes = [_size(x, a) for a in self.attention]
+        self.perm = list(self.free) + list(self.attention)
+        if self.identity:
+            self.tensor = x
+            return
+        x = tf.transpose(x, self.perm + [rank - 1])
+        self.tensor = tf.reshape(
+            x, [_prod(self.free_sizes), _prod(self.attention_sizes), x.shape[-1]]
+        )
+
+    @property
+    def length(self):
+        return _prod(self.attention_sizes)
+
+    def apply(self, mask):
+        """A mask of the query's shape without features -> (B', L)."""
+        if mask is None or self.identity:
+            return mask
+        mask = tf.transpose(mask, self.perm)
+        return tf.reshape(mask, [_prod(self.free_sizes), self.length])
+
+    def unfold(self, out):
+        """(B', L, *out_shape) -> the query's leading axes + out_shape."""
+        if self.identity:
+            return out
+        trailing = out.shape[2:].as_list()
+        out = tf.reshape(out, self.free_sizes + self.attention_sizes + trailing)
+        leading = len(self.perm)
+        inverse = [self.perm.index(a) for a in range(leading)]
+        return tf.transpose(out, inverse + list(range(leading, leading + len(trailing))))
+
+
+def fold(x, axes):
+    return Folded(x, axes)
+
+
+def broadcast_pair_mask(mask, folded, heads, rank):
+    """An MHA `attention_mask` -> (Bm, Hm, L, L) bool, Bm in {1, B'}, Hm in {1, H}.
+
+    The mask is expanded exactly as `MultiHeadAttention._masked_softmax` does
+    (size-1 axes inserted before the query axes until it has the scores'
+    rank), so every shape MHA accepts means the same here.
+    """
+    mask = tf.cast(tf.convert_to_tensor(mask), tf.bool)
+    na, nf = len(folded.attention), len(folded.free)
+    scores_rank = nf + 1 + 2 * na
+    expected = folded.free_sizes + [heads] + folded.attention_sizes * 2
+    names = ["B"] + [f"free{i}" for i in range(1, nf)] + ["num_heads"] + [
+        f"T{i}" for i in range(na)] + [f"S{i}" for i in range(na)]
+    if mask.shape.rank is None or mask.shape.rank < 2 * na or mask.shape.rank > scores_rank:
+        raise ValueError(
+            "`attention_mask` must broadcast to the attention scores' shape "
+            f"({', '.join(names)}) = {_static(expected)}. Received: "
+            f"attention_mask.shape={tuple(mask.shape)}"
+        )
+    while mask.shape.rank < scores_rank:
+        mask = tf.expand_dims(mask, -(2 * na + 1))
+    for axis, (size, want) in enumerate(zip(mask.shape, expected)):
+        if size is not None and size != 1 and isinstance(want, int) and size != want:
+            raise ValueError(
+                "`attention_mask` must broadcast to the attention scores' "
+                f"shape ({', '.join(names)}) = {_static(expected)}; its axis "
+                f"{axis} ({names[axis]}) has size {size}. Received: "
+                f"attention_mask.shape={tuple(mask.shape)}"
+            )
+    free_one = all(mask.shape[a] == 1 for a in range(nf))
+    head_one = mask.shape[nf] == 1
+    target = ([1] * nf if free_one else folded.free_sizes) + [
+        1 if head_one else heads] + folded.attention_sizes * 2
+    mask = tf.broadcast_to(mask, tf.stack(target) if _dynamic(target) else target)
+    length = folded.length
+    return tf.reshape(mask, [
+        1 if free_one else _prod(folded.free_sizes), 1 if head_one else heads,
+        length, length,
+    ])
+
+
+def _dynamic(sizes):
+    return any(not isinstance(s, int) for s in sizes)
+
+
+def _static(sizes):
+    return tuple(s if isinstance(s, int) else None for s in sizes)
+
+
+def used_keys(pair):
+    """(Bm, Hm, L, L) -> (Bm, L): keys that at least one query may attend to."""
+    return tf.reduce_any(pair, axis=[1, 2])
+
+
+def admits_no_later_key(pair, valid):
+    """(Bm, Hm) bool: no real query of the row may attend to a later real key.
+
+    Such a mask (lower-triangular, maybe merged with padding) asks for
+    causal attention, so those rows follow the causal rule: plain chunk
+    windows would let later tokens decide which earlier keys a query sees.
+    """
+    length = tf.shape(pair)[-1]
+    positions = tf.range(length)
+    later = positions[None, :] > positions[:, None]  # (query, key)
+    real = tf.reduce_any(valid, axis=0, keepdims=True) if pair.shape[0] == 1 else valid
+    real_pairs = tf.logical_and(real[:, :, None], real[:, None, :])[:, None]
+    future = tf.logical_and(tf.logical_and(pair, later), real_pairs)
+    return tf.logical_not(tf.reduce_any(future, axis=[2, 3]))
