@@ -1,9 +1,12 @@
 """Argument checks shared by every public class.
 
-Each raises a `ValueError` (or `TypeError` for the wrong kind of value) that
-names the argument, the value received and what is allowed, in Keras'
-wording ("Received: name=value").
+Each raises a `ValueError` that names the argument, the value received and
+what is allowed, in Keras' wording ("Received: name=value"). Like Keras'
+own layers, a value of the wrong type is a `ValueError` too, so callers
+catch one exception type for every bad argument.
 """
+
+import tensorflow as tf
 
 
 def _is_int(value):
@@ -38,6 +41,15 @@ def rate(name, value):
     return float(value)
 
 
+def positive_number(name, value):
+    """`value` as a float if it is a number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(
+            f"`{name}` must be a positive number. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 def one_of(name, value, allowed):
     """`value` if it is one of `allowed`."""
     if value not in allowed:
@@ -45,3 +57,45 @@ def one_of(name, value, allowed):
             f"`{name}` must be one of {sorted(allowed)}. Received: {name}={value!r}"
         )
     return value
+
+
+def boolean(name, value):
+    """`value` if it is a bool (a truthy string like "no" is refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return value
+
+
+def positive_int_pair(name, value):
+    """`value` as a tuple if it is a list or tuple of two positive ints."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(_is_int(v) and v > 0 for v in value)
+    ):
+        raise ValueError(
+            f"`{name}` must be a pair of positive integers. Received: {name}={value!r}"
+        )
+    return tuple(value)
+
+
+def sequence_length(inputs, max_sequence_length, detail):
+    """Length of `inputs` (axis 1), checked against `max_sequence_length`.
+
+    A static length that is too long raises a `ValueError` now; a dynamic
+    one gets a run-time assertion (an `InvalidArgumentError`), which XLA
+    drops. Returns the static int when known, else an int32 scalar tensor
+    that depends on the assertion. `detail` follows "Input length ..." in
+    both messages.
+    """
+    length = inputs.shape[1]
+    if length is not None:
+        if length > max_sequence_length:
+            raise ValueError(f"Input length {length} {detail}")
+        return length
+    length = tf.shape(inputs)[1]
+    check = tf.debugging.assert_less_equal(
+        length, max_sequence_length, message=f"Input length {detail}"
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(length)

@@ -21,3 +21,20 @@ def resolve_seed(seed, name="seed"):
             f"Received: {name}={seed!r}"
         )
     return seed
+
+
+def fresh_initializer(initializer, offset):
+    """A copy of a Keras initializer that draws values of its own.
+
+    Keras' random initializers draw the same numbers on every call (an
+    unseeded one fixes a seed when it is made), so one instance shared by two
+    weights gives both the same leading values. The copy is made from the
+    config: an unseeded one gets a new seed, one seeded with an int gets
+    `seed + offset` (give each weight its own offset). Initializers without
+    randomness are copied unchanged.
+    """
+    config = initializer.get_config()
+    seed = config.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        config["seed"] = seed + offset
+    return initializer.__class__.from_config(config)

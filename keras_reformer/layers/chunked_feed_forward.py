@@ -1,15 +1,14 @@
 """ChunkedFeedForward: the position-wise FFN computed slice by slice."""
 
-import random
-
 import keras
 from keras import activations, constraints, initializers, regularizers
 from keras import ops
 
+from keras_reformer import _checks
 # Reading weights in their own dtype (float32 under mixed precision) inside
-# call() needs autocast switched off; Keras exposes the scope only here.
-from keras.src.backend.common.variables import AutocastScope
-
+# call() needs autocast switched off; Keras exposes no public scope for it.
+from keras_reformer._compat import AutocastScope
+from keras_reformer._seeds import fresh_initializer, resolve_seed
 from keras_reformer.ops import chunked
 
 
@@ -36,17 +35,37 @@ class ChunkedFeedForward(keras.layers.Layer):
     `ReversibleSequence` recomputation) sees the same masks as the forward.
 
     Args:
-        intermediate_dim: width of the hidden layer (`d_ff`).
-        activation: activation of the hidden layer (default "gelu").
-        dropout: dropout rate on the hidden layer, in training.
-        chunk_size: positions per slice (default 128), or None for no slicing.
-        output_dim: width of the output; defaults to the input width.
-        use_bias: whether both dense layers have biases.
-        kernel_initializer, bias_initializer, kernel_regularizer,
-        bias_regularizer, activity_regularizer, kernel_constraint,
-        bias_constraint: as in `keras.layers.Dense` (for both dense layers).
-        seed: seed of the dropout masks; drawn now and stored in the config
-            if None.
+        intermediate_dim: int. Width of the hidden layer (`d_ff`).
+        activation: activation of the hidden layer: a name or a callable,
+            as in `keras.layers.Dense`. Defaults to `"gelu"`.
+        dropout: float in [0, 1). Dropout rate on the hidden layer, in
+            training. Defaults to `0.0`.
+        chunk_size: int. Positions per slice, or `None` for no slicing.
+            Defaults to `128`.
+        output_dim: int. Width of the output. Defaults to `None`: the input
+            width.
+        use_bias: bool. Whether both dense layers have biases. Defaults to
+            `True`.
+        kernel_initializer: initializer of both kernels. Defaults to
+            `"glorot_uniform"`. Each dense layer gets its own copy (with an
+            int seed, the output layer's uses `seed + 1`), so the two
+            kernels do not share values.
+        bias_initializer: initializer of both biases. Defaults to `"zeros"`.
+        kernel_regularizer, bias_regularizer, activity_regularizer,
+        kernel_constraint, bias_constraint: as in `keras.layers.Dense`
+            (applied to both dense layers). Default to `None`.
+        seed: int in [0, 2**30) or `None`. Seed of the dropout masks; drawn
+            now and stored in the config if `None`.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: tensor of shape `(batch, length, features)`; `length` may
+            be dynamic.
+        training: Python bool. Whether to apply dropout.
+
+    Returns:
+        A tensor of shape `(batch, length, output_dim or features)`,
+        carrying the input's Keras mask.
 
     Example:
 
@@ -76,50 +95,29 @@ class ChunkedFeedForward(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self.intermediate_dim = _positive_int("intermediate_dim", intermediate_dim)
-        self.chunk_size = (
-            None if chunk_size is None else _positive_int("chunk_size", chunk_size)
-        )
-        self.output_dim = (
-            None if output_dim is None else _positive_int("output_dim", output_dim)
-        )
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0 <= dropout < 1
-        ):
-            raise ValueError(
-                f"`dropout` must be a float in [0, 1). Received: dropout={dropout!r}"
-            )
-        self.dropout = float(dropout)
+        self.intermediate_dim = _checks.positive_int("intermediate_dim", intermediate_dim)
+        self.chunk_size = _checks.positive_int("chunk_size", chunk_size, allow_none=True)
+        self.output_dim = _checks.positive_int("output_dim", output_dim, allow_none=True)
+        self.dropout = _checks.rate("dropout", dropout)
         self.activation = activations.get(activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = _checks.boolean("use_bias", use_bias)
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.bias_initializer = initializers.get(bias_initializer)
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
         self.bias_regularizer = regularizers.get(bias_regularizer)
         self.kernel_constraint = constraints.get(kernel_constraint)
         self.bias_constraint = constraints.get(bias_constraint)
-        if seed is None:
-            seed = random.randint(0, 2**30)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(
-                f"`seed` must be None or a non-negative integer. Received: seed={seed!r}"
-            )
-        self.seed = seed
+        self.seed = resolve_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
 
-    def _dense(self, units, name):
-        def clone(initializer):
-            # A fresh initializer per sublayer, or both would draw the same values.
-            return initializer.__class__.from_config(initializer.get_config())
-
+    def _dense(self, units, name, offset):
+        # A fresh initializer per sublayer, or both would draw the same values.
         return keras.layers.Dense(
             units,
             use_bias=self.use_bias,
-            kernel_initializer=clone(self.kernel_initializer),
-            bias_initializer=clone(self.bias_initializer),
+            kernel_initializer=fresh_initializer(self.kernel_initializer, offset),
+            bias_initializer=fresh_initializer(self.bias_initializer, offset),
             kernel_regularizer=self.kernel_regularizer,
             bias_regularizer=self.bias_regularizer,
             kernel_constraint=self.kernel_constraint,
@@ -137,11 +135,11 @@ class ChunkedFeedForward(keras.layers.Layer):
             )
         self._input_dim = input_shape[-1]
         self.intermediate_dense = self._dense(
-            self.intermediate_dim, "intermediate_dense"
+            self.intermediate_dim, "intermediate_dense", offset=0
         )
         self.intermediate_dense.build(input_shape)
         self.output_dense = self._dense(
-            self.output_dim or input_shape[-1], "output_dense"
+            self.output_dim or input_shape[-1], "output_dense", offset=1
         )
         self.output_dense.build(input_shape[:-1] + (self.intermediate_dim,))
         self.built = True
@@ -225,10 +223,3 @@ class ChunkedFeedForward(keras.layers.Layer):
         )
         return config
 
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return value

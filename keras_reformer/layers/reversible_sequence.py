@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from keras_reformer.ops import reversible as rev
+from keras_reformer import _checks
+from keras_reformer.ops import recompute
 
 
 def _describe(value):
@@ -20,7 +21,9 @@ def _check_blocks(blocks):
             f"Received: blocks={_describe(blocks)}"
         )
     if not blocks:
-        raise ValueError("`blocks` must hold at least one (f, g) pair.")
+        raise ValueError(
+            f"`blocks` must hold at least one (f, g) pair. Received: blocks={blocks!r}"
+        )
     if len(blocks) == 2 and all(isinstance(b, keras.layers.Layer) for b in blocks):
         raise ValueError(
             "`blocks` must be a list of (f, g) pairs; it looks like a single "
@@ -80,7 +83,7 @@ class ReversibleSequence(keras.layers.Layer):
 
     A Keras padding mask on the inputs (e.g. from
     `Embedding(mask_zero=True)`) is passed to every block whose `call` takes
-    `mask` (or, failing that, `attention_mask`), and `training` to every
+    `mask` (or, failing that, `query_mask`), and `training` to every
     block whose `call` takes it. The output keeps the input mask.
 
     Under mixed precision the two residual streams are kept in the variable
@@ -88,16 +91,31 @@ class ReversibleSequence(keras.layers.Layer):
     subtraction stays accurate; the blocks compute in their own dtype and
     the outputs are cast to the layer's compute dtype.
 
-    Args:
-        blocks: list of `(f, g)` pairs of Keras layers, each mapping
-            `(batch, length, features)` to the same shape.
-        reversible: if False, compute the same function with ordinary
-            autodiff (every activation kept), for tests and debugging.
-        **kwargs: base layer arguments (`name`, `dtype`, ...).
-
     Activity regularizers of layers inside the blocks add their losses in
     the forward pass, but those losses are not differentiated through the
     blocks when `reversible=True` (the forward pass is not recorded).
+
+    Args:
+        blocks: list of `(f, g)` pairs of Keras layers, each layer mapping
+            `(batch, ..., features)` to a tensor of the same shape. A layer
+            may appear in several blocks (its weights are shared).
+        reversible: bool. If `False`, compute the same function with
+            ordinary autodiff (every activation kept), for tests and
+            debugging. Defaults to `True`.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: list `[x1, x2]` of two tensors of the same shape
+            `(batch, ..., features)`; `[x, x]` for a Reformer stack.
+        mask: optional boolean padding mask of shape `(batch, length)` (or
+            a list of two, one per input), passed to the blocks. Set
+            automatically from a Keras mask on the inputs.
+        training: Python bool, passed to the blocks. Defaults to `False`
+            outside `fit` (no dropout, fixed LSH rotations).
+
+    Returns:
+        List `[y1, y2]` of two tensors of the inputs' shape, in the layer's
+        compute dtype, carrying the input mask.
 
     Example:
 
@@ -122,7 +140,7 @@ class ReversibleSequence(keras.layers.Layer):
         # once, also when a layer is shared between blocks).
         self.f_layers = [f for f, _ in pairs]
         self.g_layers = [g for _, g in pairs]
-        self.reversible = bool(reversible)
+        self.reversible = _checks.boolean("reversible", reversible)
         self.supports_masking = True
 
     @property
@@ -187,10 +205,12 @@ class ReversibleSequence(keras.layers.Layer):
         if "training" in params:
             kwargs["training"] = training
         if mask is not None:
+            # A (batch, length) padding mask is a query/key mask: passed as
+            # `attention_mask` it would read as MultiHeadAttention's (T, S).
             if "mask" in params:
                 kwargs["mask"] = mask
-            elif "attention_mask" in params:
-                kwargs["attention_mask"] = mask
+            elif "query_mask" in params:
+                kwargs["query_mask"] = mask
         return kwargs
 
     def _run(self, index, name, layer, x, kwargs):
@@ -228,19 +248,19 @@ class ReversibleSequence(keras.layers.Layer):
     def _reversible(self, x1, x2, kwargs):
         blocks = self.blocks
         states = [
-            (rev.seed_state_variables(f), rev.seed_state_variables(g))
+            (recompute.seed_state_variables(f), recompute.seed_state_variables(g))
             for f, g in blocks
         ]
 
         @tf.custom_gradient
         def stack(x1, x2):
             snapshots = []
-            with rev.stop_recording():
+            with recompute.stop_recording():
                 y1, y2 = x1, x2
                 for index, (f, g) in enumerate(blocks):
-                    f_seeds = rev.snapshot(states[index][0])
+                    f_seeds = recompute.snapshot(states[index][0])
                     y1 = y1 + self._run(index, "f", f, y2, kwargs[index][0])
-                    g_seeds = rev.snapshot(states[index][1])
+                    g_seeds = recompute.snapshot(states[index][1])
                     y2 = y2 + self._run(index, "g", g, y1, kwargs[index][1])
                     snapshots.append((f_seeds, g_seeds))
             outputs = (y1, y2)
@@ -265,8 +285,8 @@ class ReversibleSequence(keras.layers.Layer):
                     # g: y2 = x2 + g(y1). Recompute only once dy2 and the
                     # previous half's weight gradients exist (see
                     # gradient_dependency: ordering for XLA and the executor).
-                    y1, y2, dy1, dy2, *_ = rev.barrier([y1, y2, dy1, dy2] + done)
-                    (y1,) = rev.gradient_dependency([y1], [dy2] + done)
+                    y1, y2, dy1, dy2, *_ = recompute.barrier([y1, y2, dy1, dy2] + done)
+                    (y1,) = recompute.gradient_dependency([y1], [dy2] + done)
                     g_out, (d_y1, var_grads) = self._vjp(
                         index, "g", g, y1, kwargs[index][1],
                         list(zip(states[index][1], g_seeds)), dy2, sources,
@@ -275,8 +295,8 @@ class ReversibleSequence(keras.layers.Layer):
                     dy1 = dy1 + d_y1 if d_y1 is not None else dy1
                     x2 = y2 - g_out
                     # f: y1 = x1 + f(x2). Recompute after the total dy1 exists.
-                    x2, dy1, dy2, *_ = rev.barrier([x2, dy1, dy2] + done)
-                    (x2,) = rev.gradient_dependency([x2], [dy1] + done)
+                    x2, dy1, dy2, *_ = recompute.barrier([x2, dy1, dy2] + done)
+                    (x2,) = recompute.gradient_dependency([x2], [dy1] + done)
                     f_out, (d_x2, var_grads) = self._vjp(
                         index, "f", f, x2, kwargs[index][0],
                         list(zip(states[index][0], f_seeds)), dy1, sources,

@@ -26,9 +26,8 @@ in-place `dynamic_update_slice` writes.
 import tensorflow as tf
 
 # In-place slice writes under XLA; Keras' TF backend imports it the same way.
-from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
-
-from keras_reformer.ops import reversible as rev
+from keras_reformer._compat import dynamic_update_slice
+from keras_reformer.ops import recompute
 
 
 def _num_slices(length, chunk_size):
@@ -86,7 +85,7 @@ def chunked_map(fn, x, params, chunk_size):
     @tf.custom_gradient
     def chunked(x, *params):
         params = list(params)
-        with rev.stop_recording():
+        with recompute.stop_recording():
             x_padded = tf.pad(x, [[0, 0], [0, pad], [0, 0]])
             out = _forward(fn, x_padded, params, n, c, length)
 
@@ -119,11 +118,11 @@ def _forward(fn, x_padded, params, n, c, length):
 
 def _collector(first, n, c, dependency):
     """Where the loop writes its slices' results, holding slice 0 = `first`."""
-    if not rev.in_xla_context():
+    if not recompute.in_xla_context():
         return tf.TensorArray(first.dtype, size=n, element_shape=first.shape).write(
             0, first)
     shape = tf.concat([tf.shape(first)[:1], [n * c], tf.shape(first)[2:]], 0)
-    zero = tf.cast(rev.dependency_zero(dependency), first.dtype)
+    zero = tf.cast(recompute.dependency_zero(dependency), first.dtype)
     buffer = tf.zeros(shape, first.dtype) + zero  # made when `dependency` is
     return dynamic_update_slice(buffer, first, tf.zeros([3], tf.int32))
 
@@ -142,7 +141,7 @@ def _collected(outputs, length):
 
 
 def _slice_grads(fn, xs, dys, params, index):
-    (xs,) = rev.gradient_dependency([xs], dys)
+    (xs,) = recompute.gradient_dependency([xs], dys)
     inner = [tf.identity(p) for p in params]
     with tf.GradientTape() as tape:
         tape.watch(xs)

@@ -1,6 +1,6 @@
 """TensorFlow plumbing of recomputing backward passes (reversible stack, chunked FFN).
 
-Three things every recomputing gradient here needs, kept in one place:
+What every recomputing gradient here needs, kept in one place:
 
 * `stop_recording()`: run a forward pass without the outer gradient tape
   recording it. In graph mode the custom gradient already hides the ops from
@@ -28,15 +28,15 @@ import contextlib
 
 import tensorflow as tf
 
-# No public API stops all tapes at once; tf.recompute_grad uses this one.
-from tensorflow.python.eager import record as _record
-from tensorflow.python.ops import control_flow_util as _control_flow_util
+# No public API stops all tapes at once (tf.recompute_grad uses the same
+# private module) or tells whether a graph is being compiled by XLA.
+from keras_reformer._compat import control_flow_util, tape_record
 
 
 @contextlib.contextmanager
 def stop_recording():
     """Context in which no gradient tape records operations."""
-    with _record.stop_recording():
+    with tape_record.stop_recording():
         yield
 
 
@@ -75,7 +75,7 @@ def in_xla_context():
     if tf.executing_eagerly():
         return False
     graph = tf.compat.v1.get_default_graph()
-    return _control_flow_util.GraphOrParentsInXlaContext(graph)
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
 def barrier(tensors):

@@ -41,7 +41,7 @@ class AttentionBlock(keras.layers.Layer):
 
     def call(self, x, mask=None, training=None):
         return self.attention(
-            self.norm(x), attention_mask=mask, training=training,
+            self.norm(x), query_mask=mask, training=training,
             use_causal_mask=True,
         )
 
@@ -343,7 +343,7 @@ def test_xla_keeps_the_recomputation():
     assert dots(False) == 12
     assert dots(True) == 16
     # The same count without the ordering tricks shows what they prevent.
-    from keras_reformer.ops import reversible as rev_ops
+    from keras_reformer.ops import recompute as rev_ops
 
     saved = rev_ops.barrier, rev_ops.gradient_dependency
     rev_ops.barrier = rev_ops.gradient_dependency = lambda tensors, *_: list(tensors)
