@@ -10,10 +10,13 @@ a SavedModel with the `serve` tag and these signatures:
   padding is an explicit input (a signature cannot have optional inputs,
   hence two signatures);
 - with `text_signature=True`, `next_token`: `text` string `[batch]`,
-  tokenized in the graph into UTF-8 bytes by tensorflow-text's ByteSplitter
-  -> `log_probs` `[batch, vocabulary]` of the token after each text.
-  Needs a byte-level model (vocabulary 256); loading it requires the TF Text
-  ops (`import tensorflow_text`; TF Serving links them).
+  tokenized in the graph into its UTF-8 bytes -> `log_probs`
+  `[batch, vocabulary]` of the token after each text. Needs a byte-level
+  model (vocabulary 256).
+
+Every signature uses core TensorFlow ops only (the text one tokenizes with
+`DecodeRaw`, not TF Text), so any TensorFlow runtime loads the SavedModel:
+`tf.saved_model.load`, `saved_model_cli run`, TF Serving.
 
 Batch and length are dynamic. Inference is deterministic (LSH rotations come
 from each layer's seed). Bad requests fail with INVALID_ARGUMENT: token ids
@@ -32,10 +35,14 @@ from keras_reformer.text import byte_tokenizer
 
 
 def _logits(model, token_ids, padding_mask):
-    tf.debugging.assert_equal(
+    check = tf.debugging.assert_equal(
         tf.shape(token_ids), tf.shape(padding_mask),
         message="padding_mask must have the shape of token_ids",
     )
+    # The model depends on the check: otherwise a broadcasting error inside
+    # the model may fire first, with a message that names neither input.
+    with tf.control_dependencies([check]):
+        token_ids, padding_mask = tf.identity(token_ids), tf.identity(padding_mask)
     out = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
     return tf.cast(out, tf.float32)
 
@@ -100,10 +107,11 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
     if text_signature:
         def next_token(text):
             ragged = byte_tokenizer.tokenize(text)
-            tf.debugging.assert_positive(
+            check = tf.debugging.assert_positive(
                 ragged.row_lengths(), message="every text needs at least one byte"
             )
-            ids = ragged.to_tensor(0)
+            with tf.control_dependencies([check]):
+                ids = ragged.to_tensor(0)
             mask = tf.ones_like(ragged).to_tensor(0)
             logits = _logits(model, ids, mask)
             last = tf.gather(logits, ragged.row_lengths() - 1, axis=1, batch_dims=1)

@@ -1,6 +1,10 @@
-"""SavedModel export: served in a fresh process that cannot import keras."""
+"""SavedModel export, served the way a server would: by TensorFlow alone.
 
-import ast
+Every check runs in a fresh process that cannot import keras, keras_reformer
+or tensorflow_text (see GUARD): `saved_model_cli run` (TF's own CLI, on every
+signature and on bad requests), `tf.saved_model.load`, and an op census.
+"""
+
 import os
 import subprocess
 import sys
@@ -14,30 +18,43 @@ from keras_reformer.models import ReformerModel
 
 CONFIG = dict(vocabulary_size=256, num_layers=1, hidden_dim=16, num_heads=2,
               intermediate_dim=32, bucket_size=8, max_sequence_length=128, seed=5)
+CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 
-# Runs in a fresh interpreter where `import keras` (and so keras_reformer)
-# fails: what TF Serving has is TensorFlow (+ TF Text), nothing of ours.
+# A sitecustomize for the serving processes: what a model server has is
+# TensorFlow, nothing of ours and no TF Text. It also leaves a mark, so a
+# test can tell that the guard was active in the process it started.
+GUARD = textwrap.dedent("""
+    import os, sys
+    for name in ("keras", "keras_reformer", "tensorflow_text"):
+        sys.modules[name] = None
+    with open(os.environ["GUARD_MARK"], "a") as f:
+        f.write(os.path.basename(sys.argv[0]) + "\\n")
+""")
+
+
+@pytest.fixture(scope="module")
+def guard_env(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("guard")
+    (folder / "sitecustomize.py").write_text(GUARD)
+    return dict(os.environ, PYTHONPATH=os.fspath(folder), TF_CPP_MIN_LOG_LEVEL="2",
+                GUARD_MARK=os.fspath(folder / "mark"))
+
+
+def guard_marks(env):
+    """Names of the programs the guard has run in so far."""
+    if not os.path.exists(env["GUARD_MARK"]):
+        return []
+    with open(env["GUARD_MARK"]) as f:
+        return f.read().split()
+
+
 SERVE = textwrap.dedent("""
-    import sys
-    sys.modules["keras"] = None
-    sys.modules["keras_reformer"] = None
     import json
-    import numpy as np
+    import sys
     import tensorflow as tf
-    from tensorflow.python.framework import op_def_registry
     args = json.loads(sys.argv[1])
-    ops = args.get("ops", [])
-    not_core = sorted(op for op in ops if op_def_registry.get(op) is None)
-    if args.get("text"):
-        # Register the TF Text ops the way TF Serving has them: the op
-        # libraries only (importing the tensorflow_text package imports keras).
-        import glob, importlib.util, os
-        root = os.path.dirname(importlib.util.find_spec("tensorflow_text").origin)
-        for lib in sorted(glob.glob(os.path.join(root, "**", "_*.so"), recursive=True)):
-            tf.load_op_library(lib)
-    unknown = sorted(op for op in ops if op_def_registry.get(op) is None)
     loaded = tf.saved_model.load(args["path"])
-    results = {"ops": {"not_core": not_core, "unknown": unknown}}
+    results = {}
     for name, feed in args["requests"].items():
         fn = loaded.signatures[feed.pop("signature")]
         kwargs = {k: tf.constant(v) for k, v in feed.items()}
@@ -51,22 +68,55 @@ SERVE = textwrap.dedent("""
     print("RESULT " + json.dumps(results))
 """)
 
+# Every op type of every graph and function in the SavedModel, and which of
+# them a fresh `import tensorflow` does not register.
+OPS = textwrap.dedent("""
+    import json, os, sys
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow.python.framework import op_def_registry
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(sys.argv[1], "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    ops = set()
+    for meta in saved.meta_graphs:
+        ops.update(node.op for node in meta.graph_def.node)
+        for fn in meta.graph_def.library.function:
+            ops.update(node.op for node in fn.node_def)
+    unknown = sorted(op for op in ops if op_def_registry.get(op) is None)
+    print("RESULT " + json.dumps({"ops": sorted(ops), "unknown": unknown}))
+""")
 
-def serve(path, requests, text=False, ops=()):
-    """Runs `requests` in a fresh process without keras; with `ops`, also
-    reports which of those ops core TF lacks, and which TF Text lacks too."""
+
+def run_python(code, arg, env):
     import json
 
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-c", SERVE,
-         json.dumps({"path": path, "requests": requests, "text": text,
-                     "ops": list(ops)})],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+def serve(path, requests, env):
+    """Runs `requests` with `tf.saved_model.load` in a guarded fresh process."""
+    import json
+
+    return run_python(SERVE, json.dumps({"path": path, "requests": requests}), env)
+
+
+def cli_run(path, signature, input_exprs, env, outdir):
+    """`saved_model_cli run` on one signature: (process, {output: array})."""
+    proc = subprocess.run(
+        [CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+         signature, "--input_exprs", input_exprs, "--outdir", os.fspath(outdir),
+         "--overwrite"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    if proc.returncode != 0:
+        return proc, None
+    return proc, {name[:-4]: np.load(os.path.join(outdir, name))
+                  for name in os.listdir(outdir) if name.endswith(".npy")}
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +132,7 @@ def test_version_folder_and_signatures(exported):
     assert path.endswith(os.path.join("", "3")) and os.path.exists(
         os.path.join(path, "saved_model.pb")
     )
-    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    shown = subprocess.run([cli, "show", "--dir", path, "--all"],
+    shown = subprocess.run([CLI, "show", "--dir", path, "--all"],
                            capture_output=True, text=True, timeout=300).stdout
     assert "signature_def['serving_default']" in shown
     assert "token_ids" in shown and "logits" in shown
@@ -95,15 +144,70 @@ def test_version_folder_and_signatures(exported):
     assert "DT_INT32" in default and "shape: (-1, -1)" in default
     assert "shape: (-1, -1, 256)" in default
 
-    # Only core TF and TF Text ops: what the stock model server links.
-    line = next(x for x in shown.splitlines() if "contains the following ops" in x)
-    ops = ast.literal_eval(line[line.index("{"):])
-    got = serve(path, {}, text=True, ops=sorted(ops))["ops"]
+
+def test_every_op_is_registered_by_plain_tensorflow(exported, guard_env):
+    _, path = exported
+    got = run_python(OPS, path, guard_env)
     assert got["unknown"] == []
-    assert got["not_core"] and all(op.startswith("TFText>") for op in got["not_core"])
+    # The census saw the real graphs: the model's ops and the text tokenizer's.
+    assert {"MatMul", "DecodeRaw", "ReduceJoin", "Assert"} <= set(got["ops"])
 
 
-def test_served_logits_equal_predict_for_two_lengths(exported):
+def test_saved_model_cli_runs_every_signature(exported, guard_env, tmp_path):
+    model, path = exported
+    ids = [[100, 101, 102, 32, 109], [7, 8, 9, 10, 11]]
+    mask = [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    text = "héllo wörld 日本"  # non-ASCII: 2- and 3-byte UTF-8 characters
+    calls = {
+        "serving_default": f"token_ids={ids}",
+        "with_padding_mask": f"token_ids={ids};padding_mask={mask}",
+        "next_token": f"text={[text, 'a']!r}",
+    }
+    got, before = {}, guard_marks(guard_env).count("saved_model_cli")
+    for signature, exprs in calls.items():
+        proc, got[signature] = cli_run(path, signature, exprs, guard_env,
+                                       tmp_path / signature)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert guard_marks(guard_env).count("saved_model_cli") == before + 3
+
+    def predict(rows, mask):
+        return model.predict({"token_ids": np.array(rows, np.int32),
+                              "padding_mask": np.array(mask, np.int32)}, verbose=0)
+
+    np.testing.assert_allclose(got["serving_default"]["logits"],
+                               predict(ids, np.ones((2, 5))), atol=1e-5)
+    real = np.array(mask) > 0
+    np.testing.assert_allclose(got["with_padding_mask"]["logits"][real],
+                               predict(ids, mask)[real], atol=1e-5)
+    # The graph's bytes are Python's: the log-probs equal the model's on
+    # `s.encode("utf-8")`, whose last position depends on every byte.
+    log_probs = got["next_token"]["log_probs"]
+    assert log_probs.shape == (2, 256)
+    for row, s in zip(log_probs, [text, "a"]):
+        want_ids = [list(s.encode("utf-8"))]
+        logits = predict(want_ids, np.ones_like(want_ids))[0, -1].astype(np.float64)
+        want = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        np.testing.assert_allclose(row, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("signature, exprs, message", [
+    ("serving_default", "token_ids=[[1, 300, 3]]",
+     "token ids must be < vocabulary_size=256"),
+    ("serving_default", "token_ids=[[1, -1]]", "token ids must be >= 0"),
+    ("with_padding_mask", "token_ids=[[1, 2, 3]];padding_mask=[[1, 1]]",
+     "padding_mask must have the shape of token_ids"),
+    ("next_token", "text=['ok', '']", "every text needs at least one byte"),
+])
+def test_saved_model_cli_bad_request_is_invalid_argument(
+        exported, guard_env, tmp_path, signature, exprs, message):
+    _, path = exported
+    proc, _ = cli_run(path, signature, exprs, guard_env, tmp_path)
+    assert proc.returncode != 0
+    assert "InvalidArgumentError" in proc.stderr, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_loaded_signatures_equal_predict_and_reject_bad_requests(exported, guard_env):
     model, path = exported
     rng = np.random.default_rng(0)
     requests, wants = {}, {}
@@ -120,7 +224,12 @@ def test_served_logits_equal_predict_for_two_lengths(exported):
             {"token_ids": ids, "padding_mask": np.ones_like(ids)}, verbose=0), None)
         wants[f"padded{length}"] = (model.predict(
             {"token_ids": ids, "padding_mask": mask}, verbose=0), mask > 0)
-    got = serve(path, requests, text=True)
+    # One process for all requests: each fresh process costs seconds.
+    got = serve(path, {
+        **requests,
+        "long": {"signature": "serving_default", "token_ids": [[1] * 129]},
+        "long_text": {"signature": "next_token", "text": ["x" * 129]},
+    }, guard_env)
     for name, (want, real) in wants.items():
         out = np.asarray(got[name]["logits"])
         assert got[name]["deterministic"]
@@ -128,37 +237,11 @@ def test_served_logits_equal_predict_for_two_lengths(exported):
             np.testing.assert_allclose(out, want, atol=1e-5)
         else:
             np.testing.assert_allclose(out[real], want[real], atol=1e-5)
-
-
-def test_text_signature_gives_next_byte_log_probs(exported):
-    model, path = exported
-    texts = ["héllo wörld", "a"]
-    got = serve(path, {"t": {"signature": "next_token", "text": texts}}, text=True)
-    log_probs = np.asarray(got["t"]["log_probs"])
-    for row, text in zip(log_probs, texts):
-        ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)[None]
-        logits = model.predict({"token_ids": ids, "padding_mask": np.ones_like(ids)},
-                               verbose=0)[0, -1].astype(np.float64)
-        want = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
-        np.testing.assert_allclose(row, want, atol=1e-4)
-
-
-def test_bad_requests_are_invalid_argument(exported):
-    _, path = exported
-    got = serve(path, {
-        "vocab": {"signature": "serving_default", "token_ids": [[1, 256, 3]]},
-        "negative": {"signature": "serving_default", "token_ids": [[1, -1]]},
-        "long": {"signature": "serving_default", "token_ids": [[1] * 129]},
-        "mask": {"signature": "with_padding_mask", "token_ids": [[1, 2, 3]],
-                 "padding_mask": [[1, 1]]},
-    }, text=True)
-    assert "vocabulary_size=256" in got["vocab"]["error"]
-    assert ">= 0" in got["negative"]["error"]
     assert "axial maximum" in got["long"]["error"]
-    assert "padding_mask" in got["mask"]["error"]
+    assert "axial maximum" in got["long_text"]["error"]
 
 
-def test_export_arguments_and_token_signature_without_tf_text(exported, tmp_path):
+def test_export_arguments(exported, tmp_path):
     _, existing = exported
     model = ReformerModel(**CONFIG)
     root = os.path.dirname(existing)
@@ -179,25 +262,3 @@ def test_export_arguments_and_token_signature_without_tf_text(exported, tmp_path
     path = export_saved_model(model, os.fspath(tmp_path), overwrite=True)
     assert path == stale and not os.path.exists(os.path.join(stale, "stale.txt"))
     assert os.listdir(tmp_path) == ["1"]  # no staging folder left behind
-    # Without the text signature, no TF Text ops are needed to load it.
-    ids = [[5, 6, 7, 8]]
-    got = serve(path, {"r": {"signature": "serving_default", "token_ids": ids}})
-    want = model.predict({"token_ids": np.array(ids), "padding_mask": np.ones((1, 4))},
-                         verbose=0)
-    np.testing.assert_allclose(np.asarray(got["r"]["logits"]), want, atol=1e-5)
-
-
-def test_byte_tokenizer_round_trip():
-    import tensorflow as tf
-
-    from keras_reformer import text
-
-    texts = ["héllo", "", "日本"]
-    ids = text.tokenize(tf.constant(texts))
-    assert ids.dtype == tf.int32
-    assert ids.to_list() == [list(t.encode("utf-8")) for t in texts]
-    assert [t.decode("utf-8") for t in text.detokenize(ids).numpy()] == texts
-    # Cut inside a character: replaced, not an error.
-    assert text.detokenize(ids[2][:4]).numpy().decode("utf-8") == "日\ufffd"
-    with pytest.raises(tf.errors.InvalidArgumentError, match="< 256"):
-        text.detokenize(tf.constant([[65, 300]]))
