@@ -3,48 +3,63 @@
 import keras
 import tensorflow as tf
 
+from keras_reformer import _checks
+
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class SinusoidalPositionEmbedding(keras.layers.Layer):
-    """The Transformer's sin/cos position encodings, broadcast to the input.
+    """The Transformer's fixed sin/cos position encodings, broadcast to the input.
+
+    Feature `2k` of position `p` is `sin(p / max_wavelength**(2k / d))` and
+    feature `2k + 1` is `cos` of the same angle, with `d` the input's
+    feature size (Vaswani et al., 2017). The layer has no weights; add its
+    output to the inputs yourself, as with `AxialPositionEmbedding`.
 
     Args:
-        max_sequence_length: longest input accepted (longer inputs raise a
-            `ValueError` when the length is static, an `InvalidArgumentError`
-            at run time otherwise).
-        max_wavelength: the longest wavelength (default 10000).
+        max_sequence_length: int. The longest input accepted. Longer inputs
+            raise a `ValueError` when the length is static and an
+            `InvalidArgumentError` at run time otherwise (dropped under
+            `jit_compile=True`, where XLA removes assertions).
+        max_wavelength: float. The longest wavelength. Defaults to `10000`.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: tensor of shape `(batch, length, features)`. Only its shape
+            and the layer's dtype are used.
+
+    Returns:
+        A tensor of the shape of `inputs`, in the layer's compute dtype.
+
+    Example:
+
+    >>> import keras, keras_reformer as kr
+    >>> layer = kr.layers.SinusoidalPositionEmbedding(512)
+    >>> x = keras.random.normal((2, 100, 64))
+    >>> (x + layer(x)).shape
+    TensorShape([2, 100, 64])
     """
 
     def __init__(self, max_sequence_length, max_wavelength=10000, **kwargs):
         super().__init__(**kwargs)
-        self.max_sequence_length = max_sequence_length
-        self.max_wavelength = max_wavelength
+        self.max_sequence_length = _checks.positive_int(
+            "max_sequence_length", max_sequence_length
+        )
+        self.max_wavelength = _checks.positive_number("max_wavelength", max_wavelength)
         self.supports_masking = True
 
     def call(self, inputs):
-        length = inputs.shape[1]
-        if length is not None and length > self.max_sequence_length:
-            raise ValueError(
-                f"Input length {length} exceeds max_sequence_length="
-                f"{self.max_sequence_length}."
-            )
-        if length is None:
-            length = tf.shape(inputs)[1]
-            with tf.control_dependencies([
-                tf.debugging.assert_less_equal(
-                    length, self.max_sequence_length,
-                    message="Input length exceeds max_sequence_length="
-                    f"{self.max_sequence_length}.",
-                )
-            ]):
-                length = tf.identity(length)
+        length = _checks.sequence_length(
+            inputs, self.max_sequence_length,
+            f"exceeds max_sequence_length={self.max_sequence_length}.",
+        )
         width = inputs.shape[-1]
         positions = tf.cast(tf.range(length), tf.float32)[:, None]
         rates = tf.pow(
-            float(self.max_wavelength),
+            self.max_wavelength,
             -tf.cast(tf.range(0, width, 2), tf.float32) / float(width),
         )
         angles = positions * rates[None, :]
+        # Interleaves sin and cos: (length, width / 2, 2) -> (length, width).
         table = tf.reshape(tf.stack([tf.sin(angles), tf.cos(angles)], -1),
                            [length, -1])[:, :width]
         return tf.broadcast_to(tf.cast(table, self.compute_dtype)[None], tf.shape(inputs))
