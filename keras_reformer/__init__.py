@@ -7,5 +7,6 @@ Public API: `keras_reformer.layers`, `keras_reformer.models`,
 from keras_reformer import export  # noqa: F401
 from keras_reformer import layers  # noqa: F401
 from keras_reformer import models  # noqa: F401
+from keras_reformer import samplers  # noqa: F401
 
 __version__ = "0.1.0"

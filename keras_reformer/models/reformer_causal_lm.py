@@ -131,6 +131,22 @@ class ReformerCausalLM(keras.Model):
                         weighted_metrics=weighted_metrics, **kwargs)
         self.sampler = samplers_lib.get(sampler)
 
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None:
+            config = dict(config)
+            config["sampler"] = samplers_lib.serialize(self.sampler)
+        return config
+
+    def compile_from_config(self, config):
+        # A .keras file restores the optimizer, loss, metrics and sampler.
+        config = dict(config)
+        sampler = samplers_lib.get(config.pop("sampler", "top_k"))
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config, sampler=sampler)
+        if self.built and self.optimizer is not None:
+            self.optimizer.build(self.trainable_variables)
+
     # ------------------------------------------------ text in fit/predict
 
     def _preprocess(self, x, y=None, sample_weight=None, batch_size=None):
@@ -178,13 +194,20 @@ class ReformerCausalLM(keras.Model):
         # A traced loop bakes in the sampler, the stop tokens and each
         # layer's current num_hashes; anything else (seed, ids) is an input.
         decoder = self._decoder()
+        # The seed is an input of the traced loop, not part of its key.
+        described = samplers_lib.serialize(sampler)
+        described["config"] = {
+            k: v for k, v in described.get("config", {}).items() if k != "seed"
+        }
         key = (
-            max_length, json.dumps(samplers_lib.serialize(sampler), sort_keys=True),
+            max_length, json.dumps(described, sort_keys=True, default=str),
             tuple(stop_token_ids), bool(jit_compile),
             tuple(f.attention.num_hashes for f, _ in decoder.blocks),
         )
         if key not in self._generate_functions:
-            @tf.function(jit_compile=bool(jit_compile), reduce_retracing=True)
+            # Static shapes (XLA): prompts come padded to a power of two, so
+            # retracing is bounded by log2(max_length) shapes per batch size.
+            @tf.function(jit_compile=bool(jit_compile))
             def run(token_ids, padding_mask, seed):
                 return decoder.generate(
                     token_ids, padding_mask, seed, max_length=max_length,
