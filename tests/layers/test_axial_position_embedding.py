@@ -1,5 +1,6 @@
 """AxialPositionEmbedding against a table built by hand from its two axes."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -48,10 +49,12 @@ def test_too_long_inputs_fail_clearly(maximum):
         ({"max_sequence_length": 100, "axial_shape": (4, 5)}, "axial_shape"),
         ({"max_sequence_length": 10, "axial_shape": (4,)}, "axial_shape"),
         ({"max_sequence_length": 10, "axial_dims": (2, -1)}, "axial_dims"),
+        ({"max_sequence_length": 10.0}, "max_sequence_length"),
+        ({"max_sequence_length": 10, "axial_shape": (2, True)}, "axial_shape"),
     ],
 )
 def test_bad_arguments(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"`{name}` must .*Received: .*{name}="):
         AxialPositionEmbedding(**kwargs)
 
 
@@ -65,3 +68,58 @@ def test_config_round_trip():
     layer = AxialPositionEmbedding(100, axial_shape=(10, 10), axial_dims=(4, 4))
     clone = AxialPositionEmbedding.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+def test_default_initializer_is_normal_with_stddev_002():
+    layer = AxialPositionEmbedding(4096, axial_shape=(64, 64))
+    layer.build((None, None, 256))
+    values = np.concatenate([np.ravel(layer.first), np.ravel(layer.second)])
+    assert abs(values.mean()) < 0.002
+    np.testing.assert_allclose(values.std(), 0.02, rtol=0.05)
+
+
+@pytest.mark.parametrize("initializer,stddev", [
+    ("random_normal", 0.05),  # Keras' own default, no longer remapped
+    ({"class_name": "RandomNormal", "config": {"stddev": 0.3, "seed": 4}}, 0.3),
+])
+def test_any_keras_initializer_is_passed_through(initializer, stddev):
+    layer = AxialPositionEmbedding(4096, axial_shape=(64, 64),
+                                   initializer=initializer)
+    layer.build((None, None, 256))
+    values = np.concatenate([np.ravel(layer.first), np.ravel(layer.second)])
+    np.testing.assert_allclose(values.std(), stddev, rtol=0.05)
+
+
+@pytest.mark.parametrize("initializer", [None, "random_normal", "glorot_uniform",
+                                         keras.initializers.RandomUniform(seed=3)])
+def test_tables_do_not_share_values(initializer):
+    # Keras initializers draw the same numbers on every call: one instance
+    # used for both tables gave them the same leading values.
+    layer = AxialPositionEmbedding(64, axial_shape=(8, 8), initializer=initializer)
+    layer.build((None, None, 8))
+    first, second = np.ravel(layer.first), np.ravel(layer.second)
+    assert not np.allclose(first[:8], second[:8])
+
+
+def test_config_round_trip_with_non_default_initializer(tmp_path):
+    initializer = keras.initializers.TruncatedNormal(stddev=0.1, seed=7)
+    layer = AxialPositionEmbedding(100, axial_shape=(10, 10), initializer=initializer)
+    config = layer.get_config()
+    assert config["initializer"]["class_name"] == "TruncatedNormal"
+    assert config["initializer"]["config"]["stddev"] == 0.1
+    clone = AxialPositionEmbedding.from_config(config)
+    assert clone.get_config() == config
+    x = tf.zeros((1, 30, 8))
+    # Seeded: the same tables again, in a clone and after a .keras round trip.
+    np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(layer(x)))
+    inputs = keras.Input((30, 8))
+    model = keras.Model(inputs, AxialPositionEmbedding.from_config(config)(inputs))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded(x), model(x))
+    assert loaded.layers[-1].get_config()["initializer"] == config["initializer"]
+
+
+def test_bad_initializer_names_it():
+    with pytest.raises(ValueError, match="nonsense"):
+        AxialPositionEmbedding(10, initializer="nonsense")

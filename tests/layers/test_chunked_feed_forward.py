@@ -222,12 +222,46 @@ def test_mask_passes_through():
     np.testing.assert_array_equal(y._keras_mask, ids != 0)
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="intermediate_dim"):
-        ChunkedFeedForward(0)
-    with pytest.raises(ValueError, match="chunk_size"):
-        ChunkedFeedForward(8, chunk_size=0)
-    with pytest.raises(ValueError, match="dropout"):
-        ChunkedFeedForward(8, dropout=1.0)
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"intermediate_dim": 0}, "intermediate_dim"),
+        ({"intermediate_dim": 8.0}, "intermediate_dim"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"output_dim": -2}, "output_dim"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": "0.1"}, "dropout"),
+        ({"use_bias": "no"}, "use_bias"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**30}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    args = dict(intermediate_dim=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=f"`{name}` must .*Received: {name}="):
+        ChunkedFeedForward(**args)
+
+
+def test_bad_input_shape():
     with pytest.raises(ValueError, match="shape"):
         ChunkedFeedForward(8).build((None, FEATURES))
+
+
+@pytest.mark.parametrize("initializer", [
+    "glorot_uniform", keras.initializers.RandomNormal(seed=11),
+])
+def test_kernels_do_not_share_values(initializer):
+    # Keras initializers draw the same numbers on every call; one instance
+    # for both kernels made the output kernel a reshaped copy of the first.
+    layer = ChunkedFeedForward(FEATURES, kernel_initializer=initializer)
+    layer.build((None, None, FEATURES))
+    first = np.ravel(layer.intermediate_dense.kernel)
+    second = np.ravel(layer.output_dense.kernel)
+    assert not np.allclose(first, second)
+    # A seeded initializer still gives the same weights every time.
+    again = ChunkedFeedForward(FEATURES, kernel_initializer=initializer)
+    again.build((None, None, FEATURES))
+    if not isinstance(initializer, str):
+        np.testing.assert_array_equal(np.ravel(again.output_dense.kernel), second)
