@@ -60,18 +60,19 @@ def look_around(chunks, before, after, pad_value=None):
     return tf.concat(parts, axis=2)
 
 
-def bias_from_masks(same_position, masked):
-    """Additive float32 mask: 0, SELF_MASK_VALUE on self, MASK_VALUE masked.
+def bias_from_masks(same_position, masked, dtype=tf.float32):
+    """Additive mask: 0, SELF_MASK_VALUE on self, MASK_VALUE where masked.
 
     Adding it equals overwriting: a logit plus -1e9 rounds to -1e9 in
     float32. Built from integers only, so it needs no gradient.
     """
-    self_bias = tf.where(same_position, SELF_MASK_VALUE, 0.0)
-    return tf.where(masked, MASK_VALUE, self_bias)
+    self_bias = tf.where(same_position, tf.constant(SELF_MASK_VALUE, dtype),
+                         tf.constant(0.0, dtype))
+    return tf.where(masked, tf.constant(MASK_VALUE, dtype), self_bias)
 
 
 def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
-               sliding_window=None):
+               sliding_window=None, dtype=tf.float32):
     """Additive mask of each chunk's queries against its key window.
 
     Args:
@@ -124,14 +125,14 @@ def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
         masked = tf.logical_or(
             masked, tf.logical_not(tf.reshape(allowed, tf.shape(index)))
         )
-    return bias_from_masks(q_pos == k_pos, masked)
+    return bias_from_masks(q_pos == k_pos, masked, dtype)
 
 
-def dropout_keep(shape, rate, seed):
+def dropout_keep(shape, rate, seed, dtype=tf.float32):
     """Dropout multiplier (0 or 1 / (1 - rate)) from a stateless seed, so the
     same seed gives the same mask in a recomputation."""
     uniform = tf.random.stateless_uniform(shape, seed=seed)
-    return tf.cast(uniform >= rate, tf.float32) * (1.0 / (1.0 - rate))
+    return tf.cast(uniform >= rate, dtype) * (1.0 / (1.0 - rate))
 
 
 def softmax_attention(queries, keys, values, bias, keep=None):
@@ -215,7 +216,7 @@ def _attend_group(q, v, info, group_index, settings):
     bias = chunk_bias(
         info, key, settings["causal"], before * settings["bucket_size"],
         pair_rows, settings["length"], row_causal=row_causal,
-        sliding_window=settings["sliding_window"],
+        sliding_window=settings["sliding_window"], dtype=q.dtype,
     )
     keep = None
     if settings["rate"] > 0:
@@ -226,7 +227,7 @@ def _attend_group(q, v, info, group_index, settings):
         seed = tf.random.experimental.stateless_fold_in(
             settings["seed"], group_index
         )
-        keep = dropout_keep(tf.shape(bias), settings["rate"], seed)
+        keep = dropout_keep(tf.shape(bias), settings["rate"], seed, q.dtype)
     out, lse = softmax_attention(
         q * (1.0 / math.sqrt(float(q.shape[-1]))),
         look_around(_unit(q), before, after),
@@ -302,8 +303,9 @@ def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
     """LSH attention of every (batch, head) pair; a loop over groups if large.
 
     Args:
-        qk: (P, L, D) float32 queries (keys are their unit vectors).
-        v: (P, L, E) float32 values.
+        qk: (P, L, D) float queries (keys are their unit vectors); float32
+            in the layer, float64 in gradient tests.
+        v: (P, L, E) values, same dtype.
         ints: see `_attend_pairs` (for all P pairs).
         bucket_size: C; window: (chunks_before, chunks_after); causal: bool.
         length: scalar L.
@@ -341,7 +343,7 @@ def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
         return _attend_pairs(qk, v, dict(zip(names, values)), index, settings)
 
     indices = tf.range(groups)
-    out_spec = tf.TensorSpec([group, positions, v.shape[-1]], tf.float32)
+    out_spec = tf.TensorSpec([group, positions, v.shape[-1]], v.dtype)
 
     @tf.custom_gradient
     def looped(qk, v, *values):
@@ -358,7 +360,7 @@ def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
                 # hoist the recomputation into the forward pass.
                 return tuple(tape.gradient(out, [qk, v], d_out))
 
-            spec = tf.TensorSpec([group, positions, None], tf.float32)
+            spec = tf.TensorSpec([group, positions, None], v.dtype)
             grads = tf.map_fn(
                 group_grad, (indices, qk, v, d_out, *values),
                 fn_output_signature=(spec, spec), parallel_iterations=1,

@@ -139,9 +139,10 @@ def dense_attend(qk, values, valid, *, causal=False, pair_allowed=None,
     if pair_allowed is not None:
         masked = tf.logical_or(masked, tf.logical_not(pair_allowed)[:, None])
     same = positions[:, None] == positions[None, :]
-    probs = tf.nn.softmax(logits + bias_from_masks(same, masked), axis=-1)
+    probs = tf.nn.softmax(logits + bias_from_masks(same, masked, qk.dtype), axis=-1)
     if dropout_rate > 0:
-        probs = probs * dropout_keep(tf.shape(probs), dropout_rate, dropout_seed)
+        probs = probs * dropout_keep(tf.shape(probs), dropout_rate, dropout_seed,
+                                     qk.dtype)
     return tf.matmul(probs, values)
 
 
