@@ -35,6 +35,10 @@ def make_model(distribute_module, strategy, jit_compile, initial=None):
     import keras_reformer as kr
 
     class XlaWitness(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.supports_masking = True  # passes ReformerModel's mask on
+
         def call(self, logits):
             # (length, vocab): the same on every replica and every batch row.
             noise = tf.random.stateless_normal(tf.shape(logits)[1:], seed=[7, 7])
@@ -145,6 +149,55 @@ def test_mirrored_fit_without_xla_matches_too(mirrored_xla, mirrored_graph):
     assert r["weights_max_diff"] < 1e-5 and r["replicas_identical"] is True
     # The witness tells XLA from no XLA, so the XLA test above is meaningful.
     assert abs(r["losses"][0] - mirrored_xla["losses"][0]) > 1e-2
+
+
+# Signs in HLO text of what a TPU cannot compile or runs badly: bounded
+# dynamic dimensions (`f32[<=64]`), transfers to/from the host, and host
+# callbacks (tf.py_function / tf.numpy_function lower to custom calls).
+TPU_UNFRIENDLY = ("<=", "infeed", "outfeed", "send(", "recv(", "host", "callback",
+                  "py_func", "string")
+
+
+def tpu_problems(hlo):
+    return [word for word in TPU_UNFRIENDLY if word in hlo.lower()]
+
+
+def test_tpu_check_catches_dynamic_shapes():
+    # The check used below must be able to fail: a data-dependent shape.
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def nonzero(x):
+        return tf.where(x > 0)
+
+    hlo = nonzero.experimental_get_compiler_ir(tf.constant([1.0, -1.0, 2.0]))("hlo")
+    assert "<=" in tpu_problems(hlo)
+
+
+def test_whole_train_step_compiles_as_a_tpu_needs():
+    # TPUStrategy compiles the whole step with XLA: forward, reversible
+    # backward, optimizer update, metrics. Fixed-shape inputs must give a
+    # static program with no host ops (tokenization stays in tf.data).
+    import keras
+    import tensorflow as tf
+
+    from keras_reformer import distribute
+
+    keras.utils.set_random_seed(0)
+    model = make_model(distribute, tf.distribute.get_strategy(), jit_compile=True)
+    model.optimizer.build(model.trainable_variables)
+    x = tf.zeros((2, LENGTH), tf.int32)
+    y = tf.ones((2, LENGTH), tf.int32)
+    step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
+    hlo = step.experimental_get_compiler_ir(x, y)(stage="hlo")
+    assert tpu_problems(hlo) == []
+    assert "sort" in hlo  # the LSH bucket sort is in this program
+    # The optimized stage compiles the program for the device (CPU here).
+    assert "ENTRY" in step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    iterations = int(model.optimizer.iterations)
+    logs = step(x, y)
+    assert int(model.optimizer.iterations) == iterations + 1
+    assert np.isfinite(float(logs["loss"]))
 
 
 def test_prepare_fit_argument_errors():

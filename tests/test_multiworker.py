@@ -1,0 +1,147 @@
+"""MultiWorkerMirroredStrategy with two real worker processes on 127.0.0.1.
+
+Each test starts two processes with a `TF_CONFIG` naming two free local
+ports (the way two hosts would run), waits for both under a timeout (a hang
+fails the test instead of blocking CI) and checks what they report. This
+file run as a script is the worker: `python tests/test_multiworker.py MODE`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TRAIN_LM = os.path.join(ROOT, "examples", "train_lm.py")
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(command, tmp_path, env_extra=None):
+    """Starts one process per worker; returns the Popen objects."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    procs = []
+    for index in range(2):
+        config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(config), TF_CPP_MIN_LOG_LEVEL="3",
+                   KERAS_BACKEND="tensorflow", **(env_extra or {}))
+        log = open(tmp_path / f"worker{index}.log", "w+")
+        procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, cwd=ROOT, text=True))
+        procs[-1].log = log
+    return procs
+
+
+def wait_all(procs, timeout):
+    """Exit codes and outputs; kills every worker still running at `timeout`."""
+    deadline = time.time() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        pass
+    hung = [proc for proc in procs if proc.poll() is None]
+    for proc in hung:
+        proc.kill()
+        proc.wait()
+    outputs = []
+    for proc in procs:
+        proc.log.seek(0)
+        outputs.append(proc.log.read())
+        proc.log.close()
+    assert not hung, f"workers hung past {timeout}s:\n" + "\n-----\n".join(
+        out[-3000:] for out in outputs
+    )
+    return [proc.returncode for proc in procs], outputs
+
+
+def last_json(output):
+    return json.loads(output.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------- worker code
+
+
+def worker(mode):
+    """Trains the model of tests/test_distribute.py on this worker's share."""
+    sys.path.insert(0, ROOT)
+    import keras
+    import tensorflow as tf
+
+    from keras_reformer import distribute
+    from tests import test_distribute as td
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if mode == "unpatched":
+        # Keras' own fit, no workaround: expected to fail (keras#20585).
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+            model.compile("sgd", "mse")
+        x = np.ones((8, 4), "float32")
+        model.fit(tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(4),
+                  epochs=1, verbose=0)
+        print(json.dumps({"fit": "ran"}))
+        return
+    # The same initial weights on both workers: set_weights() below assigns
+    # this worker's values, with no broadcast from the chief.
+    keras.utils.set_random_seed(0)
+    default = tf.distribute.get_strategy()
+    reference = td.make_model(distribute, default, jit_compile=True)
+    initial = reference.get_weights()
+    model = td.make_model(distribute, strategy, jit_compile=True, initial=initial)
+    report = {"replicas": strategy.num_replicas_in_sync,
+              "losses": td.train(model, strategy),
+              "digest": distribute.weights_digest(model),
+              "outer_jit_compile": model.jit_compile}
+    if distribute.is_chief():
+        # Worker 0 also runs the single-device reference on the global batch.
+        report["reference_losses"] = td.train(reference, default)
+        report["weights_max_diff"] = float(max(
+            np.abs(a - b).max() for a, b in zip(reference.get_weights(), model.get_weights())
+        ))
+    print(json.dumps(report))
+
+
+# ------------------------------------------------------------- the tests
+
+
+def test_two_workers_fit_with_xla_match_single_device(tmp_path):
+    codes, outs = wait_all(start_workers([sys.executable, HERE, "train"], tmp_path),
+                           timeout=300)
+    assert codes == [0, 0], "\n-----\n".join(out[-3000:] for out in outs)
+    chief, other = last_json(outs[0]), last_json(outs[1])
+    assert chief["replicas"] == 2 and chief["outer_jit_compile"] is False
+    assert chief["digest"] == other["digest"]  # bit-identical on both workers
+    assert chief["losses"] == other["losses"]
+    np.testing.assert_allclose(chief["losses"], chief["reference_losses"],
+                               rtol=1e-5, atol=1e-5)
+    assert chief["weights_max_diff"] < 1e-5
+
+
+def test_keras_still_needs_the_multiworker_fix(tmp_path):
+    codes, outs = wait_all(start_workers([sys.executable, HERE, "unpatched"], tmp_path),
+                           timeout=120)
+    if codes == [0, 0]:
+        pytest.fail("Keras' fit now runs under MultiWorkerMirroredStrategy "
+                    "(keras-team/keras#20585 fixed): remove the workaround "
+                    "keras_reformer/_multiworker_fix.py and its use in distribute.py")
+    # The failure the workaround exists for (see _multiworker_fix.py).
+    assert any("PerReplica" in out for out in outs), outs[0][-3000:]
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
