@@ -1,0 +1,166 @@
+"""Generation speed: cached decoding (ReformerCausalLM.generate) vs the
+uncached loop (ReformerModel.generate, a full pass per token).
+
+Setup (issue 13): one causal ReformerModel for all points (2 layers, d_model
+256, 4 heads x 64, bucket 64, 2 hashes, byte vocabulary), its
+`max_sequence_length` the longest prompt plus the new tokens, so every
+prompt length sees the same bucket count. Batch 1, greedy. Each point runs
+in a fresh process.
+
+- cached: `ReformerCausalLM.generate(..., jit_compile=True)`, one compiled
+  loop. Two timed runs after a warm-up (compilation): `max_length = prompt +
+  1` (the prompt pass and one token) and `prompt + new_tokens`; the
+  difference over `new_tokens - 1` is the per-token decode time, which
+  should not grow with the prompt (issue: at 16K <= 1.5x that at 512).
+- uncached: `ReformerModel.generate`, `--uncached-tokens` tokens (each a full
+  pass over the prefix, so a few are enough), per-token = total / tokens.
+
+    python benchmarks/generate.py                       # 512, 4K, 16K
+    python benchmarks/generate.py --prompts 64 128 --new-tokens 8 --tiny   # smoke
+
+Writes benchmarks/results/generate.csv and docs/generate_benchmark.png.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+FULL = dict(num_layers=2, hidden_dim=256, num_heads=4, bucket_size=64, num_hashes=2)
+TINY = dict(num_layers=1, hidden_dim=32, num_heads=2, bucket_size=8, num_hashes=2)
+
+
+def build(max_length, tiny):
+    import keras_reformer as kr
+
+    shape = TINY if tiny else FULL
+    backbone = kr.models.ReformerModel(
+        258, max_sequence_length=max_length, seed=0,
+        feedforward_chunk_size=shape["bucket_size"] * 2, **shape,
+    )
+    return backbone, kr.models.ReformerCausalLM(backbone)
+
+
+def timed(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny):
+    import numpy as np
+    import tensorflow as tf
+
+    backbone, lm = build(max_length, tiny)
+    ids = np.random.default_rng(0).integers(0, 256, size=(1, prompt)).astype(np.int32)
+    record = dict(kind=kind, prompt=prompt, max_sequence_length=max_length,
+                  device="GPU" if tf.config.list_physical_devices("GPU") else "CPU")
+    if kind == "cached":
+        def run(total):
+            return lambda: lm.generate(ids, max_length=total, sampler="greedy",
+                                       stop_token_ids=None, jit_compile=True)
+
+        short, long = run(prompt + 1), run(prompt + new_tokens)
+        short(), long()  # compile both
+        t_short, t_long = timed(short, repeats), timed(long, repeats)
+        per_token = (t_long - t_short) / (new_tokens - 1)
+        record.update(new_tokens=new_tokens, seconds=t_long, prompt_ms=1e3 * t_short,
+                      per_token_ms=1e3 * per_token, tokens_per_s=1.0 / per_token,
+                      jit=True)
+    else:
+        def run():
+            backbone.generate(ids, max_new_tokens=uncached_tokens, temperature=0)
+
+        backbone.generate(ids, max_new_tokens=1, temperature=0)  # trace
+        seconds = timed(run, repeats)
+        record.update(new_tokens=uncached_tokens, seconds=seconds,
+                      per_token_ms=1e3 * seconds / uncached_tokens,
+                      tokens_per_s=uncached_tokens / seconds, jit=False)
+    _common.emit(record)
+
+
+def torch_peer_point(prompt, new_tokens):
+    """TODO(issue 13): the PyTorch peer's `generate(use_cache=True)` (HF
+    transformers' ReformerModelWithLMHead) with the same shape, run from the
+    peer's venv (see the performance issue). Returns a record like `point`'s
+    or None while it is not wired up."""
+    return None
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in ("cached", "uncached", "torch"):
+        points = sorted((r["prompt"], r["tokens_per_s"]) for r in rows
+                        if r.get("kind") == kind and r.get("status") == "ok")
+        if points:
+            ax.plot(*zip(*points), marker="o", label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("generated tokens / s (batch 1)")
+    ax.set_title("Reformer generation: cached vs uncached")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, nargs="+", default=[512, 4096, 16384])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--uncached-tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", default=["cached", "uncached"])
+    parser.add_argument("--tiny", action="store_true",
+                        help="a 1-layer width-32 model (smoke runs only)")
+    parser.add_argument("--csv", default="generate.csv")
+    parser.add_argument("--point", nargs="+")
+    args = parser.parse_args()
+    if args.point:
+        kind, prompt, new, uncached, max_length, repeats, tiny = args.point
+        point(kind, int(prompt), int(new), int(uncached), int(max_length),
+              int(repeats), tiny == "1")
+        return
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2 (per-token time is a difference)")
+    max_length = max(args.prompts) + max(args.new_tokens, args.uncached_tokens)
+    rows = []
+    for prompt in args.prompts:
+        for kind in args.kinds:
+            _common.progress(f"{kind} prompt={prompt}")
+            record = _common.run_point(
+                os.path.abspath(__file__),
+                [kind, prompt, args.new_tokens, args.uncached_tokens, max_length,
+                 args.repeats, int(args.tiny)],
+            )
+            record.setdefault("kind", kind)
+            record.setdefault("prompt", prompt)
+            rows.append(record)
+            _common.progress(f"  {record}")
+        peer = torch_peer_point(prompt, args.new_tokens)
+        if peer is not None:
+            rows.append(peer)
+    path = _common.write_csv(args.csv, rows)
+    _common.progress(f"wrote {path}")
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if ok:
+        os.makedirs(_common.DOCS, exist_ok=True)
+        name = "generate_benchmark.png" if args.csv == "generate.csv" else (
+            os.path.splitext(args.csv)[0] + ".png")
+        plot(ok, os.path.join(_common.DOCS, name))
+
+
+if __name__ == "__main__":
+    main()
