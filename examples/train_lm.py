@@ -7,12 +7,22 @@ for TF Serving and samples a continuation of a prompt.
 
     python examples/train_lm.py                       # defaults, XLA on
     python examples/train_lm.py --seq-len 65536 --data enwik8
-    python examples/train_lm.py --strategy mirrored   # tf.distribute
+    python examples/train_lm.py --strategy mirrored   # all local GPUs, XLA per replica
+    TF_CONFIG=... python examples/train_lm.py --strategy multiworker  # one per host
     python examples/train_lm.py --smoke               # seconds, for tests
     tensorboard --logdir runs/train_lm/logs
 
 A killed run started again with the same --run-dir resumes from its last
-checkpoint (keras.callbacks.BackupAndRestore).
+checkpoint (keras.callbacks.BackupAndRestore, written at every epoch end):
+weights, optimizer state and step count, and it skips the training batches
+it already consumed.
+
+Training is Keras' `model.fit` under every strategy, prepared by
+`keras_reformer.distribute.prepare_fit`: XLA compiles the whole step on one
+device or a TPU, and each replica's forward/backward pass under `mirrored`
+and `multiworker` (where Keras cannot compile the whole step). If another
+worker dies, this one stops with an error and exit code 1 instead of
+waiting for it. See docs/distributed.md.
 """
 
 import argparse
@@ -20,6 +30,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import keras
@@ -48,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--num-hashes", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--clipnorm", type=float, default=1.0,
+                   help="gradient clipping (per replica, as Keras does); 0: none")
     p.add_argument("--no-jit", dest="jit", action="store_false",
                    help="do not compile with XLA")
     p.add_argument("--strategy", default="default",
@@ -55,32 +68,64 @@ def parse_args(argv=None):
     p.add_argument("--tpu", default="", help="TPU name/address for --strategy tpu")
     p.add_argument("--cpu-replicas", type=int, default=0,
                    help="split the CPU into this many logical devices (mirrored on a CPU)")
-    p.add_argument("--run-dir", default="runs/train_lm")
+    p.add_argument("--run-dir", default=None,
+                   help="checkpoints, TensorBoard logs, export (default runs/train_lm)")
     p.add_argument("--prompt", default="def main(")
     p.add_argument("--sample-len", type=int, default=200)
     p.add_argument("--stop-after-steps", type=int, default=0,
                    help="kill the process (os._exit) after this many steps: for resume tests")
-    p.add_argument("--smoke", action="store_true", help="tiny model, few steps")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model, short sequences, few steps (seconds); "
+                        "writes into a temporary folder unless --run-dir is given")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.smoke:
         args.seq_len, args.epochs, args.steps_per_epoch = 256, 2, 3
         args.validation_steps, args.num_layers, args.hidden_dim = 2, 1, 32
         args.intermediate_dim, args.bucket_size, args.sample_len = 64, 32, 16
+        if args.run_dir is None:
+            args.run_dir = tempfile.mkdtemp(prefix="train_lm_smoke_")
+    if args.run_dir is None:
+        args.run_dir = os.path.join("runs", "train_lm")
     for name in ("seq_len", "batch_size", "epochs", "steps_per_epoch", "validation_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.clipnorm < 0:
+        p.error(f"--clipnorm must be >= 0, got {args.clipnorm}")
     return args
 
 
-class LearningRateLogger(keras.callbacks.Callback):
-    """Puts the current learning rate into the logs (TensorBoard shows it)."""
+class SeedStateBackup(keras.callbacks.Callback):
+    """Backs up the models' random-number states beside BackupAndRestore's.
+
+    `save_weights` leaves out `keras.random.SeedGenerator` states, which
+    draw the dropout masks and the training-time LSH rotations; without them
+    a resumed run would replay the randomness of the first steps. Saved at
+    every epoch end into the backup folder (so deleted with it when training
+    completes) and restored at the start, after the weights.
+    """
+
+    def __init__(self, backup_dir):
+        super().__init__()
+        self.path = os.path.join(backup_dir, "seed_states.npz")
+        self.weights_path = os.path.join(backup_dir, "latest.weights.h5")
+
+    def _states(self):
+        return [v for v in self.model.variables if v.name == "seed_generator_state"]
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self.path) and os.path.exists(self.weights_path):
+            saved = np.load(self.path)
+            states = self._states()
+            if len(saved.files) == len(states):
+                for i, variable in enumerate(states):
+                    variable.assign(saved[f"state_{i}"])
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            )
+        values = {f"state_{i}": keras.ops.convert_to_numpy(v.value)
+                  for i, v in enumerate(self._states())}
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        np.savez(self.path, **values)
 
 
 class BatchCounter(keras.callbacks.Callback):
@@ -126,90 +171,128 @@ def build_model(args):
         0.0, total_steps, alpha=0.1, warmup_target=args.learning_rate,
         warmup_steps=max(1, total_steps // 10),
     )
-    return model, keras.optimizers.Adam(schedule, clipnorm=1.0)
+    return model, keras.optimizers.Adam(schedule, clipnorm=args.clipnorm or None)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # Device layout and strategy first: both must be set up before any
+    # TensorFlow op runs (MultiWorkerMirroredStrategy starts a gRPC server).
     if args.cpu_replicas:
         distribute.use_logical_cpus(args.cpu_replicas)
+    strategy = distribute.make_strategy(args.strategy, tpu=args.tpu)
     keras.utils.set_random_seed(args.seed)
+    chief = distribute.is_chief()
+    # Every worker keeps its own checkpoints and logs (they hold the same
+    # weights); the chief's are the run's.
+    run_dir = args.run_dir
+    if not chief:
+        run_dir = os.path.join(run_dir, "%s-%d" % distribute.task_info())
+    os.makedirs(run_dir, exist_ok=True)
+    backup_dir = os.path.join(run_dir, "backup")
+
     files = args.data or data.default_corpus_files()
     train_files, val_files = data.split_files(files)
+    xla = "off"
+    if args.jit:
+        xla = "per replica" if distribute.is_mirrored(strategy) else "whole step"
     print(f"corpus: {len(train_files)} training files, {len(val_files)} validation "
-          f"files; sequences of {args.seq_len} bytes; XLA {'on' if args.jit else 'off'}; "
-          f"strategy {args.strategy}")
-    strategy = distribute.make_strategy(args.strategy, tpu=args.tpu)
+          f"files; sequences of {args.seq_len} bytes; XLA {xla}; "
+          f"strategy {args.strategy} ({strategy.num_replicas_in_sync} replicas)")
     global_batch = args.batch_size * strategy.num_replicas_in_sync
-    # Training windows are never padded, so the model is trained through a
-    # wrapper that takes the token ids alone.
     train = data.lm_dataset(train_files, args.seq_len, global_batch, seed=args.seed,
                             with_padding_mask=False)
+    # A resumed run continues the data stream where the checkpoint left it.
+    skip = distribute.batches_done(backup_dir, args.steps_per_epoch)
+    if skip:
+        print(f"resuming: skipping the {skip} training batches already seen")
+        train = train.skip(skip)
     val = data.lm_dataset(val_files, args.seq_len, global_batch, shuffle=False,
                           with_padding_mask=False)
 
-    os.makedirs(args.run_dir, exist_ok=True)
     with strategy.scope():
         model, optimizer = build_model(args)
+        # Training windows are never padded, so the model is trained through
+        # a wrapper that takes the token ids alone.
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         trainer = keras.Model(token_ids, model(
             {"token_ids": token_ids, "padding_mask": keras.ops.ones_like(token_ids)}
         ))
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        jit = distribute.fit_jit_compile(strategy, args.jit)
-        trainer.compile(optimizer, loss, metrics=["accuracy"], jit_compile=jit)
+        trainer.compile(optimizer, loss, metrics=["accuracy"])
+        distribute.prepare_fit(trainer, jit_compile=args.jit)
+        # Optimizer variables are created here, in the scope (mirrored), not
+        # lazily by BackupAndRestore outside it.
+        optimizer.build(trainer.trainable_variables)
     callbacks = [
-        # Checkpoints at epoch ends (an epoch is about a minute by default):
-        # Keras resumes at the start of an epoch, so mid-epoch checkpoints
-        # would replay that epoch's first steps and miscount the steps.
-        keras.callbacks.BackupAndRestore(os.path.join(args.run_dir, "backup")),
-        LearningRateLogger(),
-        keras.callbacks.TensorBoard(os.path.join(args.run_dir, "logs"),
+        # Checkpoints at epoch ends (an epoch is about two minutes by
+        # default): Keras resumes at the start of an epoch, so mid-epoch
+        # checkpoints would replay that epoch's first steps.
+        keras.callbacks.BackupAndRestore(backup_dir),
+        SeedStateBackup(backup_dir),
+        # Scalars per epoch (loss, accuracy, val_*, learning_rate) and the
+        # graph of the training step.
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"),
                                     write_graph=True, update_freq="epoch"),
     ]
     counter = BatchCounter()
     callbacks.append(counter)
     if args.stop_after_steps:
         callbacks.append(StopAfter(args.stop_after_steps))
+    fit_kwargs = dict(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                      validation_data=val, validation_steps=args.validation_steps,
+                      callbacks=callbacks, verbose=1)
     start = time.time()
-    trainer.fit(train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-              validation_data=val, validation_steps=args.validation_steps,
-              callbacks=callbacks, verbose=1, shuffle=False)
+    try:
+        trainer.fit(train, shuffle=False, **fit_kwargs)
+        results = trainer.evaluate(val, steps=args.validation_steps, verbose=0,
+                                   return_dict=True)
+    except tf.errors.OpError as error:
+        if args.strategy != "multiworker":
+            raise
+        # A dead or unreachable peer surfaces as a failed collective or a
+        # coordination-service error: say so and exit instead of a traceback.
+        kind, index = distribute.task_info()
+        print(f"\nerror: {kind} {index}: training stopped because another worker "
+              f"failed or became unreachable ({type(error).__name__}: "
+              f"{error.message.splitlines()[0][:300]})", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # os._exit: a normal exit would wait in TensorFlow's shutdown for
+        # the dead peer.
+        os._exit(1)
     train_seconds = time.time() - start
-    results = trainer.evaluate(val, steps=args.validation_steps, verbose=0,
-                             return_dict=True)
+    steps = int(trainer.optimizer.iterations.numpy())
     bits = results["loss"] / math.log(2)
     print(f"validation bits per byte: {bits:.3f} (loss {results['loss']:.4f}, "
           f"accuracy {results['accuracy']:.3f}); training took {train_seconds:.0f}s, "
-          f"{int(trainer.optimizer.iterations.numpy())} steps")
+          f"{steps} steps ({counter.count} in this run)")
 
     identical = distribute.replicas_identical(model)
     digest = distribute.weights_digest(model)
     print(f"replicas: {strategy.num_replicas_in_sync}; weights identical on every "
-          f"replica: {identical}; weights digest {digest[:16]}")
-    summary = {"bits_per_byte": bits, "steps": int(trainer.optimizer.iterations.numpy()),
+          f"local replica: {identical}; weights digest {digest[:16]}")
+    summary = {"bits_per_byte": bits, "steps": steps,
                "steps_this_run": counter.count, "train_seconds": train_seconds,
                "replicas": strategy.num_replicas_in_sync,
                "copies_per_weight": distribute.replica_copies(model),
-               "replicas_identical": identical, "weights_digest": digest}
-    if not distribute.is_chief(strategy):
-        with open(os.path.join(args.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f)
-        return results
-    export_path = kr.export.export_saved_model(
-        model, os.path.join(args.run_dir, "export"), version=1,
-        text_signature=True, overwrite=True,
-    )
-    print(f"SavedModel for TF Serving: {export_path}")
-    prompt = np.frombuffer(args.prompt.encode("utf-8"), np.uint8).astype(np.int32)
-    sample = model.generate(prompt[None], args.sample_len, temperature=0.7,
-                            top_k=20, seed=args.seed)
-    text = bytes(sample[0].astype(np.uint8).tolist()).decode("utf-8", "replace")
-    print("sample:\n" + text)
-    summary["export"] = export_path
-    with open(os.path.join(args.run_dir, "summary.json"), "w") as f:
+               "replicas_identical": identical, "weights_digest": digest,
+               "xla": xla}
+    np.savez(os.path.join(run_dir, "final_weights.npz"), *model.get_weights())
+    if chief:
+        export_path = kr.export.export_saved_model(
+            model, os.path.join(run_dir, "export"), version=1,
+            text_signature=True, overwrite=True,
+        )
+        print(f"SavedModel for TF Serving: {export_path}")
+        summary["export"] = export_path
+        prompt = np.frombuffer(args.prompt.encode("utf-8"), np.uint8).astype(np.int32)
+        sample = model.generate(prompt[None], args.sample_len, temperature=0.7,
+                                top_k=20, seed=args.seed)
+        text = bytes(sample[0].astype(np.uint8).tolist()).decode("utf-8", "replace")
+        print("sample:\n" + text)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f)
-    return results
+    return summary
 
 
 if __name__ == "__main__":
