@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+import _quiet  # noqa: F401  (before TensorFlow loads: its start-up logs)
 import keras
 import numpy as np
 

@@ -1,5 +1,6 @@
-"""Export a ReformerModel for TF Serving, inspect it, and serve it from a
-fresh process that has neither Keras nor keras_reformer.
+"""Export a ReformerModel for TF Serving, inspect it, and serve it with
+TensorFlow alone: `saved_model_cli run`, and a fresh process that has neither
+Keras, keras_reformer nor TF Text.
 
     python examples/export_and_serve.py                    # a small model
     python examples/export_and_serve.py --model runs/m.keras --export-dir models/reformer
@@ -12,23 +13,25 @@ request for the exported folder (see docs/serving.md).
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import textwrap
 
+import numpy as np
+
+import _quiet  # noqa: F401  (before TensorFlow loads: its start-up logs)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# What TF Serving has: TensorFlow and the TF Text ops, nothing of ours.
+# What a model server has: TensorFlow's core ops, nothing of ours, no TF Text.
 SERVE = textwrap.dedent("""
     import sys
-    sys.modules["keras"] = None
-    sys.modules["keras_reformer"] = None
-    import glob, importlib.util, json, os
+    for name in ("keras", "keras_reformer", "tensorflow_text"):
+        sys.modules[name] = None
+    import json
     import tensorflow as tf
-    root = os.path.dirname(importlib.util.find_spec("tensorflow_text").origin)
-    for lib in sorted(glob.glob(os.path.join(root, "**", "_*.so"), recursive=True)):
-        tf.load_op_library(lib)
     loaded = tf.saved_model.load(sys.argv[1])
     ids = tf.constant([[100, 101, 102, 32, 109]], tf.int32)
     logits = loaded.signatures["serving_default"](token_ids=ids)["logits"]
@@ -72,6 +75,21 @@ def main(argv=None):
           "--signature_def serving_default\n" + shown.stdout)
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # TF's own CLI runs the text signature: stock TensorFlow loads every op.
+    text = "héllo, wörld"
+    with tempfile.TemporaryDirectory(prefix="reformer_cli_") as out:
+        run_args = ["saved_model_cli", "run", "--dir", path, "--tag_set", "serve",
+                    "--signature_def", "next_token", "--input_exprs",
+                    "text=" + json.dumps([text], ensure_ascii=False)]
+        ran = subprocess.run([cli, *run_args[1:], "--outdir", out, "--overwrite"],
+                             capture_output=True, text=True, env=env)
+        if ran.returncode != 0:
+            raise SystemExit("saved_model_cli run failed:\n" + ran.stderr[-2000:])
+        best = int(np.argmax(np.load(os.path.join(out, "log_probs.npy"))[0]))
+    print("$ " + shlex.join(run_args))
+    print(f"  -> log_probs [1, 256]; most likely next byte: {best} "
+          f"({bytes([best]).decode('latin-1')!r})\n")
+
     served = subprocess.run([sys.executable, "-c", SERVE, path], capture_output=True,
                             text=True, env=env)
     if served.returncode != 0:

@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 
+import _quiet  # noqa: F401  (before TensorFlow loads: its start-up logs)
 import keras
 import numpy as np
 
