@@ -529,8 +529,16 @@ def test_blocks_not_pairs():
         ReversibleSequence([(dense, "relu")])
     with pytest.raises(ValueError, match="list of"):
         ReversibleSequence(dense)
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match=r"at least one.*Received: blocks=\[\]"):
         ReversibleSequence([])
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_reversible_must_be_a_bool(value):
+    dense = keras.layers.Dense(4)
+    with pytest.raises(ValueError, match=f"`reversible` must be True or False. "
+                                         f"Received: reversible={value!r}"):
+        ReversibleSequence([(dense, dense)], reversible=value)
 
 
 def test_inputs_of_different_shapes():
