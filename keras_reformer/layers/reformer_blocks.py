@@ -1,8 +1,8 @@
 """The two halves of a Reformer layer, as blocks for ReversibleSequence."""
 
-import random
-
 import keras
+
+from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.layers.lsh_attention import LSHAttention
@@ -11,7 +11,8 @@ from keras_reformer.layers.lsh_attention import LSHAttention
 def _resolve_seed(seed):
     # Always a concrete seed, stored in the config: a Dropout seeded by
     # Keras' global generator could not be replayed by ReversibleSequence.
-    return random.randint(0, 2**30) if seed is None else seed
+    # The Dropout takes seed + 1, so the block's own seed stays below the top.
+    return resolve_seed(seed) % (SEED_LIMIT - 1)
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")

@@ -1,10 +1,11 @@
 """ReformerModel: token ids -> logits (or hidden states), a functional keras.Model."""
 
-import random
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
 from keras_reformer.layers.reformer_blocks import AttentionBlock, FeedForwardBlock
@@ -145,12 +146,7 @@ class ReformerModel(keras.Model):
                 f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
                 f"Received: position_embedding={position_embedding!r}"
             )
-        if seed is None:
-            seed = random.randint(0, 2**20)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(
-                f"`seed` must be None or a non-negative integer. Received: seed={seed!r}"
-            )
+        seed = resolve_seed(seed)
 
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
@@ -182,13 +178,13 @@ class ReformerModel(keras.Model):
             (
                 AttentionBlock(
                     num_heads, key_dim, causal=causal, dropout=dropout,
-                    attention_dropout=attention_dropout, seed=seed + 10 * i + 1,
+                    attention_dropout=attention_dropout, seed=(seed + 10 * i + 1) % SEED_LIMIT,
                     attention_kwargs=attention_kwargs, dtype=dtype,
                     name=f"attention_block_{i}",
                 ),
                 FeedForwardBlock(
                     intermediate_dim, chunk_size=feedforward_chunk_size,
-                    dropout=dropout, seed=seed + 10 * i + 5, dtype=dtype,
+                    dropout=dropout, seed=(seed + 10 * i + 5) % SEED_LIMIT, dtype=dtype,
                     name=f"feed_forward_block_{i}",
                 ),
             )
