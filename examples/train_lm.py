@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -253,9 +254,13 @@ def main(argv=None):
         # A dead or unreachable peer surfaces as a failed collective or a
         # coordination-service error: say so and exit instead of a traceback.
         kind, index = distribute.task_info()
+        lines = [line.strip() for line in error.message.splitlines() if line.strip()]
+        detail = next((line for line in lines if re.search(
+            r"unavailable|socket|connect|heartbeat|peer|task|timed? ?out", line, re.I
+        )), lines[-1] if lines else "")
         print(f"\nerror: {kind} {index}: training stopped because another worker "
-              f"failed or became unreachable ({type(error).__name__}: "
-              f"{error.message.splitlines()[0][:300]})", file=sys.stderr, flush=True)
+              f"failed or became unreachable ({type(error).__name__}: {detail[:300]})",
+              file=sys.stderr, flush=True)
         sys.stdout.flush()
         # os._exit: a normal exit would wait in TensorFlow's shutdown for
         # the dead peer.

@@ -31,29 +31,34 @@ def free_ports(count):
     return ports
 
 
-def start_workers(command, tmp_path, env_extra=None):
-    """Starts one process per worker; returns the Popen objects."""
+def start_workers(command, tmp_path, worker_args=None):
+    """Starts one process per worker (`worker_args`: {index: extra args})."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     procs = []
     for index in range(2):
         config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         env = dict(os.environ, TF_CONFIG=json.dumps(config), TF_CPP_MIN_LOG_LEVEL="3",
-                   KERAS_BACKEND="tensorflow", **(env_extra or {}))
+                   KERAS_BACKEND="tensorflow")
         log = open(tmp_path / f"worker{index}.log", "w+")
-        procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+        args = command + (worker_args or {}).get(index, [])
+        procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                       env=env, cwd=ROOT, text=True))
         procs[-1].log = log
     return procs
 
 
 def wait_all(procs, timeout):
-    """Exit codes and outputs; kills every worker still running at `timeout`."""
+    """Exit codes and outputs; kills every worker still running at `timeout`.
+    Sets `proc.ended` (time.time() at exit, polled every 0.2 s)."""
     deadline = time.time() + timeout
-    try:
+    while time.time() < deadline and any(p.poll() is None for p in procs):
         for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-        pass
+            if proc.poll() is not None and not hasattr(proc, "ended"):
+                proc.ended = time.time()
+        time.sleep(0.2)
+    for proc in procs:
+        if proc.poll() is not None and not hasattr(proc, "ended"):
+            proc.ended = time.time()
     hung = [proc for proc in procs if proc.poll() is None]
     for proc in hung:
         proc.kill()
@@ -141,6 +146,58 @@ def test_keras_still_needs_the_multiworker_fix(tmp_path):
                     "keras_reformer/_multiworker_fix.py and its use in distribute.py")
     # The failure the workaround exists for (see _multiworker_fix.py).
     assert any("PerReplica" in out for out in outs), outs[0][-3000:]
+
+
+# ------------------------------------------------- examples/train_lm.py
+
+# Exact comparison needs what a split batch cannot reproduce switched off:
+# dropout masks are drawn per replica, clipping is applied per replica.
+EXACT = ["--smoke", "--dropout", "0", "--clipnorm", "0"]
+
+
+@pytest.mark.slow  # three training processes, ~3 min on 2 shared cores
+def test_train_lm_two_workers_match_one_device(tmp_path):
+    run_dir = tmp_path / "multi"
+    procs = start_workers([sys.executable, TRAIN_LM, *EXACT, "--strategy", "multiworker",
+                           "--run-dir", os.fspath(run_dir)], tmp_path)
+    # The expected weights: one process, the same global batch of 2.
+    single = subprocess.run(
+        [sys.executable, TRAIN_LM, *EXACT, "--batch-size", "2",
+         "--run-dir", os.fspath(tmp_path / "single")],
+        capture_output=True, text=True, timeout=400, cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    codes, outs = wait_all(procs, timeout=400)
+    assert codes == [0, 0], "\n-----\n".join(out[-3000:] for out in outs)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "XLA per replica" in outs[0]
+    with open(run_dir / "summary.json") as f:
+        chief = json.load(f)
+    with open(run_dir / "worker-1" / "summary.json") as f:
+        other = json.load(f)
+    assert chief["replicas"] == 2 and chief["steps"] == 6
+    assert chief["weights_digest"] == other["weights_digest"]
+    assert os.path.exists(run_dir / "export" / "1" / "saved_model.pb")  # chief only
+    assert not os.path.exists(run_dir / "worker-1" / "export")
+    multi = np.load(run_dir / "final_weights.npz")
+    expected = np.load(tmp_path / "single" / "final_weights.npz")
+    diff = max(np.abs(multi[k] - expected[k]).max() for k in expected.files)
+    assert diff < 1e-4, diff
+
+
+def test_train_lm_worker_death_stops_the_other(tmp_path):
+    # Worker 1 dies abruptly (os._exit, no goodbye) after its 2nd step.
+    procs = start_workers(
+        [sys.executable, TRAIN_LM, "--smoke", "--no-jit", "--strategy", "multiworker",
+         "--run-dir", os.fspath(tmp_path / "run")], tmp_path,
+        worker_args={1: ["--stop-after-steps", "2"]},
+    )
+    codes, outs = wait_all(procs, timeout=300)
+    assert codes[1] == 3, outs[1][-3000:]
+    assert codes[0] == 1, outs[0][-3000:]
+    assert "training stopped because another worker failed" in outs[0], outs[0][-3000:]
+    # Bounded: TensorFlow's collective/heartbeat timeouts, not a hang.
+    assert procs[0].ended - procs[1].ended < 90, procs[0].ended - procs[1].ended
 
 
 if __name__ == "__main__":
