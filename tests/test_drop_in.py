@@ -94,3 +94,18 @@ def test_save_weights_load_weights_reproduces_predictions(tmp_path):
     assert not np.allclose(second.predict(x, verbose=0), want, atol=1e-3)
     second.load_weights(path)
     np.testing.assert_allclose(second.predict(x, verbose=0), want, atol=1e-6)
+
+
+def test_feed_forward_block_callable_activation_round_trips():
+    from keras_reformer.layers.reformer_blocks import FeedForwardBlock
+
+    block = FeedForwardBlock(8, activation=keras.activations.relu, seed=1)
+    clone = FeedForwardBlock.from_config(block.get_config())
+    assert clone.activation is keras.activations.relu
+    x = np.random.default_rng(0).normal(size=(1, 4, 6)).astype("float32")
+    block(x), clone(x)
+    clone.set_weights(block.get_weights())
+    # Independent check that the activation acts: relu output of the FFN.
+    np.testing.assert_allclose(np.asarray(clone(x)), np.asarray(block(x)), atol=1e-6)
+    string = FeedForwardBlock.from_config(FeedForwardBlock(8, activation="gelu").get_config())
+    assert string.activation is keras.activations.gelu

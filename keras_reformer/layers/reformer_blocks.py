@@ -95,7 +95,9 @@ class FeedForwardBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         self.intermediate_dim = intermediate_dim
         self.chunk_size = chunk_size
-        self.activation = activation
+        # Kept as Keras' activation object, so a callable (a registered
+        # function or keras.activations.*) survives get_config/from_config.
+        self.activation = keras.activations.get(activation)
         self.dropout_rate = dropout
         seed = self.seed = _resolve_seed(seed)
         self.norm = keras.layers.LayerNormalization(
@@ -127,6 +129,7 @@ class FeedForwardBlock(keras.layers.Layer):
         config = super().get_config()
         config.update(
             intermediate_dim=self.intermediate_dim, chunk_size=self.chunk_size,
-            activation=self.activation, dropout=self.dropout_rate, seed=self.seed,
+            activation=keras.activations.serialize(self.activation),
+            dropout=self.dropout_rate, seed=self.seed,
         )
         return config
