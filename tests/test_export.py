@@ -1,10 +1,11 @@
 """SavedModel export, served the way a server would: by TensorFlow alone.
 
-Every check runs in a fresh process that cannot import keras, keras_reformer
+The serving checks run in fresh processes that cannot import keras, keras_reformer
 or tensorflow_text (see GUARD): `saved_model_cli run` (TF's own CLI, on every
 signature and on bad requests), `tf.saved_model.load`, and an op census.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -89,8 +90,6 @@ OPS = textwrap.dedent("""
 
 
 def run_python(code, arg, env):
-    import json
-
     proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,8 +99,6 @@ def run_python(code, arg, env):
 
 def serve(path, requests, env):
     """Runs `requests` with `tf.saved_model.load` in a guarded fresh process."""
-    import json
-
     return run_python(SERVE, json.dumps({"path": path, "requests": requests}), env)
 
 
