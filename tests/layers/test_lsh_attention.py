@@ -445,7 +445,9 @@ def test_mixed_precision(policy):
         out = layer(x, use_causal_mask=True, query_mask=mask)
         assert out.dtype == policy.split("_")[1]
         assert np.all(np.isfinite(np.asarray(out, np.float32)))
-        tol = 0.05 if policy == "mixed_float16" else 0.2
+        # Measured (3 seeds): float16 mean error ~1.8e-4; bfloat16 1.3e-3 to
+        # 1.8e-2 (its 8-bit mantissa moves a few positions to another bucket).
+        tol = 1e-3 if policy == "mixed_float16" else 0.05
         plain = np.asarray(layer(x, use_causal_mask=True), np.float32)
         assert np.abs(plain - want).mean() < tol
     finally:
