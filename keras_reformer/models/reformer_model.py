@@ -306,6 +306,8 @@ class ReformerModel(keras.Model):
         attention being O(length * num_hashes * bucket_size)). The pass is
         one `tf.function` with a dynamic length: traced once, not per step.
         All prompts of a batch have the same length (no left padding).
+        For long prompts use `keras_reformer.models.ReformerCausalLM`, whose
+        `generate()` runs one compiled loop with a per-layer LSH cache.
 
         Args:
             prompt_ids: `(batch, length)` ints, or one list of ints.
