@@ -210,6 +210,14 @@ def main(argv=None):
         train = train.skip(skip)
     val = data.lm_dataset(val_files, args.seq_len, global_batch, shuffle=False,
                           with_padding_mask=False)
+    # Multi-worker: every worker reads all files and keeps its share of each
+    # global batch, so the run sees the batches a single device would
+    # (tf.data's default would split by file when it can).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    train, val = train.with_options(options), val.with_options(options)
 
     with strategy.scope():
         model, optimizer = build_model(args)
