@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 
+import _quiet  # noqa: F401  (before TensorFlow loads: its start-up logs)
 import keras
 import numpy as np
 import tensorflow as tf
