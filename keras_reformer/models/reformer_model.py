@@ -346,7 +346,7 @@ class ReformerModel(keras.Model):
                 f"Prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} "
                 f"exceeds max_sequence_length={self.max_sequence_length}."
             )
-        seed = random.randint(0, 2**30) if seed is None else int(seed)
+        seed = resolve_seed(seed)
         logits_fn = self._logits_fn()
         done = np.zeros(len(ids), bool)
         for step in range(max_new_tokens):
