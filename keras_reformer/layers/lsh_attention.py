@@ -554,7 +554,6 @@ class LSHAttention(keras.layers.Layer):
         else:
             covers = lsh.window_covers_all(
                 padded_length // c, self.num_chunks_before, self.num_chunks_after,
-                False,
             )
             if isinstance(covers, bool):
                 out = dense() if covers else hashed()

@@ -31,24 +31,16 @@ def derived_num_buckets(padded_length, bucket_size):
 
     Gives buckets of about bucket_size / 2 positions, so a bucket rarely
     spills over a chunk (the paper's choice). Always even and at least 2.
-    Works on python ints and on scalar tensors (dynamic lengths).
+    The layer fixes it at build time from a static length, never from a
+    batch's (padded) length, so it takes python ints only.
     """
-    if isinstance(padded_length, int):
-        return max(2, 2 * (padded_length // bucket_size))
-    return tf.maximum(2, 2 * (padded_length // bucket_size))
+    return max(2, 2 * (padded_length // bucket_size))
 
 
 def factor_num_buckets(num_buckets):
     """Split an even bucket count into two even factors with product >= it."""
-    if isinstance(num_buckets, int):
-        first = 2 * math.ceil(math.sqrt(num_buckets) / 2)
-        second = 2 * math.ceil(num_buckets / first / 2)
-        return first, second
-    n = tf.cast(num_buckets, tf.float32)
-    first = 2 * tf.cast(tf.math.ceil(tf.sqrt(n) / 2), tf.int32)
-    second = 2 * tf.cast(
-        tf.math.ceil(n / tf.cast(first, tf.float32) / 2), tf.int32
-    )
+    first = 2 * math.ceil(math.sqrt(num_buckets) / 2)
+    second = 2 * math.ceil(num_buckets / first / 2)
     return first, second
 
 
@@ -117,27 +109,23 @@ def _unit(vectors):
     )
 
 
-def window_covers_all(num_chunks, chunks_before, chunks_after, causal):
-    """True when every query's chunk window already spans the whole input.
+def window_covers_all(num_chunks, chunks_before, chunks_after):
+    """True when every non-causal query's chunk window spans the whole input.
 
-    Then LSH attention is full attention, computed densely (exactly, and
-    cheaper than hashing). Works on python ints and scalar tensors.
+    Then non-causal LSH attention is full attention, computed densely
+    (exactly, and cheaper than hashing). The causal rule (own bucket) has no
+    such shortcut. Works on python ints and scalar tensors.
     """
-    reach = chunks_before if causal else min(chunks_before, chunks_after)
-    return num_chunks - 1 <= reach
+    return num_chunks - 1 <= min(chunks_before, chunks_after)
 
 
-def dense_attend(qk, values, valid, *, causal=False, pair_allowed=None,
-                 dropout_rate=0.0, dropout_seed=None):
-    """Plain shared-QK softmax attention, (B, H, L, E), for short inputs."""
+def dense_attend(qk, values, valid, *, dropout_rate=0.0, dropout_seed=None):
+    """Plain non-causal shared-QK softmax attention, (B, H, L, E), for short
+    inputs with no explicit mask (see `window_covers_all`)."""
     scale = 1.0 / math.sqrt(float(qk.shape[-1]))
     logits = tf.matmul(qk, _unit(qk), transpose_b=True) * scale  # (B,H,L,L)
     positions = tf.range(tf.shape(qk)[2])
     masked = tf.logical_not(valid)[:, None, None, :]
-    if causal:
-        masked = tf.logical_or(masked, positions[None, :] > positions[:, None])
-    if pair_allowed is not None:
-        masked = tf.logical_or(masked, tf.logical_not(pair_allowed)[:, None])
     same = positions[:, None] == positions[None, :]
     probs = tf.nn.softmax(logits + bias_from_masks(same, masked, qk.dtype), axis=-1)
     if dropout_rate > 0:
