@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_reformer import _checks
+from keras_reformer.layers import _block_loop
 from keras_reformer.ops import recompute
 
 
@@ -102,6 +103,15 @@ class ReversibleSequence(keras.layers.Layer):
         reversible: bool. If `False`, compute the same function with
             ordinary autodiff (every activation kept), for tests and
             debugging. Defaults to `True`.
+        loop_blocks: `"auto"`, `True` or `False`. With `True`, the blocks
+            (which must all have the same structure: class, configuration
+            up to names and seeds, and weight shapes) run as one loop body
+            over their stacked weights, forward and backward, so the program
+            (graph size, XLA compile time and memory, XLA's buffers) does
+            not grow with depth. `"auto"` (default) loops when
+            `reversible=True`, there are at least two blocks and they have
+            one structure, and unrolls otherwise; `False` always unrolls.
+            The result is the same either way.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -133,7 +143,7 @@ class ReversibleSequence(keras.layers.Layer):
     TensorShape([2, 50, 16])
     """
 
-    def __init__(self, blocks, reversible=True, **kwargs):
+    def __init__(self, blocks, reversible=True, loop_blocks="auto", **kwargs):
         super().__init__(**kwargs)
         pairs = _check_blocks(blocks)
         # Two flat lists, so that Keras tracks every layer (and each weight
@@ -141,6 +151,12 @@ class ReversibleSequence(keras.layers.Layer):
         self.f_layers = [f for f, _ in pairs]
         self.g_layers = [g for _, g in pairs]
         self.reversible = _checks.boolean("reversible", reversible)
+        if not (loop_blocks is True or loop_blocks is False or loop_blocks == "auto"):
+            raise ValueError(
+                "`loop_blocks` must be one of 'auto', True or False. "
+                f"Received: loop_blocks={loop_blocks!r}"
+            )
+        self.loop_blocks = loop_blocks
         self.supports_masking = True
 
     @property
@@ -236,7 +252,14 @@ class ReversibleSequence(keras.layers.Layer):
         ]
         x1 = tf.cast(x1, self._stream_dtype)
         x2 = tf.cast(x2, self._stream_dtype)
-        if self.reversible:
+        if self.reversible and self._loops():
+            loop = _block_loop.BlockLoop(
+                self.blocks,
+                lambda name, layer, x, kw: self._run(0, name, layer, x, kw),
+                kwargs[0],
+            )
+            y1, y2 = loop.forward()(x1, x2)
+        elif self.reversible:
             y1, y2 = self._reversible(x1, x2, kwargs)
         else:
             y1, y2 = x1, x2
@@ -244,6 +267,18 @@ class ReversibleSequence(keras.layers.Layer):
                 y1 = y1 + self._run(index, "f", f, y2, kwargs[index][0])
                 y2 = y2 + self._run(index, "g", g, y1, kwargs[index][1])
         return [tf.cast(y1, self.compute_dtype), tf.cast(y2, self.compute_dtype)]
+
+    def _loops(self):
+        """Whether this call runs the blocks as one loop (see `loop_blocks`)."""
+        if self.loop_blocks is False:
+            return False
+        reason = _block_loop.why_not_loopable(self.blocks)
+        if reason is not None and self.loop_blocks is True:
+            raise ValueError(
+                "ReversibleSequence(loop_blocks=True) needs blocks of one "
+                f"structure, but {reason}. Use loop_blocks='auto' or False."
+            )
+        return reason is None
 
     def _reversible(self, x1, x2, kwargs):
         blocks = self.blocks
@@ -383,6 +418,7 @@ class ReversibleSequence(keras.layers.Layer):
                     for f, g in self.blocks
                 ],
                 "reversible": self.reversible,
+                "loop_blocks": self.loop_blocks,
             }
         )
         return config

@@ -13,6 +13,7 @@ from keras_reformer.layers import (
     LSHAttention,
     ReversibleSequence,
 )
+from keras_reformer.layers._block_loop import BlockLoop
 
 FEATURES = 8
 PACKAGE = "keras_reformer_tests"
@@ -181,17 +182,22 @@ def test_forward_equals_hand_written_stack():
         assert len(got) == 2 and got[0].shape == x1.shape
 
 
-@pytest.mark.parametrize("mode,depth", [
-    ("eager", 6),
-    ("graph", 6),
-    ("jit", 2),
+@pytest.mark.parametrize("mode,depth,loop", [
+    ("eager", 6, "auto"),
+    ("graph", 6, "auto"),
+    ("graph", 6, False),
+    ("jit", 2, "auto"),
+    ("jit", 2, False),
     # Compiling 6 blocks twice takes ~45 s on 2 cores.
-    pytest.param("jit", 6, marks=pytest.mark.slow),
+    pytest.param("jit", 6, False, marks=pytest.mark.slow),
 ])
-def test_gradients_equal_autodiff_with_dropout_and_lsh(mode, depth):
-    """Dropout everywhere, training, LSH, a padding mask: every gradient."""
+def test_gradients_equal_autodiff_with_dropout_and_lsh(mode, depth, loop):
+    """Dropout everywhere, training, LSH, a padding mask: every gradient.
+
+    `loop="auto"` runs these identical blocks as one loop body over stacked
+    weights; `False` unrolls them."""
     blocks = reformer_blocks(depth, dropout=0.2)
-    stack = built_stack(blocks)
+    stack = built_stack(blocks, loop_blocks=loop)
     plain = built_stack(blocks, reversible=False)
     weights = stack.trainable_variables
     assert len(weights) == depth * (2 + 6 + 2 + 4)
@@ -223,10 +229,11 @@ def test_gradients_equal_autodiff_with_dropout_and_lsh(mode, depth):
     print(f"{mode}: worst relative gradient error {worst:.2g}")
 
 
-def test_replay_matters():
+@pytest.mark.parametrize("loop", [False, True])
+def test_replay_matters(loop):
     """Without the seed replay the gradients are wrong: the test above can fail."""
     blocks = reformer_blocks(2, dropout=0.3)
-    stack = built_stack(blocks)
+    stack = built_stack(blocks, loop_blocks=loop)
     seeds = SeedStates([stack])
     weights = stack.trainable_variables
     x1, x2 = inputs(1, 12, seed=2)
@@ -235,18 +242,27 @@ def test_replay_matters():
     seeds.reset()
     good = fn(x1, x2)
 
-    original = ReversibleSequence._vjp
+    if loop:
+        # The loop's backward reads the states as they are after the forward.
+        owner, attribute = BlockLoop, "_replayed"
 
-    def no_replay(self, index, name, layer, x, kwargs, mapping, dy, sources):
-        return original(self, index, name, layer, x, kwargs, [], dy, sources)
+        def no_replay(self, stacked):
+            return self._stacked()
+    else:
+        owner, attribute = ReversibleSequence, "_vjp"
+        unpatched = ReversibleSequence._vjp
 
-    ReversibleSequence._vjp = no_replay
+        def no_replay(self, index, name, layer, x, kwargs, mapping, dy, sources):
+            return unpatched(self, index, name, layer, x, kwargs, [], dy, sources)
+
+    original = owner.__dict__[attribute]  # as stored: staticmethod stays one
+    setattr(owner, attribute, no_replay)
     try:
         seeds.reset()
         bad = tf.function(lambda a, b: gradients(
             lambda u, v: stack([u, v], training=True), weights, a, b))(x1, x2)
     finally:
-        ReversibleSequence._vjp = original
+        setattr(owner, attribute, original)
     with pytest.raises(AssertionError):
         assert_all_close(bad, good, 1e-3)
 
@@ -320,16 +336,18 @@ def test_xla_keeps_the_recomputation():
     Two blocks of tanh(Dense): the forward has 4 matmuls, the backward per
     block recomputes 2 and takes 4 gradient matmuls: 16 in all. Merged
     (no recomputation), the count drops to 15 (checked by removing the
-    barrier and gradient dependency); plain autodiff has 12.
+    barrier and gradient dependency); plain autodiff has 12. Run as one loop
+    body (`loop_blocks=True`), the program holds each computation once: 2
+    forward matmuls, and backward 2 recomputed plus 4 gradient matmuls.
     """
-    def dots(reversible):
+    def dots(reversible, loop=False):
         keras.utils.set_random_seed(0)
         blocks = [
             tuple(keras.layers.Dense(FEATURES, use_bias=False, activation="tanh")
                   for _ in range(2))
             for _ in range(2)
         ]
-        stack = built_stack(blocks, reversible)
+        stack = built_stack(blocks, reversible, loop_blocks=loop)
         x1, x2 = inputs(2, 5)
 
         @tf.function(jit_compile=True)
@@ -342,6 +360,7 @@ def test_xla_keeps_the_recomputation():
 
     assert dots(False) == 12
     assert dots(True) == 16
+    assert dots(True, loop=True) == 8
     # The same count without the ordering tricks shows what they prevent.
     from keras_reformer.ops import recompute as rev_ops
 
@@ -442,14 +461,18 @@ class MaskedScale(keras.layers.Layer):
         return tf.tanh(x * self.w)
 
 
-def test_mask_reaches_blocks_and_output():
+@pytest.mark.parametrize("loop", [False, True])
+def test_mask_reaches_blocks_and_output(loop):
     emb = keras.layers.Embedding(10, FEATURES, mask_zero=True)
     ids = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 0]])
     x = emb(ids)
     blocks = [(MaskedScale(), MaskedScale()), (MaskedScale(), MaskedScale())]
-    stack = ReversibleSequence(blocks)
+    stack = ReversibleSequence(blocks, loop_blocks=loop)
     y1, y2 = stack([x, x])
-    for layer in stack.f_layers + stack.g_layers:
+    # Looped, block 0's layers run every block (with the other blocks'
+    # weights); the comparison with the stack by hand below covers them all.
+    called = stack.blocks[:1] if loop else stack.blocks
+    for layer in [layer for pair in called for layer in pair]:
         np.testing.assert_array_equal(layer.seen_mask, ids != 0)
     np.testing.assert_array_equal(y1._keras_mask, ids != 0)
     np.testing.assert_array_equal(y2._keras_mask, ids != 0)

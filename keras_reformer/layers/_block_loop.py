@@ -1,0 +1,256 @@
+"""A reversible stack of identical blocks as one loop body over stacked weights.
+
+Unrolled, every block is its own copy of the program: graph size, XLA
+compile time and compile memory grow with depth, and XLA gives each copy its
+own buffers (it hoists, e.g., the zero-filled outputs of LSHAttention's
+grouped `map_fn` to the start of the program, one set per block). When the
+blocks have the same structure, the stack instead runs the first block's
+layers as a template inside a `tf.while_loop`, once forward and once
+backward, feeding each iteration the weights of block i gathered from
+stacked copies (the way JAX users scan over layers). The template reads
+block i's weights through `keras.StatelessScope`, which also captures the
+seed-generator updates of block i, so every block draws the random numbers
+it would draw unrolled, and the backward pass replays them exactly.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_reformer.ops import recompute
+
+
+def _structure(layer):
+    """(class, config without names and seeds, variable shapes/dtypes)."""
+    try:
+        config = _strip(layer.get_config())
+    except NotImplementedError:
+        return None
+    variables = [
+        (tuple(v.shape), str(v.dtype), bool(v.trainable)) for v in layer.variables
+    ]
+    return type(layer), repr(config), variables
+
+
+def _strip(config):
+    # Names differ between blocks by construction; seeds only reach the
+    # computation through variables (seed-generator states, `hash_seed`),
+    # which are looped over like the weights.
+    if isinstance(config, dict):
+        return {k: _strip(v) for k, v in config.items() if k not in ("name", "seed")}
+    if isinstance(config, (list, tuple)):
+        return [_strip(v) for v in config]
+    return config
+
+
+def why_not_loopable(blocks):
+    """None if `blocks` can run as one loop body; else the reason, in words."""
+    if len(blocks) < 2:
+        return "there is only one block"
+    seen = set()
+    for f, g in blocks:
+        for layer in (f, g):
+            for sub in layer._flatten_layers(include_self=True, recursive=True):
+                if id(sub) in seen:
+                    return f"layer {sub.name!r} appears in more than one block"
+                seen.add(id(sub))
+                if getattr(sub, "activity_regularizer", None) is not None:
+                    return f"layer {sub.name!r} has an activity regularizer"
+    for position, name in ((0, "f"), (1, "g")):
+        first = _structure(blocks[0][position])
+        if first is None:
+            return f"block 0's `{name}` has no get_config()"
+        for index, block in enumerate(blocks[1:], start=1):
+            if _structure(block[position]) != first:
+                return (
+                    f"block {index}'s `{name}` ({block[position].name!r}) differs "
+                    f"from block 0's in class, configuration or weights"
+                )
+    return None
+
+
+def _variable_keys(variable):
+    """The objects under which tf.custom_gradient may report `variable`."""
+    keys = {id(variable)}
+    inner = getattr(variable, "_value", None)
+    if inner is not None:
+        keys.add(id(inner))
+    return keys
+
+
+class BlockLoop:
+    """Forward and recomputing backward of a reversible stack, as loops.
+
+    Args:
+        blocks: list of (f, g) layers with one structure (see
+            `why_not_loopable`), built.
+        run: `run(name, layer, x, kwargs)` -> the layer's output in the
+            stream dtype (the sequence's own call wrapper).
+        kwargs: (f_kwargs, g_kwargs) of the call, the same for every block.
+    """
+
+    def __init__(self, blocks, run, kwargs):
+        self.blocks = blocks
+        self.run = run
+        self.kwargs = kwargs
+        self.depth = len(blocks)
+        # Per half ("f", "g"): the template's variables and, slot by slot,
+        # the same variable of every block.
+        self.template = {"f": blocks[0][0], "g": blocks[0][1]}
+        self.slots = {
+            name: [list(vs) for vs in zip(*(b[i].variables for b in blocks))]
+            for i, name in ((0, "f"), (1, "g"))
+        }
+
+    def _stacked(self):
+        # Read once, before the loop: the values every iteration gathers from
+        # (and, for the backward pass, the seed states of the forward).
+        return {
+            name: [tf.stack([tf.convert_to_tensor(v.value) for v in slot])
+                   for slot in slots]
+            for name, slots in self.slots.items()
+        }
+
+    def _call(self, name, values, x):
+        template = self.template[name]
+        mapping = list(zip(template.variables, values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            out = self.run(name, template, x, self.kwargs[name == "g"])
+        updated = [
+            tf.convert_to_tensor(scope.get_current_value(v))
+            for v in template.variables
+        ]
+        return out, updated
+
+    def forward(self):
+        """The custom-gradient function: (x1, x2) -> ([y1, y2], grad_fn)."""
+        loop = self
+
+        @tf.custom_gradient
+        def stack(x1, x2):
+            with recompute.stop_recording():
+                stacked = loop._stacked()
+                y1, y2, states = loop._forward(stacked, x1, x2)
+                loop._write_states(states)
+            outputs = (y1, y2)
+
+            def grad_fn(dy1, dy2, variables=None):
+                return loop._backward(
+                    loop._replayed(stacked), outputs, dy1, dy2, variables or []
+                )
+
+            return [y1, y2], grad_fn
+
+        return stack
+
+    @staticmethod
+    def _replayed(stacked):
+        """The values the backward pass reruns the blocks with: those the
+        forward read, seed-generator states included, so each recomputation
+        draws the forward's random numbers (tests replace this to show that
+        reading the advanced states instead gives wrong gradients)."""
+        return stacked
+
+    def _forward(self, stacked, x1, x2):
+        names = ("f", "g")
+        arrays = {
+            name: [tf.TensorArray(s.dtype, size=self.depth, element_shape=s.shape[1:])
+                   for s in stacked[name]]
+            for name in names
+        }
+
+        def body(i, y1, y2, *flat):
+            f_arrays, g_arrays = _unflat(flat, arrays)
+            f_out, f_new = self._call("f", [tf.gather(s, i) for s in stacked["f"]], y2)
+            y1 = y1 + f_out
+            g_out, g_new = self._call("g", [tf.gather(s, i) for s in stacked["g"]], y1)
+            y2 = y2 + g_out
+            f_arrays = [a.write(i, v) for a, v in zip(f_arrays, f_new)]
+            g_arrays = [a.write(i, v) for a, v in zip(g_arrays, g_new)]
+            return (i + 1, y1, y2, *f_arrays, *g_arrays)
+
+        out = tf.while_loop(
+            lambda i, *_: i < self.depth, body,
+            (tf.constant(0), x1, x2, *arrays["f"], *arrays["g"]),
+            parallel_iterations=1,
+        )
+        f_arrays, g_arrays = _unflat(out[3:], arrays)
+        states = {"f": [a.stack() for a in f_arrays], "g": [a.stack() for a in g_arrays]}
+        return out[1], out[2], states
+
+    def _write_states(self, states):
+        # Trainable weights are not changed by a call; the rest (seed
+        # generators, statistics) get block i's values after its call.
+        for name, slots in self.slots.items():
+            for slot, values in zip(slots, states[name]):
+                if slot[0].trainable:
+                    continue
+                for index, variable in enumerate(slot):
+                    variable.assign(values[index])
+
+    def _backward(self, stacked, outputs, dy1, dy2, variables):
+        y1 = tf.stop_gradient(outputs[0])
+        y2 = tf.stop_gradient(outputs[1])
+        dy1 = tf.zeros_like(y1) if dy1 is None else dy1
+        dy2 = tf.zeros_like(y2) if dy2 is None else dy2
+        trainable = {
+            name: [j for j, slot in enumerate(slots) if slot[0].trainable
+                   and slot[0].dtype in ("float16", "bfloat16", "float32", "float64")]
+            for name, slots in self.slots.items()
+        }
+        arrays = {
+            name: [tf.TensorArray(stacked[name][j].dtype, size=self.depth,
+                                  element_shape=stacked[name][j].shape[1:])
+                   for j in trainable[name]]
+            for name in ("f", "g")
+        }
+
+        def vjp(name, values, x, dy):
+            weights = [values[j] for j in trainable[name]]
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                tape.watch(weights)
+                out, _ = self._call(name, values, x)
+            grads = tape.gradient(out, [x] + weights, output_gradients=dy)
+            grads = [tf.zeros_like(t) if d is None else d
+                     for t, d in zip([x] + weights, grads)]
+            return tf.stop_gradient(out), grads[0], grads[1:]
+
+        def body(k, y1, y2, dy1, dy2, *flat):
+            f_arrays, g_arrays = _unflat(flat, arrays)
+            i = self.depth - 1 - k
+            # g: y2 = x2 + g(y1); recompute once dy2 exists (ordering, and
+            # no merging with the forward loop under XLA).
+            (y1,) = recompute.gradient_dependency([y1], [dy2])
+            g_out, d_y1, g_grads = vjp(
+                "g", [tf.gather(s, i) for s in stacked["g"]], y1, dy2)
+            dy1 = dy1 + d_y1
+            x2 = y2 - g_out
+            # f: y1 = x1 + f(x2).
+            (x2,) = recompute.gradient_dependency([x2], [dy1])
+            f_out, d_x2, f_grads = vjp(
+                "f", [tf.gather(s, i) for s in stacked["f"]], x2, dy1)
+            dy2 = dy2 + d_x2
+            x1 = y1 - f_out
+            f_arrays = [a.write(i, g) for a, g in zip(f_arrays, f_grads)]
+            g_arrays = [a.write(i, g) for a, g in zip(g_arrays, g_grads)]
+            return (k + 1, x1, x2, dy1, dy2, *f_arrays, *g_arrays)
+
+        out = tf.while_loop(
+            lambda k, *_: k < self.depth, body,
+            (tf.constant(0), y1, y2, dy1, dy2, *arrays["f"], *arrays["g"]),
+            parallel_iterations=1,
+        )
+        f_arrays, g_arrays = _unflat(out[5:], arrays)
+        by_variable = {}
+        for name, grad_arrays in (("f", f_arrays), ("g", g_arrays)):
+            for j, array in zip(trainable[name], grad_arrays):
+                grads = tf.unstack(array.stack(), num=self.depth)
+                for variable, grad in zip(self.slots[name][j], grads):
+                    for key in _variable_keys(variable):
+                        by_variable[key] = grad
+        return [out[3], out[4]], [by_variable.get(id(v)) for v in variables]
+
+
+def _unflat(flat, arrays):
+    count = len(arrays["f"])
+    return list(flat[:count]), list(flat[count:])

@@ -1,0 +1,112 @@
+"""ReversibleSequence(loop_blocks=...): identical blocks as one loop body.
+
+The loop's results are checked against plain autodiff in
+test_reversible_sequence.py (its gradient tests run both paths); these tests
+check what the loop is for (a program that does not grow with depth) and its
+arguments.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_reformer.layers import ChunkedFeedForward, LSHAttention, ReversibleSequence
+
+FEATURES = 8
+
+
+class Attention(keras.layers.Layer):
+    def __init__(self, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.norm = keras.layers.LayerNormalization()
+        self.attention = LSHAttention(2, 4, bucket_size=4, num_hashes=2,
+                                      dropout=0.1, seed=seed)
+
+    def call(self, x, training=None):
+        return self.attention(self.norm(x), training=training, use_causal_mask=True)
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def stack_of(depth, loop, ffn_dim=16):
+    keras.utils.set_random_seed(0)
+    blocks = [(Attention(seed=i), ChunkedFeedForward(ffn_dim, chunk_size=4, seed=i))
+              for i in range(depth)]
+    stack = ReversibleSequence(blocks, loop_blocks=loop)
+    stack.build([(None, None, FEATURES)] * 2)
+    return stack
+
+
+def graph_nodes(stack):
+    """Nodes of a training step's graph, the functions it calls included."""
+    x = tf.zeros((1, 16, FEATURES))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            y1, y2 = stack([x, x], training=True)
+            loss = tf.reduce_sum(y1) + tf.reduce_sum(y2)
+        return tape.gradient(loss, stack.trainable_variables)
+
+    graph = step.get_concrete_function(x).graph.as_graph_def()
+    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+
+def test_program_does_not_grow_with_depth():
+    unrolled = [graph_nodes(stack_of(d, False)) for d in (2, 4)]
+    looped = [graph_nodes(stack_of(d, True)) for d in (2, 4)]
+    per_block_unrolled = (unrolled[1] - unrolled[0]) / 2
+    per_block_looped = (looped[1] - looped[0]) / 2
+    variables = len(stack_of(1, False).variables)
+    print(f"nodes per block: unrolled {per_block_unrolled}, looped {per_block_looped}"
+          f" ({variables} variables per block)")
+    # Looped, a block adds only the reads, stacking and unstacking of its
+    # variables; unrolled, it adds its whole forward and backward program.
+    assert per_block_looped <= 8 * variables
+    assert per_block_unrolled > 10 * per_block_looped
+
+
+def test_auto_loops_only_identical_blocks():
+    stack = stack_of(3, "auto")
+    assert stack._loops()
+    different = [(Attention(), ChunkedFeedForward(16, chunk_size=4)),
+                 (Attention(), ChunkedFeedForward(32, chunk_size=4))]
+    assert not ReversibleSequence(different)._loops()
+    assert not stack_of(1, "auto")._loops()
+    shared = Attention()
+    assert not ReversibleSequence(
+        [(shared, ChunkedFeedForward(16)), (shared, ChunkedFeedForward(16))]
+    )._loops()
+
+
+def test_loop_true_refuses_different_blocks():
+    different = [(Attention(), ChunkedFeedForward(16, chunk_size=4)),
+                 (Attention(), ChunkedFeedForward(32, chunk_size=4))]
+    stack = ReversibleSequence(different, loop_blocks=True)
+    x = tf.zeros((1, 8, FEATURES))
+    with pytest.raises(ValueError, match="block 1's `g`.*differs"):
+        stack([x, x])
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, [True]])
+def test_loop_blocks_must_be_auto_or_bool(value):
+    with pytest.raises(ValueError, match=r"`loop_blocks` must be one of .*Received: loop_blocks="):
+        ReversibleSequence([(Attention(), Attention())], loop_blocks=value)
+
+
+def test_seed_states_advance_as_unrolled():
+    """After a training call every block's generators moved as unrolled."""
+    x = tf.random.normal((1, 16, FEATURES), seed=1)
+    states = []
+    for loop in (False, True):
+        stack = stack_of(3, loop)
+        stack([x, x], training=True)
+        states.append([v.numpy() for v in stack.non_trainable_variables])
+    for a, b in zip(*states):
+        np.testing.assert_array_equal(a, b)
+    # And they did move (else the check above would be empty).
+    fresh = [v.numpy() for v in stack_of(3, True).non_trainable_variables]
+    assert any((a != b).any() for a, b in zip(fresh, states[1]))
