@@ -3,7 +3,10 @@
 Setup (issue 3): length 16K, batch 1, d_model 256, f = LayerNorm ->
 causal LSHAttention (4 heads x 64, bucket 64, 2 hashes), g = LayerNorm ->
 ChunkedFeedForward(1024, dropout 0.1, chunk 512); 1, 2, 4, 8, 12 blocks;
-`reversible=True` vs `reversible=False`. A step is forward + gradients of
+three kinds: `reversible` (the default: identical blocks run as one loop
+body over stacked weights, `loop_blocks="auto"`), `unrolled`
+(`loop_blocks=False`, a copy of the program per block) and `plain`
+(`reversible=False`, ordinary autodiff). A step is forward + gradients of
 every weight (and the input) of a sum-of-squares loss on concat(y1, y2), in
 one of three modes:
 
@@ -22,6 +25,8 @@ depth ratio is formed from `net_mb` (peak minus idle) and also given raw.
     python benchmarks/depth_memory.py --quick    # 1, 4, 12 blocks, graph mode
     python benchmarks/depth_memory.py --modes graph xla --depths 1 12
     python benchmarks/depth_memory.py --length 8192 --modes xla --csv depth_memory_8k_xla.csv
+    python benchmarks/depth_memory.py --jit --kinds reversible unrolled --depths 1 8 \
+        --short-length 2048 --csv depth_memory_xla.csv   # length-dependent part
 """
 
 import argparse
@@ -34,12 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 MODES = ("graph", "xla", "xla_memsched")
+KINDS = ("reversible", "unrolled", "plain")
 MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 LENGTH, D_MODEL, HEADS, KEY_DIM = 16384, 256, 4, 64
 BUCKET, HASHES, FFN_DIM, FFN_CHUNK = 64, 2, 1024, 512
 
 
-def build_stack(depth, reversible):
+def build_stack(depth, reversible, loop_blocks="auto"):
     import keras
 
     import keras_reformer as kr
@@ -69,7 +75,8 @@ def build_stack(depth, reversible):
             return self.ffn(self.norm(x), training=training)
 
     blocks = [(Attention(2 * i), FeedForward(2 * i + 1)) for i in range(depth)]
-    return kr.layers.ReversibleSequence(blocks, reversible=reversible)
+    return kr.layers.ReversibleSequence(blocks, reversible=reversible,
+                                        loop_blocks=loop_blocks)
 
 
 def point(kind, depth, mode, repeats, length=LENGTH):
@@ -88,7 +95,11 @@ def point(kind, depth, mode, repeats, length=LENGTH):
         _common.emit({"kind": "idle", "depth": 0, "mode": "-",
                       "peak_rss_mb": round(_common.peak_rss_mb())})
         return
-    stack = build_stack(depth, reversible=(kind == "reversible"))
+    # "reversible" runs identical blocks as one loop body (the default,
+    # loop_blocks="auto"); "unrolled" is the same stack with a copy of the
+    # program per block (loop_blocks=False).
+    stack = build_stack(depth, reversible=(kind != "plain"),
+                        loop_blocks=False if kind == "unrolled" else "auto")
     stack([x[:, :256], x[:, :256]])  # build
     weights = stack.trainable_variables
 
@@ -140,6 +151,11 @@ def point(kind, depth, mode, repeats, length=LENGTH):
     })
 
 
+LABELS = {"reversible": "reversible (looped blocks)",
+          "unrolled": "reversible, unrolled (loop_blocks=False)",
+          "plain": "reversible=False"}
+
+
 def plot(rows, idle, path):
     import matplotlib
 
@@ -148,24 +164,25 @@ def plot(rows, idle, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"graph": "C0", "xla": "C1", "xla_memsched": "C2"}
-    for kind, style in (("reversible", "-"), ("plain", "--")):
+    styles = {"reversible": "-", "unrolled": ":", "plain": "--"}
+    for kind in KINDS:
         for mode in MODES:
             ok = [r for r in rows if r["kind"] == kind and r["mode"] == mode
                   and r["status"] == "ok"]
             if not ok:
                 continue
-            label = f"{'reversible' if kind == 'reversible' else 'reversible=False'}, {mode}"
+            label = f"{LABELS[kind]}, {mode}"
             depths = [r["depth"] for r in ok]
             axes[0].plot(depths, [r["peak_rss_mb"] - idle for r in ok],
-                         "o" + style, color=colors[mode], label=label)
+                         "o" + styles[kind], color=colors[mode], label=label)
             axes[1].plot(depths, [r["tf_step_peak_mb"] for r in ok],
-                         "o" + style, color=colors[mode], label=label)
+                         "o" + styles[kind], color=colors[mode], label=label)
     for ax, title in zip(axes, ("peak RSS minus idle process (MiB)",
                                 "TF allocator peak of a warmed-up step (MiB)")):
         ax.set_xlabel("blocks (f, g pairs)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=7)
     fig.suptitle(f"Training step, length {rows[-1].get('length', LENGTH)}, "
                  f"d_model {D_MODEL}, batch 1")
     fig.tight_layout()
@@ -177,7 +194,7 @@ def main():
     parser.add_argument("--point", nargs=5,
                         metavar=("KIND", "DEPTH", "MODE", "REPEATS", "LENGTH"))
     parser.add_argument("--length", type=int, default=LENGTH)
-    parser.add_argument("--kinds", nargs="+", choices=("reversible", "plain"),
+    parser.add_argument("--kinds", nargs="+", choices=KINDS,
                         default=["reversible", "plain"])
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 12])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -185,8 +202,15 @@ def main():
                         help="warmed-up steps measured after the first (>= 1)")
     parser.add_argument("--quick", action="store_true",
                         help="depths 1, 4, 12 in graph mode only")
+    parser.add_argument("--jit", action="store_true",
+                        help="XLA only (the same as --modes xla)")
+    parser.add_argument("--short-length", type=int, default=None,
+                        help="also run each point at this length and report the "
+                        "length-dependent part: peak RSS at --length minus at this")
     parser.add_argument("--csv", default="depth_memory.csv")
     args = parser.parse_args()
+    if args.jit:
+        args.modes = ["xla"]
     if args.point:
         kind, depth, mode, repeats, length = args.point
         return point(kind, int(depth), mode, int(repeats), int(length))
@@ -201,6 +225,13 @@ def main():
             for depth in args.depths:
                 record = _common.run_point(
                     __file__, [kind, depth, mode, args.repeats, args.length])
+                if args.short_length and record.get("status") == "ok":
+                    short = _common.run_point(
+                        __file__, [kind, depth, mode, args.repeats, args.short_length])
+                    if short.get("status") == "ok":
+                        record["short_peak_rss_mb"] = short["peak_rss_mb"]
+                        record["length_part_mb"] = (record["peak_rss_mb"]
+                                                    - short["peak_rss_mb"])
                 rows.append({"kind": kind, "depth": depth, "mode": mode,
                              "length": args.length, **record})
                 _common.progress(f"{kind} depth={depth} mode={mode}: {record}")
@@ -212,26 +243,24 @@ def main():
     if args.csv == "depth_memory.csv":  # the main run draws the figure
         plot(rows, idle_mb, os.path.join(_common.DOCS, "depth_memory.png"))
     print(f"wrote {path}; idle process peak RSS {idle_mb} MiB")
-    print("Per kind: peak RSS of the process (MiB) | the same minus the idle "
-          "process | TF allocator peak of a warmed-up step above what it held "
-          "before (median over the measured steps).")
-    print("| blocks | mode | rev: peak RSS | net of idle | TF alloc step "
-          "| plain: peak RSS | net of idle | TF alloc step | step s (rev / plain) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("Peak RSS of the process (MiB), the same minus the idle process, "
+          "TF allocator peak of a warmed-up step above what it held before "
+          "(median over the measured steps), first step (trace + compile) and "
+          "a warmed-up step in seconds.")
+    print("| mode | kind | blocks | peak RSS | net of idle | TF alloc step "
+          "| first step s | step s |")
+    print("|---|---|---|---|---|---|---|---|")
     by = {(r["kind"], r["depth"], r["mode"]): r for r in rows}
-    keys = ("peak_rss_mb", "net_mb", "tf_step_peak_mb")
     for mode in args.modes:
-        for depth in args.depths:
-            cells = []
-            for kind in ("reversible", "plain"):
+        for kind in args.kinds:
+            for depth in args.depths:
                 r = by.get((kind, depth, mode), {"status": "not run"})
-                cells += ([r[k] for k in keys] if r["status"] == "ok"
-                          else [r["status"], "", ""])
-            times = " / ".join(
-                str(by.get((k, depth, mode), {}).get("step_s", "-"))
-                for k in ("reversible", "plain"))
-            print("| " + " | ".join(str(c) for c in [depth, mode] + cells + [times])
-                  + " |")
+                cells = ([r.get(k) for k in ("peak_rss_mb", "net_mb",
+                                             "tf_step_peak_mb", "first_step_s",
+                                             "step_s")]
+                         if r["status"] == "ok" else [r["status"], "", "", "", ""])
+                print("| " + " | ".join(str(c) for c in [mode, kind, depth] + cells)
+                      + " |")
     for mode in args.modes:
         for kind in args.kinds:
             lo = by[(kind, min(args.depths), mode)]
@@ -245,6 +274,12 @@ def main():
                     if hi.get(k) and lo.get(k))
                 print(f"{kind} {mode}: peak({max(args.depths)})/peak"
                       f"({min(args.depths)}): {ratios}")
+                if hi.get("length_part_mb") and lo.get("length_part_mb"):
+                    print(f"{kind} {mode}: length-dependent part (peak at "
+                          f"{args.length} minus at {args.short_length}): "
+                          f"{lo['length_part_mb']} MiB at {min(args.depths)} "
+                          f"blocks, {hi['length_part_mb']} at {max(args.depths)}: "
+                          f"{hi['length_part_mb'] / lo['length_part_mb']:.2f}x")
 
 
 if __name__ == "__main__":
