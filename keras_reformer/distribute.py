@@ -41,6 +41,7 @@ import keras
 import tensorflow as tf
 
 from keras_reformer import _multiworker_fix
+from keras_reformer.models._token_id_inputs import check_step_inputs, step_vocabulary_size
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
@@ -91,9 +92,13 @@ def _is_tpu(strategy):
     ).__name__.startswith("TPUStrategy")
 
 
-def _replica_train_step(model, grads_fn, data):
+def _replica_train_step(model, grads_fn, data, vocabulary_size=None):
     """Keras' `train_step`, with the forward/loss/gradient part in `grads_fn`."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    # Token ids checked here, in the plain graph around the XLA part (XLA
+    # drops assertions and clamps bad ids); a no-op where this step is
+    # itself compiled (one device, TPU): there the data route checks.
+    x = check_step_inputs(vocabulary_size, x)
     loss, y_pred, grads = grads_fn(x, y, sample_weight)
     # Keras' own step logs the loss unscaled: `compute_loss` divided it by
     # the number of replicas so that the summed gradients are the global
@@ -156,6 +161,14 @@ def prepare_fit(model, jit_compile=True):
     it also applies the workaround for keras-team/keras#20585. Evaluation
     and prediction keep Keras' steps.
 
+    Token ids (`x`, or `x["token_ids"]`) are checked against the smallest
+    `vocabulary_size` of the model's `TokenIdCheck` layers in each
+    replica's step, before its XLA part, where that step is a plain graph
+    (mirrored strategies): XLA itself drops the check. Where the whole step
+    is compiled (default strategy, TPU) the data must be checked before it:
+    `ReformerModel.fit` does, and `keras_reformer.data.check_token_ids`
+    does for a dataset of your own.
+
     Args:
         model: a compiled `keras.Model` created under the strategy's scope:
             `kr.models.ReformerModel` or any model built from these layers.
@@ -193,10 +206,12 @@ def prepare_fit(model, jit_compile=True):
         model.__dict__.pop(name, None)
     strategy = model.distribute_strategy
     grads_fn = _make_grads_fn(model, jit_compile)
+    vocabulary_size = step_vocabulary_size(model)  # of its TokenIdChecks, or None
     # An instance attribute shadows Keras' `train_step` for this model only;
     # object.__setattr__ keeps Keras' attribute tracking out of it.
     object.__setattr__(
-        model, "train_step", lambda data: _replica_train_step(model, grads_fn, data)
+        model, "train_step",
+        lambda data: _replica_train_step(model, grads_fn, data, vocabulary_size),
     )
     if is_mirrored(strategy):
         model.jit_compile = False

@@ -28,13 +28,68 @@ def summary(run_dir):
         return json.load(f)
 
 
-def test_train_lm_smoke_with_xla(tmp_path):
+# A corpus a model can only predict well by learning its context: one
+# 86-byte sentence repeated (train and validation files alike). Its bytes'
+# own entropy is 4.52 bits, so a model that learned byte frequencies alone
+# cannot go below that; chance (an untrained model) is ~8 bits.
+SENTENCE = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n"
+# A short XLA run of train_lm.py on it, tiny model: ~25-35 s here.
+LEARN_FLAGS = ["--seq-len", "64", "--batch-size", "8", "--epochs", "2",
+               "--steps-per-epoch", "30", "--validation-steps", "2", "--num-layers", "1",
+               "--hidden-dim", "32", "--intermediate-dim", "64", "--bucket-size", "32",
+               "--num-heads", "4", "--num-hashes", "2", "--dropout", "0.05",
+               "--clipnorm", "1.0", "--learning-rate", "2e-2", "--seed", "0",
+               "--sample-len", "8"]  # every setting pinned: train_lm's defaults may change
+# Measured (3 seeds): 1.44-1.46 bits per byte after the 60 steps; the same
+# run with --learning-rate 0 ends at 8.37 (the untrained model). 3.0 leaves
+# room for float/XLA noise and is below what context-free prediction allows.
+LEARNED_BITS = 3.0
+
+
+def bits_per_byte_untrained(files, flags):
+    """Validation bits per byte of train_lm's model, untrained: the control."""
+    import math
+
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_lm
+    from keras_reformer import data
+
+    args = train_lm.parse_args(flags)
+    model, _ = train_lm.build_model(args)
+    _, val_files = data.split_files(files)
+    val = data.lm_dataset(val_files, args.seq_len, args.batch_size, shuffle=False,
+                          with_padding_mask=False).take(args.validation_steps)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    losses = [float(loss(y, model({"token_ids": x, "padding_mask": keras.ops.ones_like(x)})))
+              for x, y in val]
+    return float(np.mean(losses)) / math.log(2)
+
+
+def test_train_lm_learns_with_xla(tmp_path):
+    import collections
+    import math
+
+    files = []
+    for name in ("train.txt", "validation.txt"):
+        (tmp_path / name).write_text(SENTENCE * 60)
+        files.append(os.fspath(tmp_path / name))
+    counts = collections.Counter(SENTENCE).values()
+    unigram_bits = -sum(c / len(SENTENCE) * math.log2(c / len(SENTENCE)) for c in counts)
+    assert LEARNED_BITS < unigram_bits - 1  # passing needs context, not just counts
+
     run_dir = os.fspath(tmp_path / "run")
-    out = run("train_lm.py", "--smoke", "--run-dir", run_dir).stdout
+    out = run("train_lm.py", "--data", *files, "--run-dir", run_dir, *LEARN_FLAGS).stdout
     assert "XLA whole step" in out and "validation bits per byte" in out
     assert "Epoch 2/2" in out  # Keras' progress output
     result = summary(run_dir)
-    assert result["steps"] == 6 and 0 < result["bits_per_byte"] < 8.5
+    assert result["steps"] == 60
+    untrained = bits_per_byte_untrained(files, ["--data", *files, *LEARN_FLAGS])
+    assert untrained > 7.5  # the control is at chance (log2(256) = 8 bits)
+    assert result["bits_per_byte"] < LEARNED_BITS, (result, untrained)
+    assert result["bits_per_byte"] < untrained - 4
     assert os.path.exists(os.path.join(run_dir, "export", "1", "saved_model.pb"))
     logs = os.path.join(run_dir, "logs", "train")
     assert any(name.startswith("events.out") for name in os.listdir(logs))

@@ -9,6 +9,8 @@ Public API:
 * `byte_windows(files, window)`: fixed windows of the files' UTF-8 bytes.
 * `lm_dataset(files, seq_len, batch_size, ...)`: `(inputs, next-byte
   targets)` batches for `model.fit`.
+* `check_token_ids(dataset, vocabulary_size)`: fail in tf.data on an id
+  outside the vocabulary (XLA-compiled steps cannot check it).
 
 Example:
 
@@ -23,3 +25,4 @@ from keras_reformer.data.text_windows import (  # noqa: F401
     lm_dataset,
     split_files,
 )
+from keras_reformer.data.token_ids import check_token_ids  # noqa: F401

@@ -5,6 +5,7 @@ import os
 import tensorflow as tf
 
 from keras_reformer import _checks
+from keras_reformer.layers.token_id_check import assert_token_ids
 from keras_reformer.text import byte_tokenizer
 
 
@@ -90,7 +91,7 @@ def byte_windows(files, window):
 
 
 def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True,
-               with_padding_mask=True):
+               with_padding_mask=True, vocabulary_size=None):
     """Batches for next-byte prediction from text files, ready for `fit`.
 
     The bytes of `files` (see `byte_windows`) are cut into consecutive,
@@ -110,6 +111,12 @@ def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True,
         with_padding_mask: bool. Give inputs as a dict `{"token_ids",
             "padding_mask"}` (the inputs of `ReformerModel`); if `False`,
             the token ids alone. Defaults to `True`.
+        vocabulary_size: int or `None`. If given, every byte id (inputs and
+            targets) is checked in tf.data to be in `[0, vocabulary_size)`:
+            a model with fewer than 256 ids fails at the first byte it cannot
+            embed (`InvalidArgumentError` naming it), where under XLA it
+            would silently use a wrong embedding row. Defaults to `None`
+            (byte ids are always in [0, 256)).
 
     Returns:
         A `tf.data.Dataset` of `(inputs, targets)`: `targets` is int32 of
@@ -131,7 +138,10 @@ def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True,
     shuffle = _checks.boolean("shuffle", shuffle)
     repeat = _checks.boolean("repeat", repeat)
     with_padding_mask = _checks.boolean("with_padding_mask", with_padding_mask)
+    _checks.positive_int("vocabulary_size", vocabulary_size, allow_none=True)
     ds = byte_windows(files, seq_len + 1)
+    if vocabulary_size is not None:
+        ds = ds.map(lambda window: assert_token_ids(window, vocabulary_size, "byte_ids"))
     if shuffle:
         ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
 

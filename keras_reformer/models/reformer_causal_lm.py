@@ -13,6 +13,7 @@ from keras_reformer.models.reformer_causal_lm_decoder import CachedDecoder
 from keras_reformer.models.reformer_causal_lm_preprocessor import (
     ReformerCausalLMPreprocessor,
 )
+from keras_reformer.models._token_id_inputs import TokenIdInputs
 from keras_reformer.models.reformer_model import ReformerModel
 
 # Prompts are trimmed to their longest row, rounded up to a power of two (at
@@ -32,7 +33,7 @@ def _is_strings(x):
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerCausalLM(keras.Model):
+class ReformerCausalLM(TokenIdInputs, keras.Model):
     """A causal language model: backbone + LM head + loss + `generate()`.
 
     The keras-hub task pattern (`CausalLM`): the `ReformerModel` backbone

@@ -14,6 +14,7 @@ from keras_reformer.layers.sinusoidal_position_embedding import (
     SinusoidalPositionEmbedding,
 )
 from keras_reformer.layers.token_id_check import TokenIdCheck
+from keras_reformer.models._token_id_inputs import TokenIdInputs
 
 POSITION_EMBEDDINGS = ("axial", "sinusoidal", None)
 
@@ -62,7 +63,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, seed=(0, 0)):
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerModel(keras.Model):
+class ReformerModel(TokenIdInputs, keras.Model):
     """The Reformer: LSH attention in a reversible stack with chunked FFNs.
 
     A functional model (built in `__init__`, as keras-hub builds backbones):
@@ -74,7 +75,10 @@ class ReformerModel(keras.Model):
 
     Inputs are a dict: `"token_ids"` (int32, `(batch, length)`, any length up
     to `max_sequence_length`) and `"padding_mask"` (`(batch, length)`, 1 for
-    real tokens, 0 for padding). Output: logits `(batch, length,
+    real tokens, 0 for padding). A token id outside `[0, vocabulary_size)`
+    is an error naming it, also under XLA: `fit`, `evaluate`, `predict` and
+    `*_on_batch` check their inputs before the compiled step (arrays at
+    once, datasets batch by batch in tf.data). Output: logits `(batch, length,
     vocabulary_size)`, or with `include_head=False` the final hidden states
     `(batch, length, 2 * hidden_dim)` for a head of your own, e.g.
 
