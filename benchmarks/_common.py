@@ -40,6 +40,13 @@ def run_point(script, args, timeout=1800):
     record with `status` saying so instead of stopping the sweep.
     """
     cmd = [sys.executable, script, "--point", *map(str, args)]
+    return run_json(cmd, timeout, prefix="RESULT ")
+
+
+def run_json(cmd, timeout=1800, prefix=None):
+    """Run `cmd` in a fresh process; its record is its last stdout line that
+    starts with `prefix` (None: the last line, plain JSON, as the peer
+    scripts in benchmarks/peers print). Failures come back as `status`."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     start = time.time()
     try:
@@ -47,11 +54,19 @@ def run_point(script, args, timeout=1800):
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": f"timeout after {timeout}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            record = json.loads(line[len("RESULT "):])
-            record.setdefault("status", "ok")
-            return record
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if prefix is None:
+        lines = lines[-1:]
+    for line in reversed(lines):
+        if prefix is None or line.startswith(prefix):
+            try:
+                record = json.loads(line[len(prefix or ""):])
+            except ValueError:
+                break
+            if isinstance(record, dict):
+                record.setdefault("status", "ok")
+                return record
+            break
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
     return {"status": f"failed rc={proc.returncode} after "
                       f"{time.time() - start:.0f}s: {tail[0][:200]}"}

@@ -1,4 +1,4 @@
-"""Tokens/s, peak RSS and model FLOP utilisation of a full training step.
+"""Tokens/s, peak RSS and FLOP utilisation (MFU, HFU) of a full training step.
 
 Reference configuration (issue 6): causal ReformerModel, 2 layers, d_model
 256, 4 heads x 64, FFN 1024, bucket 64, 2 hashes, vocabulary 256, batch 1,
@@ -8,14 +8,27 @@ with ordinary residual blocks (no reversible stack, unchunked FFN).
 Each point is a fresh process: build, compile (`jit_compile` on or off),
 two warm-up steps, then the best of `--steps` timed `train_on_batch` calls.
 The first point of every run measures this machine's fp32 matmul rate
-(also in a fresh process), and model FLOP utilisation is
+(also in a fresh process), and utilisation comes in two kinds:
 
-    MFU = (analytic FLOPs per token of the step) * tokens/s / matmul rate,
+    MFU = model FLOPs per token * tokens/s / matmul rate
+    HFU = hardware FLOPs per token * tokens/s / matmul rate
 
-counting everything the step computes, recomputations included.
+Model FLOPs are what the model needs, whoever runs it: forward + backward
+(3x the forward's matmuls: projections, chunk attention, FFN, head) plus
+the hashing's forward (argmax passes no gradient). Hardware FLOPs are what
+this implementation computes: also the reversible stack's recomputation of
+each block's forward, and the chunked FFN's and the looped chunk
+attention's own recomputations in their backward passes.
+
+--peer runs the PyTorch Reformer (HF transformers, benchmarks/peers; set up
+with `bash benchmarks/peers/setup.sh`) in the same configuration, alternating
+fresh processes (ours, peer, ours, peer, ...) `--repeats` times per length,
+and reports the median (min, max) of each and the ratio ours / peer of the
+medians. Only ratios from one such run count: the machines are shared.
 
     python benchmarks/train_step.py                       # 1K..128K, CSV + plot
     python benchmarks/train_step.py --lengths 4096 --models reformer
+    python benchmarks/train_step.py --peer --lengths 1024 4096 16384 65536
 """
 
 import argparse
@@ -41,32 +54,83 @@ def num_buckets(length, bucket_size=64, factorize_above=256):
     return (first, 2 * math.ceil(n / first / 2))
 
 
-def flops_per_token(model, length):
-    """Analytic FLOPs per token of one training step (2 per multiply-add)."""
+def axial_shape(length):
+    """Our default axial (l1, l2): l1 the power of two at or below sqrt(length)."""
+    first = 1
+    while (first * 2) ** 2 <= length:
+        first *= 2
+    return first, -(-length // first)
+
+
+def _per_token_parts(length):
+    """Forward FLOPs per token and layer (2 per multiply-add), by part."""
     d, h, k = CONFIG["hidden_dim"], CONFIG["num_heads"], CONFIG["key_dim"]
     ff, c, r = CONFIG["intermediate_dim"], CONFIG["bucket_size"], CONFIG["num_hashes"]
-    vocab, layers = CONFIG["vocabulary_size"], CONFIG["num_layers"]
-    projections = 2 * d * h * k * 3  # qk (or q and k), v, output
-    ffn = 2 * 2 * d * ff
+    window = 2 * c  # one chunk back
+    return dict(
+        projections=2 * d * h * k * 3,  # shared qk, v, output
+        hashing=2 * h * r * k * sum(n // 2 for n in num_buckets(length, c)),
+        attention=2 * 2 * h * r * k * window,  # scores and weighted sum
+        ffn=2 * 2 * d * ff,
+        head=2 * 2 * d * CONFIG["vocabulary_size"],  # both streams (2d) -> vocab
+        # Above 2^23 logits per row group our chunk attention loops over
+        # (batch, head) groups and recomputes each group in its backward.
+        looped=length * window >= 2**23 / (h * r),
+    )
+
+
+def model_flops_per_token(model, length):
+    """FLOPs per token the model itself needs for one training step: 3x the
+    forward's matmuls (forward + 2x backward), the hashing once (no
+    gradient flows through argmax), no recomputation. The same for any
+    implementation of the model, so the peer is counted by it too."""
     if model == "mha":
+        return hardware_flops_per_token(model, length)  # nothing recomputed
+    p = _per_token_parts(length)
+    block = 3 * (p["projections"] + p["attention"] + p["ffn"]) + p["hashing"]
+    return CONFIG["num_layers"] * block + 3 * p["head"]
+
+
+def hardware_flops_per_token(model, length):
+    """FLOPs per token that the implementation actually computes."""
+    layers = CONFIG["num_layers"]
+    if model == "mha":
+        d, h, k = CONFIG["hidden_dim"], CONFIG["num_heads"], CONFIG["key_dim"]
         projections = 2 * d * h * k * 4
         # Causal masking does not skip work: all L keys are scored.
         attention = 2 * 2 * h * k * length
-        block = projections + attention + ffn
-        head = 2 * d * vocab
+        block = projections + attention + 2 * 2 * d * CONFIG["intermediate_dim"]
+        head = 2 * d * CONFIG["vocabulary_size"]
         return layers * block * 3 + head * 3  # forward + 2x backward
-    window = 2 * c  # one chunk back
-    hashing = 2 * h * r * k * sum(n // 2 for n in num_buckets(length, c))
-    attention = 2 * 2 * h * r * k * window
-    # Forward, recomputation by the reversible stack, 2x backward; the
-    # chunked FFN recomputes its slices once more in its own backward, and
-    # so does the chunk attention above 2^23 logits per row group.
-    looped = length * window >= 2**23 / (h * r)  # rows do not fit in one group
-    block = 4 * (projections + hashing + attention + ffn) + ffn
-    if looped:
-        block += attention
-    head = 2 * 2 * d * vocab  # concat of both streams (2d) -> vocabulary
-    return layers * block + 3 * head
+    p = _per_token_parts(length)
+    core = p["projections"] + p["attention"] + p["ffn"]
+    if model == "hf_reformer":
+        # HF's reversible backward recomputes each block once, reusing the
+        # forward's buckets (no re-hash); its FFN is unchunked
+        # (chunk_size_feed_forward=0) and its attention is not looped.
+        block = 4 * core + p["hashing"]
+    else:
+        # Forward + the reversible stack's recomputation (which re-hashes
+        # from the replayed seed) + 2x backward, and the chunked FFN
+        # recomputes its slices once more in its own backward.
+        block = 4 * core + 2 * p["hashing"] + p["ffn"]
+        if p["looped"]:
+            block += p["attention"]
+    return layers * block + 3 * p["head"]
+
+
+def add_utilisation(row, gflops):
+    """MFU and HFU columns of a measured row, from the run's matmul rate."""
+    if row.get("status") != "ok" or not gflops:
+        return row
+    model, length = row["model"], row["length"]
+    rate = row["tokens_per_s"] / (gflops * 1e9)
+    row["matmul_gflops"] = gflops
+    row["model_flops_per_token"] = round(model_flops_per_token(model, length))
+    row["hardware_flops_per_token"] = round(hardware_flops_per_token(model, length))
+    row["mfu"] = round(row["model_flops_per_token"] * rate, 3)
+    row["hfu"] = round(row["hardware_flops_per_token"] * rate, 3)
+    return row
 
 
 def build(model, length, jit):
@@ -127,7 +191,6 @@ def point(model, length, jit, steps):
         "step_s": round(seconds, 4), "tokens_per_s": round(length / seconds),
         "peak_rss_mb": round(_common.peak_rss_mb()),
         "step_mem_mb": round(_common.peak_rss_mb() - base),
-        "flops_per_token": round(flops_per_token(model, length)),
     })
 
 
@@ -177,27 +240,174 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+PEER_PYTHON = os.path.join(PEERS, ".venv", "bin", "python")
+
+
+def spread(values):
+    """(median, min, max) of a list of numbers."""
+    import statistics
+
+    return statistics.median(values), min(values), max(values)
+
+
+def peer_sweep(args, gflops):
+    """Ours and the peer as alternating fresh processes, `--repeats` pairs per
+    length: alternation spreads the machine's drift over both sides."""
+    runs = []
+    for length in args.lengths:
+        for repeat in range(args.repeats):
+            for jit in args.jit:
+                row = {"model": "reformer", "length": length, "jit": jit == "on"}
+                row.update(_common.run_point(
+                    __file__, ["reformer", length, jit, args.steps], timeout=3600))
+                runs.append(row)
+                _common.progress(f"[{repeat + 1}/{args.repeats}] {row}")
+            row = {"model": "hf_reformer", "length": length, "jit": False}
+            row.update(_common.run_json(
+                [PEER_PYTHON, os.path.join(PEERS, "hf_train_step.py"),
+                 "--length", str(length), "--steps", str(args.steps)], timeout=3600))
+            runs.append(row)
+            _common.progress(f"[{repeat + 1}/{args.repeats}] {row}")
+    rows = []
+    for length in args.lengths:
+        for model, jit in [("reformer", j == "on") for j in args.jit] + [("hf_reformer", False)]:
+            mine = [r for r in runs if (r["model"], r["length"], r["jit"]) == (model, length, jit)]
+            ok = [r for r in mine if r.get("status") == "ok"]
+            row = {"model": model, "length": length, "jit": jit, "runs": len(mine),
+                   "ok_runs": len(ok)}
+            if ok:
+                tps = spread([r["tokens_per_s"] for r in ok])
+                rss = spread([r["peak_rss_mb"] for r in ok])
+                row.update(tokens_per_s=tps[0], tokens_per_s_min=tps[1],
+                           tokens_per_s_max=tps[2], peak_rss_mb=rss[0],
+                           peak_rss_mb_min=rss[1], peak_rss_mb_max=rss[2],
+                           status="ok")
+                for key in ("torch", "transformers"):
+                    if key in ok[0]:
+                        row[key] = ok[0][key]
+                add_utilisation(row, gflops)
+            else:
+                row["status"] = mine[-1].get("status", "not run") if mine else "not run"
+            rows.append(row)
+    peers = {r["length"]: r for r in rows if r["model"] == "hf_reformer"}
+    for row in rows:
+        peer = peers[row["length"]]
+        if row["model"] == "reformer" and row["status"] == peer["status"] == "ok":
+            row["tokens_per_s_ratio"] = round(row["tokens_per_s"] / peer["tokens_per_s"], 3)
+            row["peak_rss_ratio"] = round(row["peak_rss_mb"] / peer["peak_rss_mb"], 3)
+    return rows
+
+
+def plot_peer(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for model, jit, label in (("reformer", False, "keras-reformer"),
+                              ("reformer", True, "keras-reformer + XLA"),
+                              ("hf_reformer", False, "HF transformers (PyTorch)")):
+        ok = [r for r in rows if (r["model"], r["jit"]) == (model, jit) and r["status"] == "ok"]
+        if not ok:
+            continue
+        xs = [r["length"] for r in ok]
+        for ax, key in zip(axes, ("tokens_per_s", "peak_rss_mb")):
+            mid = [r[key] for r in ok]
+            err = [[m - r[key + "_min"] for m, r in zip(mid, ok)],
+                   [r[key + "_max"] - m for m, r in zip(mid, ok)]]
+            ax.errorbar(xs, mid, yerr=err, fmt="o-", capsize=3, label=label)
+    titles = ("tokens / s (median, min-max)", "peak RSS MiB (median, min-max)")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("Training step, alternating processes, same machine and run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report_peer(rows, gflops, path):
+    print(f"wrote {path}; matmul rate {gflops} GFLOP/s; medians (min-max) over runs")
+    print("| length | impl | tokens/s | ours/peer | peak RSS MiB | ours/peer | MFU | HFU | runs ok |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        name = "peer (HF)" if r["model"] == "hf_reformer" else (
+            "ours + XLA" if r["jit"] else "ours")
+        if r["status"] != "ok":
+            print(f"| {r['length']} | {name} | {r['status']} | | | | | | 0/{r['runs']} |")
+            continue
+        print(f"| {r['length']} | {name} | {r['tokens_per_s']:.0f} "
+              f"({r['tokens_per_s_min']}-{r['tokens_per_s_max']}) "
+              f"| {r.get('tokens_per_s_ratio', '')} | {r['peak_rss_mb']:.0f} "
+              f"({r['peak_rss_mb_min']}-{r['peak_rss_mb_max']}) | {r.get('peak_rss_ratio', '')} "
+              f"| {r.get('mfu', '')} | {r.get('hfu', '')} | {r['ok_runs']}/{r['runs']} |")
+
+
+def check_args(parser, args):
+    if any(n < 1 for n in args.lengths) or args.steps < 1 or args.repeats < 1:
+        parser.error("--lengths, --steps and --repeats must be positive")
+    if args.jit is None:
+        args.jit = ["off"] if args.peer else ["off", "on"]
+    if not args.peer:
+        return
+    if not os.path.exists(PEER_PYTHON):
+        parser.error(f"the peer's venv is missing ({PEER_PYTHON}); create it with "
+                     "`bash benchmarks/peers/setup.sh` (torch CPU + transformers)")
+    c = CONFIG["bucket_size"]
+    bad = [n for n in args.lengths if n % c or axial_shape(n)[0] * axial_shape(n)[1] != n]
+    if bad:
+        parser.error(f"--peer lengths must be multiples of {c} that the axial "
+                     f"shape factors exactly (HF trains on no others), e.g. 1024 "
+                     f"4096 16384 65536; got {bad}")
+
+
+def figure_path(args, csv_path, name):
+    """docs/<name>, or beside the CSV for a run with its own --csv (a smoke
+    run must not overwrite the documented figure)."""
+    if args.csv:
+        return os.path.splitext(csv_path)[0] + ".png"
+    return os.path.join(_common.DOCS, name)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--point", nargs="+")
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[1024, 4096, 16384, 65536, 131072])
-    parser.add_argument("--models", nargs="+", default=["reformer", "mha"])
-    parser.add_argument("--jit", nargs="+", default=["off", "on"])
+    parser.add_argument("--models", nargs="+", default=["reformer", "mha"],
+                        choices=["reformer", "mha"])
+    parser.add_argument("--jit", nargs="+", choices=["off", "on"],
+                        help="default: off and on; with --peer, off (graph mode)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mha-max-length", type=int, default=8192,
                         help="longer MHA points would need > 20 GB and are not run")
-    parser.add_argument("--csv", default="train_step.csv")
+    parser.add_argument("--peer", action="store_true",
+                        help="ours vs the PyTorch Reformer (benchmarks/peers), "
+                             "alternating processes; ignores --models")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="with --peer: process pairs per length")
+    parser.add_argument("--csv", help="default train_step.csv (train_step_peer.csv with --peer)")
     args = parser.parse_args()
     if args.point:
         if args.point[0] == "matmul":
             return matmul_point()
         model, length, jit, steps = args.point
         return point(model, int(length), jit == "on", int(steps))
+    check_args(parser, args)
 
     rate = _common.run_point(__file__, ["matmul"])
     _common.progress(f"matmul: {rate}")
     gflops = rate.get("matmul_gflops")
+    if args.peer:
+        rows = peer_sweep(args, gflops)
+        path = _common.write_csv(args.csv or "train_step_peer.csv", rows)
+        plot_peer(rows, figure_path(args, path, "train_step_peer.png"))
+        return report_peer(rows, gflops, path)
     rows = []
     for length in args.lengths:
         for model in args.models:
@@ -208,20 +418,17 @@ def main():
                 else:
                     row.update(_common.run_point(
                         __file__, [model, length, jit, args.steps], timeout=3600))
-                if row.get("status") == "ok" and gflops:
-                    row["matmul_gflops"] = gflops
-                    row["mfu"] = round(
-                        row["flops_per_token"] * row["tokens_per_s"] / (gflops * 1e9), 3)
-                rows.append(row)
+                rows.append(add_utilisation(row, gflops))
                 _common.progress(f"{row}")
-    path = _common.write_csv(args.csv, rows)
-    plot(rows, os.path.join(_common.DOCS, "train_step_benchmark.png"))
+    path = _common.write_csv(args.csv or "train_step.csv", rows)
+    plot(rows, figure_path(args, path, "train_step_benchmark.png"))
     print(f"wrote {path}; matmul rate {gflops} GFLOP/s")
-    print("| model | length | XLA | tokens/s | MFU | peak RSS MiB | status |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | length | XLA | tokens/s | MFU | HFU | peak RSS MiB | status |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['length']} | {r['jit']} | {r.get('tokens_per_s', '')} "
-              f"| {r.get('mfu', '')} | {r.get('peak_rss_mb', '')} | {r['status']} |")
+              f"| {r.get('mfu', '')} | {r.get('hfu', '')} | {r.get('peak_rss_mb', '')} "
+              f"| {r['status']} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""One full training step of the PyTorch peer (HF ReformerModelWithLMHead).
+
+Same reference configuration as benchmarks/train_step.py: causal, 2 LSH
+layers, d 256, 4 heads x 64, FFN 1024 (unchunked, HF's default), bucket 64,
+2 hashes, vocabulary 256, no dropout, axial positions, batch 1, Adam. A step
+is forward with labels, backward (HF's reversible backward recomputes each
+block, as ours does), optimizer.step, zero_grad. Two warm-up steps, then the
+best of --steps timed steps, the statistic train_step.py uses for ours.
+
+    benchmarks/peers/.venv/bin/python benchmarks/peers/hf_train_step.py --length 1024 --steps 3
+
+Prints one JSON line (the last stdout line).
+"""
+
+import argparse
+import statistics
+import time
+
+import hf_common
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=hf_common.positive_int, required=True)
+    parser.add_argument("--steps", type=hf_common.positive_int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    args = parser.parse_args()
+    c = hf_common.CONFIG["bucket_size"]
+    l1, l2 = hf_common.axial_shape(args.length)
+    # HF's own training-mode constraints, checked up front with our wording.
+    if args.length % c or l1 * l2 != args.length:
+        parser.error(f"--length must be a multiple of {c} that factors as l1 * l2 with "
+                     f"l1 a power of two near sqrt(length) (e.g. 1024, 4096, 16384); "
+                     f"got {args.length}")
+
+    import torch
+
+    cores = hf_common.setup_threads()
+    model = hf_common.build(args.length)
+    model.train()  # HF's reversible backward requires training mode
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    ids = torch.randint(1, hf_common.CONFIG["vocabulary_size"], (1, args.length),
+                        generator=torch.Generator().manual_seed(0))
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss  # HF shifts labels itself
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    hf_common.emit({
+        "model": "hf_reformer", "length": args.length, "steps": args.steps,
+        "step_s": round(best, 4), "step_s_median": round(statistics.median(times), 4),
+        "tokens_per_s": round(args.length / best),
+        "peak_rss_mb": round(hf_common.peak_rss_mb()), "threads": cores,
+        **hf_common.versions(),
+    })
+
+
+if __name__ == "__main__":
+    main()
