@@ -213,6 +213,8 @@ class ReformerCausalLM(TokenIdInputs, keras.Model):
                 return decoder.generate(
                     token_ids, padding_mask, seed, max_length=max_length,
                     sampler=sampler, stop_token_ids=tuple(stop_token_ids),
+                    # Graph mode would copy the caches at every step.
+                    in_place=not jit_compile,
                 )
 
             self._generate_functions[key] = run
@@ -237,8 +239,9 @@ class ReformerCausalLM(TokenIdInputs, keras.Model):
                 without a preprocessor); None or () never stops early.
             strip_prompt: return only the generated part.
             sampler: overrides the compiled sampler for this call.
-            jit_compile: compile the loop with XLA (default True). Without
-                XLA, TF copies the caches at every step (O(length) per token).
+            jit_compile: compile the loop with XLA (default True), or run it
+                as a TensorFlow graph (False: no compilation, the caches are
+                updated in place; a step costs more fixed op overhead).
 
         Returns:
             Strings for string inputs (a str for one prompt, else a list),

@@ -18,7 +18,7 @@ The backbone's layers are found by name (public `Model.get_layer`):
 import tensorflow as tf
 
 from keras_reformer.layers.lsh_attention import LSHAttention
-from keras_reformer.ops import lsh_decode
+from keras_reformer.ops import lsh, lsh_decode
 
 
 def _layer(model, name, required=True):
@@ -79,6 +79,18 @@ class CachedDecoder:
     def _reach(self, attention):
         return attention.num_chunks_before * attention.bucket_size
 
+    def rotations(self):
+        """Each block's inference hash rotations (a list of tensors per block).
+
+        Computed once before the decode loop: they are the same at every
+        step, and drawing them costs O(num_buckets) per layer.
+        """
+        return [
+            f.attention._rotations(f.attention._factors(), f.attention.num_hashes,
+                                   False)
+            for f, _ in self.blocks
+        ]
+
     def _logits(self, y1, y2):
         """Stream outputs at one position per row (B, 1, H) -> (B, V) float32."""
         h = tf.concat([tf.cast(y1, self.stack.compute_dtype),
@@ -93,13 +105,14 @@ class CachedDecoder:
         Args:
             token_ids: (B, P) int32, right-padded prompts.
             padding_mask: (B, P) bool, True on real tokens (each row >= 1).
-            max_length: int, the longest sequence the caches must hold.
+            max_length: int (an int32 scalar tensor outside XLA), the longest
+                sequence the caches must hold.
 
         Returns:
             (logits (B, V) float32 after each row's last real token,
              caches: a list with one `lsh_decode` cache per block).
         """
-        prompt = token_ids.shape[1]
+        prompt = tf.shape(token_ids)[1]
         x = self.embedding(token_ids)
         x = x + tf.cast(self.position_table(max_length)[None, :prompt], x.dtype)
         x1 = x2 = tf.cast(x, self.stream_dtype)
@@ -117,7 +130,7 @@ class CachedDecoder:
         pick = lambda y: tf.gather(y, last[:, None], axis=1, batch_dims=1)  # noqa: E731
         return self._logits(pick(x1), pick(x2)), caches
 
-    def step(self, token, position, caches, table):
+    def step(self, token, position, caches, table, rotations=None, in_place=False):
         """One token per row at its position -> (logits (B, V), new caches).
 
         Args:
@@ -125,19 +138,24 @@ class CachedDecoder:
             position: (B,) int32, < the caches' max_length.
             caches: from `prompt_pass` or a previous step.
             table: `position_table(max_length)`.
+            rotations: `rotations()` (default: drawn again in this step).
+            in_place: overwrite the caches (graph mode, owned caches; see
+                `lsh_decode.decode_step`).
         """
+        if rotations is None:
+            rotations = self.rotations()
         x = self.embedding(token[:, None])
         x = x + tf.cast(tf.gather(table, position)[:, None], x.dtype)
         x1 = x2 = tf.cast(x, self.stream_dtype)
         new_caches = []
-        for (f, g), cache in zip(self.blocks, caches):
+        for (f, g), cache, rotation in zip(self.blocks, caches, rotations):
             attention = f.attention
             normed = f.norm(x2)
             qk, v = attention.project(normed)
-            buckets, _ = attention.hash_buckets(qk)
+            buckets = lsh.hash_vectors(qk, rotation)
             out, cache = lsh_decode.decode_step(
                 cache, qk[:, :, 0], v[:, :, 0], buckets[..., 0], position,
-                self._reach(attention), attention.sliding_window,
+                self._reach(attention), attention.sliding_window, in_place=in_place,
             )
             new_caches.append(cache)
             gate = attention.gate_dense(normed) if attention.use_gate else None
@@ -150,19 +168,24 @@ class CachedDecoder:
     # ------------------------------------------------------------- the loop
 
     def generate(self, token_ids, padding_mask, seed, *, max_length, sampler,
-                 stop_token_ids):
+                 stop_token_ids, in_place=False):
         """The whole generation: prompt pass, then a `tf.while_loop` of steps.
 
         Each row continues after its own last real token (prompts are
         right-padded), until `max_length` tokens or a stop token. Meant to be
-        traced inside one `tf.function` (XLA-compilable: static shapes).
+        traced inside one `tf.function`.
 
         Args:
             token_ids: (B, P) int32; padding_mask: (B, P) bool/int, P <= max_length.
             seed: (2,) int32, the sampler's stateless seed (step folded in).
-            max_length: int, the total length of the output rows.
+            max_length: int, the total length of the output rows (an int32
+                scalar tensor is allowed outside XLA).
             sampler: a `Sampler`.
             stop_token_ids: tuple of ints (may be empty).
+            in_place: update the caches and outputs in place: for TensorFlow
+                graph mode, where each step would otherwise copy them whole
+                (O(max_length) per token). Not under XLA (XLA updates loop
+                buffers in place by itself, and has no in-place op).
 
         Returns:
             token_ids (B, max_length) int32 and padding_mask (B, max_length)
@@ -171,48 +194,69 @@ class CachedDecoder:
         """
         mask = tf.cast(padding_mask, tf.bool)
         token_ids = tf.where(mask, tf.cast(token_ids, tf.int32), 0)
-        prompt = token_ids.shape[1]
+        prompt = tf.shape(token_ids)[1]
         batch = tf.shape(token_ids)[0]
         logits, caches = self.prompt_pass(token_ids, mask, max_length)
         table = self.position_table(max_length)
+        rotations = self.rotations()
         tail = [[0, 0], [0, max_length - prompt]]
         ids = tf.pad(token_ids, tail)
-        out_mask = tf.pad(mask, tail)
+        out_mask = tf.pad(tf.cast(mask, tf.int32), tail)
+        if in_place:
+            # The loop overwrites these: give it buffers that nothing else holds.
+            ids, out_mask, caches = lsh_decode.own((ids, out_mask, caches))
         position = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
         done = position >= max_length
         rows = tf.range(batch)
         stops = tf.constant(list(stop_token_ids) or [-1], tf.int32)
 
-        def cond(step, position, done, ids, out_mask, logits, caches):
-            return tf.reduce_any(tf.logical_not(done))
-
-        def body(step, position, done, ids, out_mask, logits, caches):
+        def emit(step, logits, position, done, ids, out_mask):
+            """Sample each row's next token and write it at its position."""
             token = sampler(logits, tf.random.experimental.stateless_fold_in(seed, step))
             active = tf.logical_not(done)
             # Finished rows keep running in the batch, writing at a clamped
             # position that is never read again.
             at = tf.minimum(position, max_length - 1)
-            index = tf.stack([rows, at], axis=1)
-            current = tf.gather_nd(ids, index)
-            ids = tf.tensor_scatter_nd_update(ids, index, tf.where(active, token, current))
-            out_mask = tf.tensor_scatter_nd_update(
-                out_mask, index, tf.logical_or(active, tf.gather_nd(out_mask, index))
+            # One element per row of the flat (B * max_length) outputs.
+            flat = rows * max_length + at
+            current = tf.gather(tf.reshape(ids, [-1]), flat)
+            current_mask = tf.gather(tf.reshape(out_mask, [-1]), flat)
+            ids = lsh_decode.set_rows(
+                ids, flat, tf.where(active, token, current), in_place, [current]
+            )
+            out_mask = lsh_decode.set_rows(
+                out_mask, flat, tf.where(active, 1, current_mask), in_place,
+                [current_mask],
             )
             stopped = tf.reduce_any(token[:, None] == stops[None, :], axis=1)
             if not stop_token_ids:
                 stopped = tf.zeros_like(stopped)
             done = done | (active & stopped) | (position + 1 >= max_length)
             position = position + tf.cast(active, tf.int32)
-            # No step after the last token: its logits would not be used.
-            logits, caches = tf.cond(
-                tf.reduce_any(tf.logical_not(done)),
-                lambda: self.step(token, at, caches, table),
-                lambda: (logits, caches),
-            )
-            return step + 1, position, done, ids, out_mask, logits, caches
+            return token, at, position, done, ids, out_mask
 
-        _, _, _, ids, out_mask, _, _ = tf.while_loop(
-            cond, body, (tf.constant(0), position, done, ids, out_mask, logits, caches),
+        # The first token comes from the prompt pass; each loop iteration
+        # runs one cached step on the token before and samples the next, so
+        # no step is spent on the last token (and no `tf.cond` is needed to
+        # skip it: under XLA a conditional around the step made it copy the
+        # caches at every step).
+        token, at, position, done, ids, out_mask = emit(
+            0, logits, position, done, ids, out_mask
+        )
+
+        def cond(step, token, at, position, done, ids, out_mask, caches):
+            return tf.reduce_any(tf.logical_not(done))
+
+        def body(step, token, at, position, done, ids, out_mask, caches):
+            logits, caches = self.step(token, at, caches, table, rotations, in_place)
+            token, at, position, done, ids, out_mask = emit(
+                step, logits, position, done, ids, out_mask
+            )
+            return step + 1, token, at, position, done, ids, out_mask, caches
+
+        loop = tf.while_loop(
+            cond, body, (tf.constant(1), token, at, position, done, ids, out_mask, caches),
             maximum_iterations=max_length,
         )
-        return ids, out_mask
+        ids, out_mask = loop[5], loop[6]
+        return ids, tf.cast(out_mask, tf.bool)

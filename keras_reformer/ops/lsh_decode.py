@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from keras_reformer.ops.chunk_attention import MASK_VALUE, SELF_MASK_VALUE
 from keras_reformer.ops.lsh import sort_order
+from keras_reformer.ops.recompute import dependency_zero
 
 
 def _unit(vectors):
@@ -54,18 +55,21 @@ def init_cache(qk, values, buckets, valid, num_buckets, reach, max_length):
         valid: (B, P) bool; False marks padding, which is never a key.
         num_buckets: int, K.
         reach: int, earlier keys a causal query may see per round.
-        max_length: int, M >= P, the longest sequence the cache will hold.
+        max_length: int (or an int32 scalar tensor outside XLA), M >= P, the
+            longest sequence the cache will hold.
 
     Returns:
         dict with "keys", "values", "ring", "count" (shapes in the module
         docstring).
     """
     prompt = qk.shape[2]
-    if prompt is None or prompt > max_length:
+    if prompt is not None and isinstance(max_length, int) and prompt > max_length:
         raise ValueError(
-            "`qk` must have a static length <= max_length. Received: "
-            f"length={prompt}, max_length={max_length}"
+            "The prompt must fit the cache: `qk`'s length <= max_length. "
+            f"Received: length={prompt}, max_length={max_length}"
         )
+    if prompt is None:  # a dynamic length (exported signatures): graph mode
+        prompt = tf.shape(qk)[2]
     size = ring_size(reach)
     batch, heads, rounds = tf.shape(qk)[0], qk.shape[1], buckets.shape[2]
     # Sorted by (bucket, position), padding last in an extra bucket K: the
@@ -99,7 +103,8 @@ def init_cache(qk, values, buckets, valid, num_buckets, reach, max_length):
     }
 
 
-def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None):
+def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None,
+                in_place=False):
     """Causal LSH attention of one new token per row, and the updated cache.
 
     Args:
@@ -112,6 +117,10 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
         reach: int, as in `init_cache`.
         sliding_window: None or int; keys with `position - key >= it` are
             masked, as in the layer.
+        in_place: overwrite the cache's buffers instead of returning updated
+            copies (TensorFlow graph mode only, not XLA; the cache passed in
+            must be owned -- see `own` -- and is consumed). Without it, a
+            step outside XLA copies every buffer: O(max_length) per token.
 
     Returns:
         (out (B, H, E) float32, new cache).
@@ -154,29 +163,77 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
     out = tf.reduce_sum(out * weights, axis=2)
 
     # Write the token: its key/value at its position, its position into the
-    # next ring slot of its bucket in every round.
-    b = tf.range(batch)[:, None]
-    h = tf.range(heads)[None, :]
-    bh = tf.stack([
-        tf.broadcast_to(b, [batch, heads]),
-        tf.broadcast_to(h, [batch, heads]),
-        tf.broadcast_to(position[:, None], [batch, heads]),
-    ], axis=-1)
-    new_keys = tf.tensor_scatter_nd_update(cache["keys"], bh, own_key)
-    new_values = tf.tensor_scatter_nd_update(cache["values"], bh, values)
-    r = tf.range(rounds)[None, None, :]
-    shape = [batch, heads, rounds]
-    bhrk = tf.stack([
-        tf.broadcast_to(b[:, :, None], shape),
-        tf.broadcast_to(h[:, :, None], shape),
-        tf.broadcast_to(r, shape),
-        buckets,
-    ], axis=-1)
-    new_count = tf.tensor_scatter_nd_add(count, bhrk, tf.ones(shape, tf.int32))
-    bhrks = tf.concat([bhrk, tf.math.floormod(members, size)[..., None]], axis=-1)
-    new_ring = tf.tensor_scatter_nd_update(
-        ring, bhrks, tf.broadcast_to(position[:, None, None], shape)
+    # next ring slot of its bucket in every round. Each write is one row of
+    # a flat view, so that it costs O(1) whatever the cache size.
+    reads = [keys, old_values, mine, members]
+    rows = tf.range(batch)[:, None] * heads + tf.range(heads)[None, :]  # (B, H)
+    length = tf.shape(cache["keys"])[2]
+    at = tf.reshape(rows * length + position[:, None], [-1])
+    new_keys = set_rows(cache["keys"], at, own_key, in_place, reads)
+    new_values = set_rows(cache["values"], at, values, in_place, reads)
+    num_buckets = count.shape[3]
+    bucket_row = tf.reshape(
+        (rows[:, :, None] * rounds + tf.range(rounds)) * num_buckets + buckets, [-1]
+    )
+    new_count = set_rows(count, bucket_row, members + 1, in_place, reads)
+    slot_row = bucket_row * size + tf.reshape(tf.math.floormod(members, size), [-1])
+    new_ring = set_rows(
+        ring, slot_row, tf.broadcast_to(position[:, None, None], [batch, heads, rounds]),
+        in_place, reads,
     )
     return out, {
         "keys": new_keys, "values": new_values, "ring": new_ring, "count": new_count,
     }
+
+
+def own(cache):
+    """A private copy of every buffer: what `decode_step(..., in_place=True)`
+    may overwrite. (A buffer might otherwise be shared with a caller's
+    tensor or a constant: `tf.pad` by zero forwards its input.)"""
+    return tf.nest.map_structure(lambda t: tf.raw_ops.DeepCopy(x=t), cache)
+
+
+def set_rows(buffer, rows, updates, in_place, after=()):
+    """`buffer` with some rows of its flat view set to `updates`.
+
+    The flat view is `buffer` reshaped to (-1, row size), the row size being
+    that of one update: keys (B, H, M, D) with (B * H, D) updates are seen as
+    (B * H * M, D); a ring (B, H, R, K, S) with one int per update as
+    (B * H * R * K * S, 1).
+
+    Args:
+        buffer: the tensor to update.
+        rows: (N,) int32 distinct row numbers of the flat view.
+        updates: N rows (any shape whose size is N * the row size).
+        in_place: overwrite `buffer`'s memory (TensorFlow graph mode): O(row)
+            instead of a copy of the whole buffer, which is what
+            `tensor_scatter_nd_update` costs outside XLA. Only for buffers the
+            caller owns (see `own`) and never reads again; not under XLA,
+            which has no such op (and updates loop buffers in place anyway).
+        after: tensors that read `buffer` and must be computed before it is
+            overwritten.
+
+    Returns:
+        The updated buffer (with `in_place`, the same memory).
+    """
+    shape = tf.shape(buffer)
+    count = tf.shape(rows)[0]
+    row_size = tf.size(updates) // count
+    flat = tf.reshape(buffer, [-1, row_size])
+    updates = tf.reshape(tf.cast(updates, buffer.dtype), [count, row_size])
+    if in_place:
+        # InplaceUpdate writes into its input's buffer (an alias, not a copy).
+        # Nothing orders it after the reads of the old contents but these
+        # control dependencies.
+        with tf.control_dependencies(list(after)):
+            flat = tf.raw_ops.InplaceUpdate(x=flat, i=rows, v=updates)
+    else:
+        if after and not tf.executing_eagerly():
+            # XLA ignores control dependencies: unless the new contents depend
+            # on the reads, it may schedule the scatter first and then copy
+            # the whole buffer (twice, measured) so that the reads see the
+            # old one -- O(max_length) per token.
+            zero = tf.add_n([dependency_zero(t) for t in after])
+            updates = updates + tf.cast(zero, updates.dtype)
+        flat = tf.tensor_scatter_nd_update(flat, rows[:, None], updates)
+    return tf.reshape(flat, shape)

@@ -104,3 +104,67 @@ def test_prompt_longer_than_cache_is_an_error():
     with pytest.raises(ValueError, match="max_length"):
         lsh_decode.init_cache(qk, qk, tf.zeros((1, 1, 1, 8), tf.int32),
                               tf.ones((1, 8), bool), 2, 8, max_length=4)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph_in_place", "xla"])
+def test_compiled_decode_loop_equals_full_pass(jit):
+    # The whole decode as one compiled while_loop, the way generate() runs
+    # it: graph mode overwrites the cache in place (ordered only by control
+    # dependencies), XLA scatters after data-dependent reads. Both must still
+    # read each step's window before writing its token.
+    layer = LSHAttention(num_heads=2, key_dim=16, bucket_size=8, num_hashes=2,
+                         num_buckets=4, max_length=128, seed=6)
+    x = tf.random.normal((2, LENGTH, 32), seed=7)
+    full = layer(x, use_causal_mask=True).numpy()
+    lengths, prompt = [13, 5], 13
+    reach = layer.num_chunks_before * layer.bucket_size
+    valid = tf.constant(np.arange(prompt)[None] < np.asarray(lengths)[:, None])
+    qk, v = layer.project(x[:, :prompt])
+    buckets, total = layer.hash_buckets(qk)
+    cache = lsh_decode.init_cache(qk, v, buckets, valid, total, reach, LENGTH)
+    before = {k: t.numpy() for k, t in cache.items()}
+
+    @tf.function(jit_compile=jit)
+    def decode(cache, x):
+        if not jit:
+            cache = lsh_decode.own(cache)
+        position = tf.constant(lengths, tf.int32)
+
+        def body(i, position, cache, outputs):
+            at = tf.minimum(position, LENGTH - 1)
+            xt = tf.gather(x, at[:, None], batch_dims=1)
+            q1, v1 = layer.project(xt)
+            b1, _ = layer.hash_buckets(q1)
+            out, cache = lsh_decode.decode_step(
+                cache, q1[:, :, 0], v1[:, :, 0], b1[..., 0], at, reach,
+                in_place=not jit,
+            )
+            y = layer.attend_output(out[:, :, None])[:, 0]
+            return i + 1, position + 1, cache, outputs.write(i, y)
+
+        steps = LENGTH - min(lengths)
+        outputs = tf.TensorArray(tf.float32, size=steps)
+        _, _, _, outputs = tf.while_loop(
+            lambda i, *_: i < steps, body, (0, position, cache, outputs))
+        return outputs.stack()  # (steps, B, features)
+
+    out = decode(cache, x).numpy()
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(out[: LENGTH - n, b], full[b, n:], atol=1e-5)
+    # The caller's cache is untouched: the loop overwrote its own copy.
+    for k, t in cache.items():
+        np.testing.assert_array_equal(t.numpy(), before[k])
+
+
+def test_set_rows_in_place_and_copying_agree():
+    buffer = tf.reshape(tf.range(24, dtype=tf.float32), [2, 3, 4])
+    rows = tf.constant([0, 5])
+    updates = tf.constant([[-1.0] * 4, [-2.0] * 4])
+    expected = buffer.numpy().reshape(6, 4)
+    expected[[0, 5]] = updates.numpy()
+    copied = lsh_decode.set_rows(buffer, rows, updates, in_place=False)
+    np.testing.assert_array_equal(copied.numpy().reshape(6, 4), expected)
+    in_place = tf.function(
+        lambda b: lsh_decode.set_rows(lsh_decode.own(b), rows, updates, True))(buffer)
+    np.testing.assert_array_equal(in_place.numpy().reshape(6, 4), expected)
+    assert buffer.numpy()[0, 0, 0] == 0.0  # `own` copied before overwriting
