@@ -100,7 +100,9 @@ def point(kind, depth, mode, repeats, length=LENGTH):
     # program per block (loop_blocks=False).
     stack = build_stack(depth, reversible=(kind != "plain"),
                         loop_blocks=False if kind == "unrolled" else "auto")
-    stack([x[:, :256], x[:, :256]])  # build
+    # Built as a functional model builds it (symbolically), not by an eager
+    # call, whose kernels and caches are not what a model.fit user pays.
+    stack.build([tuple(x.shape)] * 2)
     weights = stack.trainable_variables
 
     @tf.function(jit_compile=jit)

@@ -97,3 +97,21 @@ dynamic_update_slice = _private(
     "in-place writes of the chunked feed-forward's slices",
     _dynamic_update_slice,
 )
+
+
+def _gradient_registry():
+    from tensorflow.python.framework import ops
+
+    registry = ops._gradient_registry
+    registry.list()  # fails here, not later, if the Registry API moved
+    registry._registry  # noqa: B018  (the dict entries are removed from)
+    return registry
+
+
+# Where tf.custom_gradient registers each traced gradient function, for good:
+# a throwaway trace (a Keras symbolic call) would otherwise stay alive.
+gradient_registry = _private(
+    "tensorflow.python.framework.ops._gradient_registry",
+    "forgetting the custom gradients of throwaway (symbolic) traces",
+    _gradient_registry,
+)

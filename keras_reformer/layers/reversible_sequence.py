@@ -198,10 +198,14 @@ class ReversibleSequence(keras.layers.Layer):
         # (also blocks without a build() of their own) and gives its output
         # shape to check.
         spec = keras.KerasTensor(shape, dtype=self._stream_dtype)
-        for index, (f, g) in enumerate(self.blocks):
-            for name, layer in (("f", f), ("g", g)):
-                out = layer(spec)
-                self._check_block_output(index, name, layer, shape, out)
+        # Blocks without an output shape of their own are traced in a
+        # scratch graph, whose custom gradients would otherwise stay
+        # registered (and the graph alive) for good.
+        with recompute.throwaway_trace():
+            for index, (f, g) in enumerate(self.blocks):
+                for name, layer in (("f", f), ("g", g)):
+                    out = layer(spec)
+                    self._check_block_output(index, name, layer, shape, out)
         self.built = True
 
     def _check_block_output(self, index, name, layer, shape, out):

@@ -30,7 +30,10 @@ import tensorflow as tf
 
 # No public API stops all tapes at once (tf.recompute_grad uses the same
 # private module) or tells whether a graph is being compiled by XLA.
-from keras_reformer._compat import control_flow_util, tape_record
+from keras_reformer._compat import control_flow_util, gradient_registry, tape_record
+
+# The name tf.custom_gradient gives each registration in graph mode.
+CUSTOM_GRADIENT_PREFIX = "CustomGradient-"
 
 
 @contextlib.contextmanager
@@ -38,6 +41,26 @@ def stop_recording():
     """Context in which no gradient tape records operations."""
     with tape_record.stop_recording():
         yield
+
+
+@contextlib.contextmanager
+def throwaway_trace():
+    """Context for a trace that is never differentiated (a symbolic call).
+
+    In graph mode every `tf.custom_gradient` registers its gradient function
+    in TensorFlow's global registry under a fresh name, and never removes it;
+    the function's closure holds the traced tensors, so each trace keeps its
+    whole graph alive (measured: ~12 MB per reversible Reformer block for the
+    symbolic calls that build a stack). The registrations made inside this
+    context are removed on exit, which lets those graphs be freed.
+    """
+    before = set(gradient_registry.list())
+    try:
+        yield
+    finally:
+        for name in set(gradient_registry.list()) - before:
+            if name.startswith(CUSTOM_GRADIENT_PREFIX):
+                del gradient_registry._registry[name]
 
 
 def dependency_zero(grad):
