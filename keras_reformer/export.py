@@ -14,6 +14,17 @@ a SavedModel with the `serve` tag and these signatures:
   `[batch, vocabulary]` of the token after each text. Needs a byte-level
   model (vocabulary 256).
 
+A `ReformerCausalLM` also gets generation signatures, the cached decode loop
+of `ReformerCausalLM.generate` (greedy):
+
+- `generate`: `token_ids`, `padding_mask` int32 `[batch, length]` (right
+  padding) and `max_length` int32 scalar -> `token_ids`, `padding_mask`
+  int32 `[batch, max_length]`;
+- with `text_signature=True` (needs its preprocessor), `generate_text`:
+  `text` string `[batch]`, `max_length` -> `text` string `[batch]`;
+- with `sampler=`, also `generate_sampled` and `generate_text_sampled`,
+  which take a `seed` int32 scalar as well.
+
 Every signature uses core TensorFlow ops only (the text one tokenizes with
 `DecodeRaw`, not TF Text), so any TensorFlow runtime loads the SavedModel:
 `tf.saved_model.load`, `saved_model_cli run`, TF Serving.
@@ -31,6 +42,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from keras_reformer.models.reformer_causal_lm import ReformerCausalLM
+from keras_reformer.models.reformer_causal_lm_export import add_generate_endpoints
 from keras_reformer.text import byte_tokenizer
 
 
@@ -48,17 +61,22 @@ def _logits(model, token_ids, padding_mask):
 
 
 def export_saved_model(model, export_dir, version=1, text_signature=False,
-                       overwrite=False):
+                       overwrite=False, sampler=None):
     """Write `model` as `export_dir/<version>/` for TF Serving.
 
     Args:
-        model: a `ReformerModel` (any Keras model taking the dict inputs
-            `token_ids`/`padding_mask` works).
+        model: a `ReformerModel` or a `ReformerCausalLM` (any Keras model
+            taking the dict inputs `token_ids`/`padding_mask` works). A
+            `ReformerCausalLM` also gets the `generate` signature.
         export_dir: the model base path TF Serving is pointed at.
         version: positive int, the version folder.
-        text_signature: add the `next_token` string signature (byte-level
-            language models only).
+        text_signature: add the string signatures: `next_token` for a
+            byte-level `ReformerModel` (vocabulary 256), `generate_text` for
+            a `ReformerCausalLM` with a preprocessor.
         overwrite: replace an existing version folder.
+        sampler: `ReformerCausalLM` only: a sampler (or its name) for the
+            extra signatures `generate_sampled` (and `generate_text_sampled`)
+            that take a `seed`; None adds only the greedy ones.
 
     The SavedModel is written to a hidden staging folder in `export_dir` and
     renamed into place, so a model server watching `export_dir` never loads a
@@ -71,14 +89,27 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
         raise ValueError(
             f"`version` must be a positive integer. Received: version={version!r}"
         )
+    lm = model if isinstance(model, ReformerCausalLM) else None
+    if sampler is not None and lm is None:
+        raise ValueError(
+            "`sampler` is for the generation signatures of a ReformerCausalLM. "
+            f"Received: model={type(model).__name__}, sampler={sampler!r}"
+        )
+    if lm is not None and text_signature and lm.preprocessor is None:
+        raise ValueError(
+            "`text_signature=True` with a ReformerCausalLM needs its "
+            "preprocessor (strings to ids); this one has preprocessor=None."
+        )
     vocabulary_size = getattr(model, "vocabulary_size", None)
-    if text_signature and vocabulary_size != byte_tokenizer.VOCABULARY_SIZE:
+    if lm is None and text_signature and (
+        vocabulary_size != byte_tokenizer.VOCABULARY_SIZE
+    ):
         raise ValueError(
             "`text_signature=True` needs a byte-level model "
             f"(vocabulary_size={byte_tokenizer.VOCABULARY_SIZE}). Received "
             f"vocabulary_size={vocabulary_size}"
         )
-    if text_signature and not (getattr(model, "causal", True)
+    if lm is None and text_signature and not (getattr(model, "causal", True)
                                and getattr(model, "include_head", True)):
         raise ValueError(
             "`text_signature=True` needs a causal language model with its head "
@@ -104,7 +135,9 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
     archive.add_endpoint(
         "with_padding_mask", serve_padded, input_signature=[ids_spec, mask_spec]
     )
-    if text_signature:
+    if lm is not None:
+        add_generate_endpoints(archive, lm, text=text_signature, sampler=sampler)
+    elif text_signature:
         def next_token(text):
             ragged = byte_tokenizer.tokenize(text)
             check = tf.debugging.assert_positive(

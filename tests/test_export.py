@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 
 from keras_reformer.export import export_saved_model
-from keras_reformer.models import ReformerModel
+from keras_reformer.models import (
+    ReformerCausalLM,
+    ReformerCausalLMPreprocessor,
+    ReformerModel,
+)
+from keras_reformer.samplers import TopKSampler
 
 CONFIG = dict(vocabulary_size=256, num_layers=1, hidden_dim=16, num_heads=2,
               intermediate_dim=32, bucket_size=8, max_sequence_length=128, seed=5)
@@ -59,9 +64,11 @@ SERVE = textwrap.dedent("""
     for name, feed in args["requests"].items():
         fn = loaded.signatures[feed.pop("signature")]
         kwargs = {k: tf.constant(v) for k, v in feed.items()}
+        plain = lambda v: [x.decode() if isinstance(x, bytes) else x  # noqa: E731
+                           for x in v.numpy().tolist()]  # strings as str
         try:
-            out = {k: v.numpy().tolist() for k, v in fn(**kwargs).items()}
-            again = {k: v.numpy().tolist() for k, v in fn(**kwargs).items()}
+            out = {k: plain(v) for k, v in fn(**kwargs).items()}
+            again = {k: plain(v) for k, v in fn(**kwargs).items()}
             out["deterministic"] = out == again
         except tf.errors.InvalidArgumentError as e:
             out = {"error": e.message}
@@ -259,3 +266,89 @@ def test_export_arguments(exported, tmp_path):
     path = export_saved_model(model, os.fspath(tmp_path), overwrite=True)
     assert path == stale and not os.path.exists(os.path.join(stale, "stale.txt"))
     assert os.listdir(tmp_path) == ["1"]  # no staging folder left behind
+
+
+# ------------------------------------------------------ generation (issue 13)
+
+LM_CONFIG = dict(vocabulary_size=258, num_layers=1, hidden_dim=16, num_heads=2,
+                 intermediate_dim=32, bucket_size=8, max_sequence_length=64, seed=7)
+
+
+@pytest.fixture(scope="module")
+def exported_lm(tmp_path_factory):
+    lm = ReformerCausalLM(ReformerModel(**LM_CONFIG),
+                          ReformerCausalLMPreprocessor(sequence_length=32))
+    path = export_saved_model(lm, os.fspath(tmp_path_factory.mktemp("lm")),
+                              text_signature=True, sampler=TopKSampler(k=5))
+    return lm, path
+
+
+def test_loaded_generate_equals_generate(exported_lm, guard_env):
+    # The reference is the Keras model's own generate() (XLA by default);
+    # the export serves the graph loop, run here by TensorFlow alone.
+    lm, path = exported_lm
+    ids = np.random.default_rng(1).integers(0, 256, size=(3, 19)).astype(np.int32)
+    mask = (np.arange(19)[None] < np.array([[19], [6], [11]])).astype(np.int32)
+    texts = ["def main(", "héllo wörld"]
+    got = serve(path, {
+        "ids": {"signature": "generate", "token_ids": (ids * mask).tolist(),
+                "padding_mask": mask.tolist(), "max_length": 40},
+        "text": {"signature": "generate_text", "text": texts, "max_length": 30},
+        "sampled": {"signature": "generate_sampled", "token_ids": (ids * mask).tolist(),
+                    "padding_mask": mask.tolist(), "max_length": 40, "seed": 3},
+        "too_long": {"signature": "generate", "token_ids": [[1, 2]],
+                     "padding_mask": [[1, 1]], "max_length": 65},
+        "short": {"signature": "generate", "token_ids": [[1, 2, 3]],
+                  "padding_mask": [[1, 1, 1]], "max_length": 2},
+        "left_padded": {"signature": "generate", "token_ids": [[0, 2, 3]],
+                        "padding_mask": [[0, 1, 1]], "max_length": 8},
+        "bad_id": {"signature": "generate", "token_ids": [[1, 258]],
+                   "padding_mask": [[1, 1]], "max_length": 8},
+    }, guard_env)
+
+    want = lm.generate({"token_ids": ids * mask, "padding_mask": mask},
+                       max_length=40, sampler="greedy")
+    np.testing.assert_array_equal(got["ids"]["token_ids"], want["token_ids"])
+    np.testing.assert_array_equal(got["ids"]["padding_mask"], want["padding_mask"])
+    assert got["ids"]["deterministic"]
+    want_text = lm.generate(texts, max_length=30, sampler="greedy")
+    assert got["text"]["text"] == want_text
+    # Seeded sampling is the graph loop's, so it equals generate(jit_compile=False).
+    sampled = lm.generate({"token_ids": ids * mask, "padding_mask": mask},
+                          max_length=40, sampler=TopKSampler(k=5, seed=3),
+                          jit_compile=False)
+    np.testing.assert_array_equal(got["sampled"]["token_ids"], sampled["token_ids"])
+    assert got["sampled"]["deterministic"]
+    assert "max_length must be <= max_sequence_length=64" in got["too_long"]["error"]
+    assert "a prompt is longer than max_length" in got["short"]["error"]
+    assert "must be right padding" in got["left_padded"]["error"]
+    assert "token ids must be < vocabulary_size=258" in got["bad_id"]["error"]
+
+
+def test_generate_export_uses_registered_core_ops(exported_lm, guard_env):
+    _, path = exported_lm
+    got = run_python(OPS, path, guard_env)
+    assert got["unknown"] == []
+    # The census saw the decode loop (in-place cache writes) and the text ops.
+    assert {"InplaceUpdate", "DeepCopy", "DecodeRaw", "ReduceJoin"} <= set(got["ops"])
+
+
+@pytest.mark.slow
+def test_saved_model_cli_generates_text(exported_lm, guard_env, tmp_path):
+    lm, path = exported_lm
+    proc, got = cli_run(path, "generate_text", "text=['def main(', 'x'];max_length=24",
+                        guard_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = lm.generate(["def main(", "x"], max_length=24, sampler="greedy")
+    assert [t.decode("utf-8") for t in got["text"]] == want
+
+
+def test_generate_export_arguments(tmp_path):
+    lm = ReformerCausalLM(ReformerModel(**LM_CONFIG))
+    with pytest.raises(ValueError, match="needs its preprocessor"):
+        export_saved_model(lm, os.fspath(tmp_path), text_signature=True)
+    with pytest.raises(ValueError, match="sampler.*ReformerCausalLM.*ReformerModel"):
+        export_saved_model(ReformerModel(**CONFIG), os.fspath(tmp_path), sampler="top_k")
+    with pytest.raises(ValueError, match="Unknown sampler name"):
+        export_saved_model(lm, os.fspath(tmp_path), sampler="beam")
+    assert not os.path.exists(os.path.join(tmp_path, "1"))
