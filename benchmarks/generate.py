@@ -14,9 +14,18 @@ in a fresh process.
   should not grow with the prompt (issue: at 16K <= 1.5x that at 512).
 - uncached: `ReformerModel.generate`, `--uncached-tokens` tokens (each a full
   pass over the prefix, so a few are enough), per-token = total / tokens.
+- torch: the PyTorch Reformer (HF transformers) `generate(use_cache=True)`,
+  same shape and bucket count, timed the same way
+  (benchmarks/peers/hf_generate.py, in the peer's venv: run
+  `bash benchmarks/peers/setup.sh` first).
+
+`--rounds N` alternates the kinds' processes N times per prompt and reports
+the median (min, max) of each and the cached / torch ratio of the medians:
+the machines are shared, only ratios from one run count.
 
     python benchmarks/generate.py                       # 512, 4K, 16K
     python benchmarks/generate.py --prompts 64 128 --new-tokens 8 --tiny   # smoke
+    python benchmarks/generate.py --kinds cached torch uncached --rounds 3
 
 Writes benchmarks/results/generate.csv and docs/generate_benchmark.png.
 """
@@ -85,12 +94,49 @@ def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny):
     _common.emit(record)
 
 
-def torch_peer_point(prompt, new_tokens):
-    """TODO(issue 13): the PyTorch peer's `generate(use_cache=True)` (HF
-    transformers' ReformerModelWithLMHead) with the same shape, run from the
-    peer's venv (see the performance issue). Returns a record like `point`'s
-    or None while it is not wired up."""
-    return None
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+PEER_PYTHON = os.path.join(PEERS, ".venv", "bin", "python")
+
+
+def torch_peer_point(prompt, new_tokens, max_length, repeats):
+    """The PyTorch peer's `generate(use_cache=True)` (HF transformers'
+    ReformerModelWithLMHead, benchmarks/peers/hf_generate.py) with the same
+    shape and bucket count (`--max-length`), in its own venv and process.
+    Returns a record with the keys of `point`'s."""
+    record = _common.run_json(
+        [PEER_PYTHON, os.path.join(PEERS, "hf_generate.py"),
+         "--prompt-length", str(prompt), "--new-tokens", str(new_tokens),
+         "--max-length", str(max_length), "--repeats", str(repeats)],
+        timeout=3600,
+    )
+    record.update(kind="torch", prompt=prompt)
+    if record.get("status") == "ok":
+        record.update(per_token_ms=1e3 * record["per_token_s"],
+                      prompt_ms=1e3 * record["prompt_s"], jit=False)
+    return record
+
+
+def summarise(rows, kinds):
+    """Median (min, max) per (kind, prompt) over the rounds, and the ratio of
+    cached to the peer's tokens/s from the same run."""
+    import statistics
+
+    table = []
+    for prompt in sorted({r["prompt"] for r in rows}):
+        medians = {}
+        for kind in kinds:
+            ok = [r["tokens_per_s"] for r in rows if r["prompt"] == prompt
+                  and r["kind"] == kind and r.get("status") == "ok"]
+            if ok:
+                medians[kind] = statistics.median(ok)
+                table.append(dict(kind=kind, prompt=prompt, runs=len(ok),
+                                  tokens_per_s=medians[kind],
+                                  tokens_per_s_min=min(ok), tokens_per_s_max=max(ok)))
+        if "cached" in medians and "torch" in medians:
+            _common.progress(f"prompt {prompt}: cached {medians['cached']:.1f} tok/s, "
+                             f"torch {medians['torch']:.1f}: "
+                             f"{medians['cached'] / medians['torch']:.2f}x")
+    return table
 
 
 def plot(rows, path):
@@ -109,7 +155,7 @@ def plot(rows, path):
     ax.set_yscale("log")
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("generated tokens / s (batch 1)")
-    ax.set_title("Reformer generation: cached vs uncached")
+    ax.set_title("Generation, batch 1: cached, uncached, PyTorch peer")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -122,7 +168,12 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--uncached-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--kinds", nargs="+", default=["cached", "uncached"])
+    parser.add_argument("--kinds", nargs="+", default=["cached", "uncached"],
+                        choices=["cached", "uncached", "torch"],
+                        help="torch: the PyTorch peer (bash benchmarks/peers/setup.sh)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the kinds' processes this many times per "
+                             "prompt; the summary gives medians")
     parser.add_argument("--tiny", action="store_true",
                         help="a 1-layer width-32 model (smoke runs only)")
     parser.add_argument("--csv", default="generate.csv")
@@ -136,25 +187,36 @@ def main():
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (per-token time is a difference)")
     max_length = max(args.prompts) + max(args.new_tokens, args.uncached_tokens)
+    if "torch" in args.kinds and not os.path.exists(PEER_PYTHON):
+        parser.error(f"the peer's venv is missing ({PEER_PYTHON}); create it with "
+                     "bash benchmarks/peers/setup.sh")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1. Received: {args.rounds}")
     rows = []
     for prompt in args.prompts:
-        for kind in args.kinds:
-            _common.progress(f"{kind} prompt={prompt}")
-            record = _common.run_point(
-                os.path.abspath(__file__),
-                [kind, prompt, args.new_tokens, args.uncached_tokens, max_length,
-                 args.repeats, int(args.tiny)],
-            )
-            record.setdefault("kind", kind)
-            record.setdefault("prompt", prompt)
-            rows.append(record)
-            _common.progress(f"  {record}")
-        peer = torch_peer_point(prompt, args.new_tokens)
-        if peer is not None:
-            rows.append(peer)
+        for round_ in range(args.rounds):
+            for kind in args.kinds:  # alternating processes: drift hits all kinds
+                _common.progress(f"[{round_ + 1}/{args.rounds}] {kind} prompt={prompt}")
+                if kind == "torch":
+                    record = torch_peer_point(prompt, args.new_tokens, max_length,
+                                              args.repeats)
+                else:
+                    record = _common.run_point(
+                        os.path.abspath(__file__),
+                        [kind, prompt, args.new_tokens, args.uncached_tokens,
+                         max_length, args.repeats, int(args.tiny)],
+                    )
+                record.setdefault("kind", kind)
+                record.setdefault("prompt", prompt)
+                record["round"] = round_
+                rows.append(record)
+                _common.progress(f"  {record}")
+    summary = summarise(rows, args.kinds)
+    if args.rounds > 1:
+        _common.write_csv(os.path.splitext(args.csv)[0] + "_summary.csv", summary)
     path = _common.write_csv(args.csv, rows)
     _common.progress(f"wrote {path}")
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [dict(r, status="ok") for r in summary]  # medians over the rounds
     if ok:
         os.makedirs(_common.DOCS, exist_ok=True)
         name = "generate_benchmark.png" if args.csv == "generate.csv" else (
