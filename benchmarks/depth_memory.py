@@ -21,10 +21,11 @@ point imports TensorFlow, Keras and the package and creates the input, and
 nothing else: its peak RSS is the baseline subtracted for `net_mb`. The
 depth ratio is formed from `net_mb` (peak minus idle) and also given raw.
 
-    python benchmarks/depth_memory.py            # all points, CSV + plot
+    python benchmarks/depth_memory.py            # all points; CSV + docs/<csv name>.png
     python benchmarks/depth_memory.py --quick    # 1, 4, 12 blocks, graph mode
     python benchmarks/depth_memory.py --modes graph xla --depths 1 12
-    python benchmarks/depth_memory.py --length 8192 --modes xla --csv depth_memory_8k_xla.csv
+    python benchmarks/depth_memory.py --length 1024 --kinds reversible --modes graph xla \
+        --depths 1 8 --csv depth_memory_1k.csv      # fixed per-block cost
     python benchmarks/depth_memory.py --jit --kinds reversible unrolled --depths 1 8 \
         --short-length 2048 --csv depth_memory_xla.csv   # length-dependent part
 """
@@ -242,8 +243,9 @@ def main():
         if row.get("status") == "ok" and row["kind"] != "idle":
             row["net_mb"] = row["peak_rss_mb"] - idle_mb
     path = _common.write_csv(args.csv, rows)
-    if args.csv == "depth_memory.csv":  # the main run draws the figure
-        plot(rows, idle_mb, os.path.join(_common.DOCS, "depth_memory.png"))
+    if any(r.get("status") == "ok" for r in rows[1:]):  # a figure per run
+        plot(rows, idle_mb, os.path.join(
+            _common.DOCS, os.path.splitext(os.path.basename(args.csv))[0] + ".png"))
     print(f"wrote {path}; idle process peak RSS {idle_mb} MiB")
     print("Peak RSS of the process (MiB), the same minus the idle process, "
           "TF allocator peak of a warmed-up step above what it held before "

@@ -63,8 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--clipnorm", type=float, default=1.0,
                    help="gradient clipping (per replica, as Keras does); 0: none")
-    p.add_argument("--no-jit", dest="jit", action="store_false",
-                   help="do not compile with XLA")
+    p.add_argument("--jit", choices=["auto", "on", "off"], default="auto",
+                   help="compile the step with XLA: auto = on a GPU or TPU, off on "
+                        "a CPU, where TensorFlow's graph step is faster")
+    p.add_argument("--no-jit", dest="jit", action="store_const", const="off",
+                   help="the same as --jit off")
     p.add_argument("--strategy", default="default",
                    choices=["default", "mirrored", "multiworker", "tpu"])
     p.add_argument("--tpu", default="", help="TPU name/address for --strategy tpu")
@@ -154,6 +157,25 @@ class StopAfter(keras.callbacks.Callback):
             os._exit(3)
 
 
+def use_xla(jit, strategy):
+    """--jit auto: XLA on accelerators, TensorFlow's graph step on a CPU
+    (measured on 2 cores: the graph step is faster, see docs/benchmarks.md)."""
+    if jit != "auto":
+        return jit == "on"
+    return strategy == "tpu" or bool(tf.config.list_physical_devices("GPU"))
+
+
+def gzip_bits_per_byte(dataset, steps):
+    """gzip -9's bits per byte on the validation bytes the model is scored on
+    (the targets of the first `steps` batches, concatenated): a baseline any
+    language model should beat."""
+    import gzip
+
+    chunks = [y.numpy().astype(np.uint8).tobytes() for _, y in dataset.take(steps)]
+    raw = b"".join(chunks)
+    return 8 * len(gzip.compress(raw, compresslevel=9)) / max(1, len(raw))
+
+
 def build_model(args):
     model = kr.models.ReformerModel(
         vocabulary_size=byte_tokenizer.VOCABULARY_SIZE,
@@ -195,8 +217,9 @@ def main(argv=None):
 
     files = args.data or data.default_corpus_files()
     train_files, val_files = data.split_files(files)
+    jit = use_xla(args.jit, args.strategy)
     xla = "off"
-    if args.jit:
+    if jit:
         xla = "per replica" if distribute.is_mirrored(strategy) else "whole step"
     print(f"corpus: {len(train_files)} training files, {len(val_files)} validation "
           f"files; sequences of {args.seq_len} bytes; XLA {xla}; "
@@ -230,7 +253,7 @@ def main(argv=None):
         ))
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         trainer.compile(optimizer, loss, metrics=["accuracy"])
-        distribute.prepare_fit(trainer, jit_compile=args.jit)
+        distribute.prepare_fit(trainer, jit_compile=jit)
         # Optimizer variables are created here, in the scope (mirrored), not
         # lazily by BackupAndRestore outside it.
         optimizer.build(trainer.trainable_variables)
@@ -277,15 +300,17 @@ def main(argv=None):
     train_seconds = time.time() - start
     steps = int(trainer.optimizer.iterations.numpy())
     bits = results["loss"] / math.log(2)
+    gzip_bits = gzip_bits_per_byte(val, args.validation_steps)
     print(f"validation bits per byte: {bits:.3f} (loss {results['loss']:.4f}, "
-          f"accuracy {results['accuracy']:.3f}); training took {train_seconds:.0f}s, "
+          f"accuracy {results['accuracy']:.3f}); gzip -9 on the same bytes: "
+          f"{gzip_bits:.3f}; training took {train_seconds:.0f}s, "
           f"{steps} steps ({counter.count} in this run)")
 
     identical = distribute.replicas_identical(model)
     digest = distribute.weights_digest(model)
     print(f"replicas: {strategy.num_replicas_in_sync}; weights identical on every "
           f"local replica: {identical}; weights digest {digest[:16]}")
-    summary = {"bits_per_byte": bits, "steps": steps,
+    summary = {"bits_per_byte": bits, "gzip_bits_per_byte": gzip_bits, "steps": steps,
                "steps_this_run": counter.count, "train_seconds": train_seconds,
                "replicas": strategy.num_replicas_in_sync,
                "copies_per_weight": distribute.replica_copies(model),

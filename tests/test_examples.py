@@ -34,7 +34,7 @@ def summary(run_dir):
 # cannot go below that; chance (an untrained model) is ~8 bits.
 SENTENCE = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n"
 # A short XLA run of train_lm.py on it, tiny model: ~25-35 s here.
-LEARN_FLAGS = ["--seq-len", "64", "--batch-size", "8", "--epochs", "2",
+LEARN_FLAGS = ["--jit", "on", "--seq-len", "64", "--batch-size", "8", "--epochs", "2",
                "--steps-per-epoch", "30", "--validation-steps", "2", "--num-layers", "1",
                "--hidden-dim", "32", "--intermediate-dim", "64", "--bucket-size", "32",
                "--num-heads", "4", "--num-hashes", "2", "--dropout", "0.05",
@@ -112,8 +112,8 @@ def test_train_lm_resumes_after_a_crash(tmp_path):
 
 def test_train_lm_mirrored_on_two_logical_cpus(tmp_path):
     run_dir = os.fspath(tmp_path / "run")
-    out = run("train_lm.py", "--smoke", "--strategy", "mirrored", "--cpu-replicas", "2",
-              "--run-dir", run_dir).stdout
+    out = run("train_lm.py", "--smoke", "--jit", "on", "--strategy", "mirrored",
+              "--cpu-replicas", "2", "--run-dir", run_dir).stdout
     result = summary(run_dir)
     assert result["replicas"] == 2 and result["copies_per_weight"] == 2
     assert result["replicas_identical"] is True

@@ -152,7 +152,7 @@ def test_keras_still_needs_the_multiworker_fix(tmp_path):
 
 # Exact comparison needs what a split batch cannot reproduce switched off:
 # dropout masks are drawn per replica, clipping is applied per replica.
-EXACT = ["--smoke", "--dropout", "0", "--clipnorm", "0"]
+EXACT = ["--smoke", "--jit", "on", "--dropout", "0", "--clipnorm", "0"]
 
 
 @pytest.mark.slow  # three training processes, ~3 min on 2 shared cores
