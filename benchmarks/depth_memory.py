@@ -119,11 +119,9 @@ def point(kind, depth, mode, repeats, length=LENGTH):
     start = time.perf_counter()
     step(x)[0].numpy()  # trace, compile, run
     first = time.perf_counter() - start
-    # TensorFlow's CPU allocator also counts tensors (not graphs, kernels or
-    # compiler memory): its peak over a warmed-up step, above what is held
-    # before it, is the step's working memory. XLA's temp arena is one
-    # allocation that this counts whole (it seems rounded to a power of
-    # two), of which only the touched pages count in RSS.
+    # Held after the first step, against the peak: what the trace/compile
+    # only passed through (RSS that freed memory left) vs what it keeps.
+    after_first = _common.current_rss_mb()
     # TensorFlow's CPU allocator counts tensors only (not graphs, kernels or
     # compiler memory): its peak over a warmed-up step above what it held
     # before the step is the step's working memory. (RSS cannot show that
@@ -147,6 +145,7 @@ def point(kind, depth, mode, repeats, length=LENGTH):
         "kind": kind, "depth": depth, "mode": mode,
         "peak_rss_mb": round(_common.peak_rss_mb()),
         "rss_before_first_step_mb": round(before),
+        "rss_after_first_step_mb": round(after_first),
         "tf_step_peak_mb": round(statistics.median(tf_step)) if tf_step else None,
         "tf_step_peak_max_mb": round(max(tf_step)) if tf_step else None,
         "first_step_s": round(first, 2),

@@ -84,13 +84,14 @@ class FeedForwardBlock(keras.layers.Layer):
 
     Args:
         intermediate_dim: FFN width.
-        chunk_size: positions per FFN slice.
+        chunk_size: positions per FFN slice (default 1024, see
+            `ChunkedFeedForward`).
         activation: of the FFN (default "gelu").
         dropout: residual dropout (and the FFN's inner dropout).
         seed: seeds the dropouts (None: drawn).
     """
 
-    def __init__(self, intermediate_dim, chunk_size=128, activation="gelu",
+    def __init__(self, intermediate_dim, chunk_size=1024, activation="gelu",
                  dropout=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.intermediate_dim = intermediate_dim

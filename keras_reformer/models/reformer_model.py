@@ -93,7 +93,8 @@ class ReformerModel(TokenIdInputs, keras.Model):
         num_heads: attention heads.
         key_dim: width per head (default `hidden_dim // num_heads`).
         intermediate_dim: FFN width (default `4 * hidden_dim`).
-        feedforward_chunk_size: positions per FFN slice.
+        feedforward_chunk_size: positions per FFN slice (default 1024, see
+            `ChunkedFeedForward`).
         bucket_size, num_hashes, num_buckets: LSH attention (see LSHAttention).
         dropout: residual and embedding dropout.
         attention_dropout: dropout on attention probabilities.
@@ -114,7 +115,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         num_heads=4,
         key_dim=None,
         intermediate_dim=None,
-        feedforward_chunk_size=128,
+        feedforward_chunk_size=1024,
         bucket_size=64,
         num_hashes=2,
         num_buckets=None,

@@ -166,6 +166,10 @@ def softmax_attention(queries, keys, values, bias, keep=None):
         out = tf.matmul(kept, v)
 
         def grad(d_out, d_lse):
+            with tf.name_scope("chunk_attention_grad"):  # the profile's category
+                return _grad(d_out, d_lse)
+
+        def _grad(d_out, d_lse):
             d_v = tf.matmul(kept, d_out, transpose_a=True)
             d_probs = tf.matmul(d_out, v, transpose_b=True)
             if dropped:
@@ -283,18 +287,18 @@ def _attend_pairs(qk, v, ints, group_index, settings):
             tf.broadcast_to(ints["mask_row"][:, None, None], tf.shape(order))
         ),
     }
-    out, lse = _attend_group(
-        rows(gather_rounds(qk, order, inverse)),
-        rows(gather_rounds(v, order, inverse)),
-        info, group_index, settings,
-    )
+    sorted_qk = rows(gather_rounds(qk, order, inverse))
+    sorted_v = rows(gather_rounds(v, order, inverse))
+    with tf.name_scope("chunk_attention"):  # scopes name the profile's categories
+        out, lse = _attend_group(sorted_qk, sorted_v, info, group_index, settings)
     out = unsort_rounds(
         tf.reshape(out, [pairs, rounds, length, v.shape[-1]]), order, inverse
     )
     lse = unsort_rounds(tf.reshape(lse, [pairs, rounds, length]), order, inverse)
     # Each round weighs by its share of the total softmax mass.
-    weights = tf.nn.softmax(lse, axis=1)
-    return tf.reduce_sum(out * weights[..., None], axis=1)
+    with tf.name_scope("lsh_combine"):
+        weights = tf.nn.softmax(lse, axis=1)
+        return tf.reduce_sum(out * weights[..., None], axis=1)
 
 
 def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,

@@ -85,14 +85,16 @@ def chunked_map(fn, x, params, chunk_size):
     @tf.custom_gradient
     def chunked(x, *params):
         params = list(params)
-        with recompute.stop_recording():
+        # Name scopes name the profile's categories (benchmarks/profile_step.py).
+        with recompute.stop_recording(), tf.name_scope("chunked_map"):
             x_padded = tf.pad(x, [[0, 0], [0, pad], [0, 0]])
             out = _forward(fn, x_padded, params, n, c, length)
 
         def grad_fn(dy):
-            dy_padded = tf.pad(dy, [[0, 0], [0, pad], [0, 0]])
-            dx, dparams = _backward(fn, x_padded, dy_padded, params, n, c)
-            return [dx[:, :length]] + dparams
+            with tf.name_scope("chunked_map_grad"):
+                dy_padded = tf.pad(dy, [[0, 0], [0, pad], [0, 0]])
+                dx, dparams = _backward(fn, x_padded, dy_padded, params, n, c)
+                return [dx[:, :length]] + dparams
 
         return out, grad_fn
 

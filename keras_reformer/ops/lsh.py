@@ -54,6 +54,11 @@ def hash_vectors(vectors, rotations):
     Returns:
         (B, H, R, L) int32 bucket ids in [0, prod(n_i)).
     """
+    with tf.name_scope("lsh_hash"):  # scopes name the profile's categories
+        return _hash(vectors, rotations)
+
+
+def _hash(vectors, rotations):
     buckets = None
     stride = None
     for rotation in rotations:
@@ -90,6 +95,11 @@ def sort_order(buckets, valid, num_buckets):
         inverse: (B, H, R, L) int32, original position -> sorted position.
         sorted_buckets: (B, H, R, L) int32, the bucket at each sorted slot.
     """
+    with tf.name_scope("lsh_sort"):
+        return _sort_order(buckets, valid, num_buckets)
+
+
+def _sort_order(buckets, valid, num_buckets):
     length = tf.shape(buckets)[-1]
     buckets = tf.where(valid[:, None, None, :], buckets, num_buckets)
     # int64 keys: (num_buckets + 1) * L overflows int32 beyond ~256K tokens.

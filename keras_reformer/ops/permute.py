@@ -25,7 +25,8 @@ def gather_rounds(x, order, inverse):
 
         return tf.gather(x, order, axis=1, batch_dims=1), grad
 
-    return forward(x, order, inverse)
+    with tf.name_scope("lsh_gather"):  # scopes name the profile's categories
+        return forward(x, order, inverse)
 
 
 def unsort_rounds(x, order, inverse):
@@ -38,4 +39,5 @@ def unsort_rounds(x, order, inverse):
 
         return tf.gather(x, inverse, axis=2, batch_dims=2), grad
 
-    return forward(x, order, inverse)
+    with tf.name_scope("lsh_unsort"):
+        return forward(x, order, inverse)

@@ -1,0 +1,192 @@
+"""Where a training step's time goes: TensorFlow's profiler, ops by category.
+
+The reference model of benchmarks/train_step.py (causal ReformerModel, 2
+layers, d_model 256, 4 heads x 64, FFN 1024, bucket 64, 2 hashes, batch 1,
+Adam) at `--length` (default 16K), graph mode unless `--jit`. After two
+warm-up steps, `--steps` steps run under `tf.profiler.experimental`; the
+profiler's table of TensorFlow ops (self time) is summed by category, from each op's
+name scope (the layers' and the ops' `tf.name_scope`s, which the backward
+pass and the recomputation keep) and its type:
+
+- hashing: `lsh_hash` (random rotations, argmax);
+- sort / gather / unsort: `lsh_sort`, `lsh_gather`, `lsh_unsort` and their
+  gradients;
+- chunk attention: `chunk_attention` (look-around, logits, bias, softmax,
+  weighted sum) and the round combination (`lsh_combine`), forward,
+  recomputation and backward;
+- FFN: `chunked_map` (ChunkedFeedForward's slices, forward and backward);
+- layer norms: the `*norm*` layers;
+- attention projections: the rest of the attention layer (qk, value,
+  output);
+- optimizer: the Adam update (`adam`, `Assign*`, `ResourceApply*`);
+- embedding, head and loss: the rest of the model;
+- framework: control flow and everything the profiler shows without a
+  category (executor overhead is the wall time no op accounts for).
+
+The figures are sums of op self times over both cores' threads, so they
+can exceed wall time, and miss what happens between ops (the executor's
+own work: wall time minus op time on the critical path); the shares are
+what count.
+
+    python benchmarks/profile_step.py                  # 16K, graph mode
+    python benchmarks/profile_step.py --ffn-chunk 128    # FFN slices of 128
+
+Writes benchmarks/results/profile_step_<length>[_xla].csv and prints a
+Markdown table.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import train_step  # noqa: E402
+
+# (category, name-scope fragments); the first match wins, so the specific
+# LSH scopes come before the layer scopes that contain them.
+SCOPES = [
+    ("hashing", ("lsh_hash",)),
+    ("sort / gather / unsort", ("lsh_sort", "lsh_gather", "lsh_unsort")),
+    ("chunk attention + round combination", ("chunk_attention", "lsh_combine")),
+    ("FFN", ("chunked_map", "chunked_feed_forward", "feed_forward")),
+    ("layer norms", ("norm",)),
+    # LSHAttention's own scope ("attention" inside an AttentionBlock): what
+    # is left there are the qk / value / output projections.
+    ("attention projections", ("lsh_attention", "attention")),
+    ("optimizer", ("adam", "optimizer")),
+]
+OPTIMIZER_TYPES = ("ResourceApply", "AssignVariable", "AssignAdd", "AssignSub")
+CONTROL_TYPES = ("While", "If", "PartitionedCall", "StatefulPartitionedCall",
+                 "Identity", "NoOp", "Enter", "Exit", "Merge", "Switch",
+                 "NextIteration", "LoopCond", "_Retval", "_Arg", "Const",
+                 "TensorList", "ReadVariableOp", "VarHandleOp")
+
+
+def categorize(name, op_type):
+    lowered = name.lower()
+    for category, fragments in SCOPES:
+        if any(f in lowered for f in fragments):
+            return category
+    if op_type.startswith(OPTIMIZER_TYPES):
+        return "optimizer"
+    if op_type.startswith(CONTROL_TYPES):
+        return "framework (control flow, variables)"
+    return "embedding, head, loss, other"
+
+
+def op_events(logdir):
+    """(name, type, self microseconds) of every TensorFlow op the profiler
+    saw on the host, from its `framework_op_stats` table (self time: a
+    `While` or function-call op does not count its body's ops again)."""
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {logdir}")
+    data, ok = plugin.xspace_to_tools_data(paths, "framework_op_stats", {})
+    if not ok:
+        raise RuntimeError(f"the profiler's op table is unavailable: {data[:200]!r}")
+    if isinstance(data, bytes):
+        try:
+            data = gzip.decompress(data)
+        except OSError:
+            pass
+        data = data.decode("utf-8")
+    tables = json.loads(data)
+    table = tables[0] if isinstance(tables, list) else tables
+    columns = [c["id"] for c in table["cols"]]
+    name_i, type_i = columns.index("operation"), columns.index("type")
+    self_i = columns.index("total_self_time")
+    where_i = columns.index("host_or_device")
+    events = []
+    for row in table["rows"]:
+        cells = [c.get("v") if isinstance(c, dict) else c for c in row["c"]]
+        if str(cells[where_i]).lower() != "host" or cells[type_i] == "IDLE":
+            continue
+        events.append((str(cells[name_i]), str(cells[type_i]), float(cells[self_i])))
+    return events
+
+
+def point(length, jit, steps, ffn_chunk):
+    import numpy as np
+    import tensorflow as tf
+
+    if ffn_chunk:
+        train_step.CONFIG["feedforward_chunk_size"] = ffn_chunk
+    net = train_step.build("reformer", length, jit)
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 256, size=(1, length)).astype("int32")
+    y = np.roll(x, -1, axis=1)
+    x = {"token_ids": x, "padding_mask": np.ones_like(x)}
+    for _ in range(2):
+        net.train_on_batch(x, y)
+    logdir = tempfile.mkdtemp(prefix="profile_step_")
+    tf.profiler.experimental.start(logdir)
+    start = time.perf_counter()
+    for _ in range(steps):
+        net.train_on_batch(x, y)
+    wall = (time.perf_counter() - start) / steps
+    tf.profiler.experimental.stop()
+    totals = collections.Counter()
+    types = collections.defaultdict(collections.Counter)
+    for name, op_type, micros in op_events(logdir):
+        category = categorize(name, op_type)
+        totals[category] += micros / 1e6 / steps
+        types[category][op_type] += micros / 1e6 / steps
+    _common.emit({
+        "length": length, "jit": jit, "steps": steps, "wall_s": round(wall, 4),
+        "op_seconds": {k: round(v, 4) for k, v in totals.items()},
+        "top_types": {k: [(t, round(s, 4)) for t, s in v.most_common(4)]
+                      for k, v in types.items()},
+    })
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--jit", action="store_true", help="XLA (jit_compile=True)")
+    parser.add_argument("--ffn-chunk", type=int, default=0,
+                        help="feedforward_chunk_size (default: the model's)")
+    parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.length < 64 or args.length % 64:
+        parser.error(f"--length must be a positive multiple of 64. Received: {args.length}")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1. Received: {args.steps}")
+    if args.point:
+        return point(args.length, args.jit, args.steps, args.ffn_chunk)
+    cmd = [sys.executable, os.path.abspath(__file__), "--point", "--length",
+           str(args.length), "--steps", str(args.steps), "--ffn-chunk",
+           str(args.ffn_chunk)] + (["--jit"] if args.jit else [])
+    record = _common.run_json(cmd, timeout=3600, prefix="RESULT ")
+    if record.get("status") != "ok":
+        sys.exit(f"profile failed: {record}")
+    seconds = record["op_seconds"]
+    total = sum(seconds.values())
+    rows = [{"category": k, "op_seconds": v, "share": round(v / total, 4),
+             "top_op_types": " ".join(f"{t}:{s}" for t, s in record["top_types"][k])}
+            for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])]
+    name = (f"profile_step_{args.length}{'_xla' if args.jit else ''}"
+            f"{f'_ffn{args.ffn_chunk}' if args.ffn_chunk else ''}.csv")
+    path = _common.write_csv(name, rows)
+    print(f"wrote {path}")
+    print(f"length {args.length}, {'XLA' if args.jit else 'graph mode'}: wall "
+          f"{record['wall_s']} s per step; op time summed over threads "
+          f"{total:.3f} s")
+    print("| category | op s per step | share | top op types (s) |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['category']} | {row['op_seconds']:.3f} | "
+              f"{100 * row['share']:.1f}% | {row['top_op_types']} |")
+
+
+if __name__ == "__main__":
+    main()
