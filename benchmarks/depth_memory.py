@@ -122,6 +122,17 @@ def point(kind, depth, mode, repeats, length=LENGTH):
     # Held after the first step, against the peak: what the trace/compile
     # only passed through (RSS that freed memory left) vs what it keeps.
     after_first = _common.current_rss_mb()
+    # What of that is memory freed (e.g. by XLA's compiler) that glibc keeps:
+    # malloc_trim hands free heap pages back to the OS. Peak RSS is already
+    # recorded; the measured steps below run after it.
+    after_trim = None
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        after_trim = round(_common.current_rss_mb())
+    except (OSError, AttributeError):  # not glibc
+        pass
     # TensorFlow's CPU allocator counts tensors only (not graphs, kernels or
     # compiler memory): its peak over a warmed-up step above what it held
     # before the step is the step's working memory. (RSS cannot show that
@@ -146,6 +157,7 @@ def point(kind, depth, mode, repeats, length=LENGTH):
         "peak_rss_mb": round(_common.peak_rss_mb()),
         "rss_before_first_step_mb": round(before),
         "rss_after_first_step_mb": round(after_first),
+        "rss_after_trim_mb": after_trim,
         "tf_step_peak_mb": round(statistics.median(tf_step)) if tf_step else None,
         "tf_step_peak_max_mb": round(max(tf_step)) if tf_step else None,
         "first_step_s": round(first, 2),

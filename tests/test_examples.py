@@ -90,6 +90,11 @@ def test_train_lm_learns_with_xla(tmp_path):
     assert untrained > 7.5  # the control is at chance (log2(256) = 8 bits)
     assert result["bits_per_byte"] < LEARNED_BITS, (result, untrained)
     assert result["bits_per_byte"] < untrained - 4
+    # gzip -9 on the same validation bytes: one sentence repeated compresses
+    # to 0.83 bits per byte over these 1,024 bytes (gzip's header and the
+    # first sentence as literals); all-zero bytes would give ~0.2, random ones 8.
+    assert "gzip -9 on the same bytes" in out
+    assert 0.5 < result["gzip_bits_per_byte"] < 1.2, result
     assert os.path.exists(os.path.join(run_dir, "export", "1", "saved_model.pb"))
     logs = os.path.join(run_dir, "logs", "train")
     assert any(name.startswith("events.out") for name in os.listdir(logs))
