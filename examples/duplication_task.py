@@ -8,19 +8,28 @@ and evaluated with several (`num_hashes` can change after training), giving
 the paper's table (REFORMER.md section 2): rows train rounds, columns eval
 rounds.
 
-    python examples/duplication_task.py                 # ~15 min on 2 CPU cores
+A full-attention row (`--full-attention`, on by default) trains the same
+one-layer model with `keras.layers.MultiHeadAttention` (causal, learned
+positions) on the same batches: the reference that tells a slow LSH learner
+from a bug. Held-out accuracy is measured every `--eval-every` steps, logged
+to TensorBoard (`--logdir`) and drawn into `--plot`.
+
+    python examples/duplication_task.py                 # ~20 min on 2 CPU cores
     python examples/duplication_task.py --length 1024 --steps 20000   # paper-sized
     python examples/duplication_task.py --smoke
+    tensorboard --logdir runs/duplication_task
 """
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import _quiet  # noqa: F401  (before TensorFlow loads: its start-up logs)
 import keras
 import numpy as np
+import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras_reformer as kr  # noqa: E402
@@ -47,6 +56,23 @@ def make_model(args, rounds):
     )
 
 
+def make_full_attention_model(args):
+    """The same one-layer model with full causal attention (the reference)."""
+    width = args.length - 1  # inputs are the sequence without its last symbol
+    ids = keras.Input((width,), dtype="int32", name="token_ids")
+    mask = keras.Input((width,), dtype="int32", name="padding_mask")
+    d = args.hidden_dim
+    positions = keras.ops.arange(width)
+    x = keras.layers.Embedding(args.vocab, d)(ids)
+    x = x + keras.layers.Embedding(args.length, d)(positions)[None]
+    y = keras.layers.LayerNormalization()(x)
+    x = x + keras.layers.MultiHeadAttention(4, d // 4)(y, y, use_causal_mask=True)
+    y = keras.layers.LayerNormalization()(x)
+    x = x + keras.layers.Dense(d)(keras.layers.Dense(d, activation="gelu")(y))
+    logits = keras.layers.Dense(args.vocab)(keras.layers.LayerNormalization()(x))
+    return keras.Model({"token_ids": ids, "padding_mask": mask}, logits)
+
+
 def accuracy(model, data):
     inputs, targets, weights = data
     logits = model.predict({"token_ids": inputs, "padding_mask": np.ones_like(inputs)},
@@ -67,26 +93,50 @@ def main(argv=None):
     p.add_argument("--train-rounds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--eval-rounds", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--eval-samples", type=int, default=128)
+    p.add_argument("--no-full-attention", dest="full_attention", action="store_false",
+                   help="skip the MultiHeadAttention reference row")
+    p.add_argument("--eval-every", type=int, default=500,
+                   help="held-out accuracy every this many steps (the curves)")
+    p.add_argument("--logdir", default=os.path.join("runs", "duplication_task"),
+                   help="TensorBoard logs (one folder per model)")
+    p.add_argument("--plot", default=None,
+                   help="accuracy-vs-step figure (default docs/duplication_task.png; "
+                        "none with --smoke)")
     p.add_argument("--no-jit", dest="jit", action="store_false")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.smoke:
         args.length, args.steps, args.hidden_dim, args.eval_samples = 64, 4, 32, 16
-        args.train_rounds, args.eval_rounds = [1], [1, 2]
+        args.train_rounds, args.eval_rounds, args.eval_every = [1], [1, 2], 2
+        if args.logdir == os.path.join("runs", "duplication_task"):
+            args.logdir = tempfile.mkdtemp(prefix="duplication_smoke_")
+    elif args.plot is None:
+        args.plot = os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), "docs", "duplication_task.png")
     if args.length % 2 or args.length < 4:
         p.error(f"--length must be even and >= 4, got {args.length}")
+    if args.eval_every < 1:
+        p.error(f"--eval-every must be >= 1, got {args.eval_every}")
 
-    rng = np.random.default_rng(args.seed)
     held_out = duplication_batch(np.random.default_rng(10**6), args.eval_samples,
                                  args.length, args.vocab)
-    table = {}
-    for rounds in args.train_rounds:
+    table, curves = {}, {}
+    kinds = [f"LSH-{r}" for r in args.train_rounds]
+    if args.full_attention:
+        kinds.append("full")
+    for kind in kinds:
         keras.utils.set_random_seed(args.seed)
-        model = make_model(args, rounds)
+        rng = np.random.default_rng(args.seed)  # the same batches for every model
+        if kind == "full":
+            model = make_full_attention_model(args)
+        else:
+            model = make_model(args, int(kind[4:]))
         model.compile(keras.optimizers.Adam(args.learning_rate),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       jit_compile=args.jit)
+        writer = tf.summary.create_file_writer(os.path.join(args.logdir, kind))
+        curves[kind] = []
         start = time.time()
         progress = keras.utils.Progbar(args.steps, stateful_metrics=["loss"])
         for step in range(args.steps):
@@ -95,10 +145,22 @@ def main(argv=None):
                 {"token_ids": x, "padding_mask": np.ones_like(x)}, y, sample_weight=w
             )
             progress.update(step + 1, [("loss", float(np.asarray(loss)))])
-        print(f"trained LSH-{rounds} for {args.steps} steps in {time.time() - start:.0f}s")
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                acc = accuracy(model, held_out)
+                curves[kind].append((step + 1, acc))
+                with writer.as_default():
+                    tf.summary.scalar("held_out_accuracy", acc, step=step + 1)
+                    tf.summary.scalar("loss", float(np.asarray(loss)), step=step + 1)
+        writer.flush()
+        print(f"trained {kind} for {args.steps} steps in {time.time() - start:.0f}s")
+        if kind == "full":
+            table["full"] = curves[kind][-1][1]
+            continue
         for eval_rounds in args.eval_rounds:
             model.set_num_hashes(eval_rounds)
-            table[rounds, eval_rounds] = accuracy(model, held_out)
+            table[int(kind[4:]), eval_rounds] = accuracy(model, held_out)
+    if args.plot:
+        plot_curves(curves, args, args.plot)
 
     print(f"\nAccuracy on the second copy (length {args.length}, "
           f"{args.steps} steps of batch {args.batch_size}):")
@@ -108,7 +170,30 @@ def main(argv=None):
     for rounds in args.train_rounds:
         cells = " | ".join(f"{100 * table[rounds, r]:.1f}%" for r in args.eval_rounds)
         print(f"| LSH-{rounds} | {cells} |")
+    if "full" in table:
+        print(f"| full attention (MultiHeadAttention) | {100 * table['full']:.1f}% "
+              f"(every column) |")
     return table
+
+
+def plot_curves(curves, args, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, points in curves.items():
+        steps, accs = zip(*points)
+        ax.plot(steps, [100 * a for a in accs], marker="o", label=f"{kind} (trained)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out accuracy on the second copy (%)")
+    ax.set_title(f"Duplication task, length {args.length}, batch {args.batch_size}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -140,10 +140,13 @@ def test_export_and_serve_smoke(tmp_path):
     assert "serving_default" in out and "tensorflow_model_server" in out
 
 
-def test_duplication_task_smoke():
-    out = run("duplication_task.py", "--smoke").stdout
+def test_duplication_task_smoke(tmp_path):
+    out = run("duplication_task.py", "--smoke", "--logdir", os.fspath(tmp_path)).stdout
     assert "| train \\ eval | LSH-1 | LSH-2 |" in out
     assert "| LSH-1 |" in out
+    assert "| full attention (MultiHeadAttention) |" in out  # the reference row
+    for kind in ("LSH-1", "full"):  # accuracy curves in TensorBoard, per model
+        assert any(n.startswith("events.out") for n in os.listdir(tmp_path / kind))
 
 
 @pytest.mark.parametrize("script", ["train_lm.py", "mix_into_keras.py",
