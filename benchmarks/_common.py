@@ -87,3 +87,18 @@ def write_csv(name, rows):
 
 def progress(message):
     print(message, file=sys.stderr, flush=True)
+
+
+def finish_length_figure(fig, axes, titles, suptitle, path):
+    """The sweeps' common figure style: log-log axes over sequence length,
+    one title per panel, a legend in each, then the figure saved to `path`."""
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -84,16 +84,9 @@ def plot(rows, path):
         xs = [r["length"] for r in ok]
         axes[0].plot(xs, [r["seconds"] for r in ok], "o-", label=label)
         axes[1].plot(xs, [r["peak_rss_mb"] for r in ok], "o-", label=label)
-    for ax, title in zip(axes, ("fwd+bwd seconds", "peak RSS (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle("Attention layer, 4 heads x 64, batch 1, causal, graph mode")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _common.finish_length_figure(
+        fig, axes, ("fwd+bwd seconds", "peak RSS (MiB)"),
+        "Attention layer, 4 heads x 64, batch 1, causal, graph mode", path)
 
 
 def main():

@@ -228,16 +228,9 @@ def plot(rows, path):
             xs = [r["length"] for r in ok]
             axes[0].plot(xs, [r["tokens_per_s"] for r in ok], "o-", label=label)
             axes[1].plot(xs, [r["peak_rss_mb"] for r in ok], "o-", label=label)
-    for ax, title in zip(axes, ("tokens / s (training step)", "peak RSS (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle("2-layer model, d 256, 4x64 heads, FFN 1024, batch 1, Adam")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _common.finish_length_figure(
+        fig, axes, ("tokens / s (training step)", "peak RSS (MiB)"),
+        "2-layer model, d 256, 4x64 heads, FFN 1024, batch 1, Adam", path)
 
 
 PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
@@ -319,16 +312,8 @@ def plot_peer(rows, path):
                    [r[key + "_max"] - m for m, r in zip(mid, ok)]]
             ax.errorbar(xs, mid, yerr=err, fmt="o-", capsize=3, label=label)
     titles = ("tokens / s (median, min-max)", "peak RSS MiB (median, min-max)")
-    for ax, title in zip(axes, titles):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle("Training step, alternating processes, same machine and run")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _common.finish_length_figure(
+        fig, axes, titles, "Training step, alternating processes, same machine and run", path)
 
 
 def report_peer(rows, gflops, path):
