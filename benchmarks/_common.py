@@ -33,6 +33,25 @@ def emit(record):
     print("RESULT " + json.dumps(record), flush=True)
 
 
+# The PyTorch peer (HF transformers) lives in its own venv: benchmarks/peers.
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+PEER_PYTHON = os.path.join(PEERS, ".venv", "bin", "python")
+
+
+def run_peer(script, args, timeout=3600):
+    """Run benchmarks/peers/`script` with `args` in the peer's venv; its
+    record (the last stdout line, JSON), or a `status` saying what failed."""
+    return run_json([PEER_PYTHON, os.path.join(PEERS, script), *map(str, args)],
+                    timeout)
+
+
+def require_peer(parser):
+    """A clear argparse error when the peer's venv has not been made."""
+    if not os.path.exists(PEER_PYTHON):
+        parser.error(f"the peer's venv is missing ({PEER_PYTHON}); create it with "
+                     "`bash benchmarks/peers/setup.sh` (torch CPU + transformers)")
+
+
 def run_point(script, args, timeout=1800):
     """Run `script --point args...` in a fresh process; return its record.
 

@@ -94,21 +94,14 @@ def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny):
     _common.emit(record)
 
 
-PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
-PEER_PYTHON = os.path.join(PEERS, ".venv", "bin", "python")
-
-
 def torch_peer_point(prompt, new_tokens, max_length, repeats):
     """The PyTorch peer's `generate(use_cache=True)` (HF transformers'
     ReformerModelWithLMHead, benchmarks/peers/hf_generate.py) with the same
     shape and bucket count (`--max-length`), in its own venv and process.
     Returns a record with the keys of `point`'s."""
-    record = _common.run_json(
-        [PEER_PYTHON, os.path.join(PEERS, "hf_generate.py"),
-         "--prompt-length", str(prompt), "--new-tokens", str(new_tokens),
-         "--max-length", str(max_length), "--repeats", str(repeats)],
-        timeout=3600,
-    )
+    record = _common.run_peer("hf_generate.py", [
+        "--prompt-length", prompt, "--new-tokens", new_tokens,
+        "--max-length", max_length, "--repeats", repeats])
     record.update(kind="torch", prompt=prompt)
     if record.get("status") == "ok":
         record.update(per_token_ms=1e3 * record["per_token_s"],
@@ -187,9 +180,8 @@ def main():
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (per-token time is a difference)")
     max_length = max(args.prompts) + max(args.new_tokens, args.uncached_tokens)
-    if "torch" in args.kinds and not os.path.exists(PEER_PYTHON):
-        parser.error(f"the peer's venv is missing ({PEER_PYTHON}); create it with "
-                     "bash benchmarks/peers/setup.sh")
+    if "torch" in args.kinds:
+        _common.require_peer(parser)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1. Received: {args.rounds}")
     rows = []

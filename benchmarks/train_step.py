@@ -233,10 +233,6 @@ def plot(rows, path):
         "2-layer model, d 256, 4x64 heads, FFN 1024, batch 1, Adam", path)
 
 
-PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
-PEER_PYTHON = os.path.join(PEERS, ".venv", "bin", "python")
-
-
 def spread(values):
     """(median, min, max) of a list of numbers."""
     import statistics
@@ -257,9 +253,8 @@ def peer_sweep(args, gflops):
                 runs.append(row)
                 _common.progress(f"[{repeat + 1}/{args.repeats}] {row}")
             row = {"model": "hf_reformer", "length": length, "jit": False}
-            row.update(_common.run_json(
-                [PEER_PYTHON, os.path.join(PEERS, "hf_train_step.py"),
-                 "--length", str(length), "--steps", str(args.steps)], timeout=3600))
+            row.update(_common.run_peer(
+                "hf_train_step.py", ["--length", length, "--steps", args.steps]))
             runs.append(row)
             _common.progress(f"[{repeat + 1}/{args.repeats}] {row}")
     rows = []
@@ -340,9 +335,7 @@ def check_args(parser, args):
         args.jit = ["off"] if args.peer else ["off", "on"]
     if not args.peer:
         return
-    if not os.path.exists(PEER_PYTHON):
-        parser.error(f"the peer's venv is missing ({PEER_PYTHON}); create it with "
-                     "`bash benchmarks/peers/setup.sh` (torch CPU + transformers)")
+    _common.require_peer(parser)
     c = CONFIG["bucket_size"]
     bad = [n for n in args.lengths if n % c or axial_shape(n)[0] * axial_shape(n)[1] != n]
     if bad:
