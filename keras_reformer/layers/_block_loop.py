@@ -86,11 +86,16 @@ class BlockLoop:
         run: `run(name, layer, x, kwargs)` -> the layer's output in the
             stream dtype (the sequence's own call wrapper).
         kwargs: (f_kwargs, g_kwargs) of the call, the same for every block.
+        run_vjp: `run_vjp(name, layer, x, kwargs, dy)` -> (output, targets,
+            target_grads), run under the backward's tape: the output and what
+            to differentiate for the VJP with `dy` (the sequence's
+            `_run_vjp`: one pass for blocks that offer `value_and_vjp`).
     """
 
-    def __init__(self, blocks, run, kwargs):
+    def __init__(self, blocks, run, kwargs, run_vjp):
         self.blocks = blocks
         self.run = run
+        self.run_vjp = run_vjp
         self.kwargs = kwargs
         self.depth = len(blocks)
         # Per half ("f", "g"): the template's variables and, slot by slot,
@@ -110,11 +115,17 @@ class BlockLoop:
             for name, slots in self.slots.items()
         }
 
-    def _call(self, name, values, x):
+    def _call(self, name, values, x, dy=None):
+        """Block i's half `name` (its variables' `values`) on `x`: its output,
+        or with `dy` what `run_vjp` returns; and its variables' new values."""
         template = self.template[name]
         mapping = list(zip(template.variables, values))
+        kwargs = self.kwargs[name == "g"]
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            out = self.run(name, template, x, self.kwargs[name == "g"])
+            if dy is None:
+                out = self.run(name, template, x, kwargs)
+            else:
+                out = self.run_vjp(name, template, x, kwargs, dy)
         updated = [
             tf.convert_to_tensor(scope.get_current_value(v))
             for v in template.variables
@@ -209,8 +220,8 @@ class BlockLoop:
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 tape.watch(weights)
-                out, _ = self._call(name, values, x)
-            grads = tape.gradient(out, [x] + weights, output_gradients=dy)
+                (out, targets, target_grads), _ = self._call(name, values, x, dy)
+            grads = tape.gradient(targets, [x] + weights, output_gradients=target_grads)
             grads = [tf.zeros_like(t) if d is None else d
                      for t, d in zip([x] + weights, grads)]
             return tf.stop_gradient(out), grads[0], grads[1:]

@@ -162,22 +162,22 @@ class ChunkedFeedForward(keras.layers.Layer):
                 for p in params
             ]
 
-    def call(self, inputs, training=None):
-        x = inputs
+    def _check_inputs(self, x):
         if len(x.shape) != 3 or x.shape[-1] != self._input_dim:
             raise ValueError(
                 "ChunkedFeedForward expects inputs of shape (batch, length, "
                 f"{self._input_dim}), the shape it was built for. Received: "
                 f"shape={tuple(x.shape)}"
             )
+
+    def _slice_fn(self, training):
+        """The network on one slice, `fn(xs, params, index)` for `ops.chunked`.
+
+        Draws this call's dropout seed (one per call), so the forward pass
+        and `value_and_vjp` each call it once, as `call` does.
+        """
         rate = self.dropout if training else 0.0
         seed = self.seed_generator.next() if rate > 0 else None
-        if self.chunk_size is None:
-            h = self.activation(self.intermediate_dense(x))
-            if rate > 0:
-                h = chunked.dropout(h, rate, chunked.slice_seed(seed, 0))
-            return self.output_dense(h)
-
         dtype = self.compute_dtype
         use_bias = self.use_bias
         activation = self.activation
@@ -197,7 +197,56 @@ class ChunkedFeedForward(keras.layers.Layer):
                 y = y + params[3]
             return y
 
-        return chunked.chunked_map(ffn, x, self._params(), self.chunk_size)
+        return ffn
+
+    def call(self, inputs, training=None):
+        x = inputs
+        self._check_inputs(x)
+        if self.chunk_size is None:
+            rate = self.dropout if training else 0.0
+            seed = self.seed_generator.next() if rate > 0 else None
+            h = self.activation(self.intermediate_dense(x))
+            if rate > 0:
+                h = chunked.dropout(h, rate, chunked.slice_seed(seed, 0))
+            return self.output_dense(h)
+        return chunked.chunked_map(
+            self._slice_fn(training), x, self._params(), self.chunk_size
+        )
+
+    def value_and_vjp(self, inputs, dy, training=None):
+        """The output and its VJP with `dy`, slice by slice in one pass.
+
+        What `ReversibleSequence`'s backward pass calls instead of rerunning
+        the layer under a tape (see `ops.chunked.chunked_value_and_vjp`): each
+        slice's forward runs once, not twice. Run it under the caller's
+        `tf.GradientTape` (and, to replay dropout, the `keras.StatelessScope`
+        holding the forward's seed states), then finish the VJP there:
+        `tape.gradient(targets, sources, output_gradients=target_grads)`,
+        which carries the gradients from the inputs and from the weights (as
+        read here) back to whatever the caller differentiates by.
+
+        Args:
+            inputs: as in `call`.
+            dy: gradient of the output, of its shape.
+            training: as in `call`.
+
+        Returns:
+            `(outputs, targets, target_grads)`: the output as `call` returns
+            it, and two lists of tensors and their gradients.
+        """
+        if self.chunk_size is None:
+            # Nothing to fuse: ordinary autodiff through the caller's tape.
+            outputs = self(inputs, training=training)
+            return outputs, [outputs], [ops.cast(dy, outputs.dtype)]
+        # What Keras' __call__ would do to the inputs (autocast).
+        x = ops.cast(inputs, self.compute_dtype)
+        self._check_inputs(x)
+        fn = self._slice_fn(training)
+        params = self._params()
+        outputs, dx, dparams = chunked.chunked_value_and_vjp(
+            fn, x, ops.cast(dy, self.compute_dtype), params, self.chunk_size
+        )
+        return outputs, [x] + params, [dx] + dparams
 
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)

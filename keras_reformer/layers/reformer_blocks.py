@@ -1,6 +1,7 @@
 """The two halves of a Reformer layer, as blocks for ReversibleSequence."""
 
 import keras
+from keras import ops
 
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
@@ -122,6 +123,37 @@ class FeedForwardBlock(keras.layers.Layer):
     def call(self, inputs, training=None):
         x = self.feed_forward(self.norm(inputs), training=training)
         return self.dropout(x, training=training)
+
+    def value_and_vjp(self, inputs, dy, training=None):
+        """The output and its VJP with `dy`, the FFN's slices in one pass.
+
+        What `ReversibleSequence`'s backward pass calls instead of rerunning
+        the block under a tape: the LayerNorm is recorded by the caller's
+        tape, the FFN gives its output and gradients together
+        (`ChunkedFeedForward.value_and_vjp`). Same contract: run under the
+        caller's tape and seed replay, then
+        `tape.gradient(targets, sources, output_gradients=target_grads)`.
+
+        Returns:
+            `(outputs, targets, target_grads)`.
+        """
+        # What Keras' __call__ would do to the inputs (autocast).
+        x = ops.cast(inputs, self.compute_dtype)
+        dy = ops.cast(dy, self.compute_dtype)
+        scale = None
+        if training and self.dropout.rate > 0:
+            # The residual dropout is linear: it multiplies its input, and so
+            # its gradient, by one mask. Draw that mask once (the forward's,
+            # replayed) as the factor `dropout(ones)`: the FFN's upstream
+            # gradient needs it before the FFN's output exists.
+            scale = self.dropout(ops.ones_like(dy), training=True)
+            dy = dy * scale
+        outputs, targets, grads = self.feed_forward.value_and_vjp(
+            self.norm(x), dy, training=training
+        )
+        if scale is not None:
+            outputs = outputs * scale
+        return outputs, targets, grads
 
     def compute_output_shape(self, input_shape):
         return input_shape

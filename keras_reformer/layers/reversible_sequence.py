@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_reformer import _checks
-from keras_reformer.layers import _block_loop
+from keras_reformer.layers import _block_loop, _fused_vjp
 from keras_reformer.ops import recompute
 
 
@@ -72,7 +72,10 @@ class ReversibleSequence(keras.layers.Layer):
     rebuilds each block's inputs, reruns the block under a gradient tape and
     takes that block's input and weight gradients. Activation memory is that
     of one block, whatever the depth (in graph mode: `model.fit`,
-    `tf.function`, `jit_compile=True`; eager execution keeps more).
+    `tf.function`, `jit_compile=True`; eager execution keeps more). A block
+    that offers `value_and_vjp(inputs, dy, ...)` (`FeedForwardBlock`,
+    `ChunkedFeedForward`) gives its output and gradients in one pass
+    instead, so its FFN slices are not computed twice in the backward.
 
     Randomness is replayed: before each `f` and `g` runs, the states of all
     `keras.random.SeedGenerator`s inside it (those of `keras.layers.Dropout`,
@@ -261,6 +264,7 @@ class ReversibleSequence(keras.layers.Layer):
                 self.blocks,
                 lambda name, layer, x, kw: self._run(0, name, layer, x, kw),
                 kwargs[0],
+                lambda name, layer, x, kw, dy: self._run_vjp(0, name, layer, x, kw, dy),
             )
             y1, y2 = loop.forward()(x1, x2)
         elif self.reversible:
@@ -373,9 +377,27 @@ class ReversibleSequence(keras.layers.Layer):
             tape.watch(x)
             tape.watch(sources)
             with keras.StatelessScope(state_mapping=seed_mapping):
-                out = self._run(index, name, layer, x, kwargs)
-        grads = tape.gradient(out, [x] + sources, output_gradients=dy)
+                out, targets, target_grads = self._run_vjp(
+                    index, name, layer, x, kwargs, dy)
+        grads = tape.gradient(targets, [x] + sources, output_gradients=target_grads)
         return tf.stop_gradient(out), (grads[0], grads[1:])
+
+    def _run_vjp(self, index, name, layer, x, kwargs, dy):
+        """Under the caller's tape: `layer`'s output (stream dtype) and the
+        `(targets, target_grads)` whose gradient is its VJP with `dy`.
+
+        A block offering `value_and_vjp` (see `_fused_vjp`) gives its
+        output and gradients in one pass; any other is just run, its output
+        being the target.
+        """
+        fused = _fused_vjp.method_of(layer)
+        if fused is None:
+            out = self._run(index, name, layer, x, kwargs)
+            return out, [out], [dy]
+        out, targets, target_grads = fused(x, dy, **kwargs)
+        if not _same_shape(out.shape, x.shape):
+            self._check_block_output(index, name, layer, x.shape, out)
+        return tf.cast(out, self._stream_dtype), targets, target_grads
 
     @staticmethod
     def _accumulate(totals, sources, grads):

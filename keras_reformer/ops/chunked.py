@@ -21,6 +21,14 @@ those copies at the start of the program, so every such buffer of every
 layer was alive at once. Under XLA the results go into a buffer that
 depends on the loop's input (so it is made when the loop runs) with
 in-place `dynamic_update_slice` writes.
+
+`chunked_value_and_vjp(fn, x, dy, params, chunk_size)` is the fused pass a
+recomputing caller needs when it already knows the upstream gradient `dy`
+(ReversibleSequence's backward rebuilding a block's inputs needs the
+block's output and its VJP): one walk over the slices, one tape per slice,
+giving each slice's output and gradients together. Done as `chunked_map`
+under a tape instead, every slice's forward would run twice (once in
+`chunked_map`'s forward, once again in its gradient).
 """
 
 import tensorflow as tf
@@ -93,7 +101,7 @@ def chunked_map(fn, x, params, chunk_size):
         def grad_fn(dy):
             with tf.name_scope("chunked_map_grad"):
                 dy_padded = tf.pad(dy, [[0, 0], [0, pad], [0, 0]])
-                dx, dparams = _backward(fn, x_padded, dy_padded, params, n, c)
+                _, dx, dparams = _backward(fn, x_padded, dy_padded, params, n, c)
                 return [dx[:, :length]] + dparams
 
         return out, grad_fn
@@ -142,7 +150,47 @@ def _collected(outputs, length):
     return outputs[:, :length]
 
 
-def _slice_grads(fn, xs, dys, params, index):
+def chunked_value_and_vjp(fn, x, dy, params, chunk_size):
+    """`fn` over slices of `x` and its VJP with `dy`, in one pass over the slices.
+
+    Equals `y = chunked_map(fn, x, params, chunk_size)` and the gradients of
+    `y` with upstream gradient `dy`, but each slice's forward runs once (under
+    that slice's tape) instead of twice, and, like `chunked_map`, only one
+    slice's intermediates exist at a time.
+
+    Args:
+        fn, x, params, chunk_size: as in `chunked_map`.
+        dy: (batch, length, out_features) upstream gradient of the output, in
+            `fn`'s output dtype.
+
+    Returns:
+        `(y, dx, dparams)`: the output (batch, length, out_features), the
+        gradient with respect to `x`, and the list of gradients with respect
+        to `params` (summed over slices). All are values for a backward pass
+        to consume: they are not differentiable (a gradient stops there).
+    """
+    params = list(params)
+    x = tf.convert_to_tensor(x)
+    dy = tf.convert_to_tensor(dy)
+    length = x.shape[1] if x.shape[1] is not None else tf.shape(x)[1]
+    c = int(chunk_size)
+    n = _num_slices(length, c)
+    pad = n * c - length
+    # "chunked_map" in the scope's name: the profile counts it as FFN time.
+    with tf.name_scope("chunked_map_value_and_vjp"):
+        paddings = [[0, 0], [0, pad], [0, 0]]
+        y, dx, dparams = _backward(
+            fn, tf.pad(x, paddings), tf.pad(dy, paddings), params, n, c,
+            keep_outputs=True,
+        )
+        y = tf.stop_gradient(y[:, :length])
+        dx = tf.stop_gradient(dx[:, :length])
+        return y, dx, [tf.stop_gradient(g) for g in dparams]
+
+
+def _slice_vjp(fn, xs, dys, params, index):
+    """One slice: `fn`'s output and its gradients for `xs` and `params`."""
+    # The recomputation waits for (and XLA cannot merge it past) its gradient.
     (xs,) = recompute.gradient_dependency([xs], dys)
     inner = [tf.identity(p) for p in params]
     with tf.GradientTape() as tape:
@@ -154,30 +202,41 @@ def _slice_grads(fn, xs, dys, params, index):
     for k, p in enumerate(inner):
         if grads[k + 1] is None:
             grads[k + 1] = tf.zeros_like(p)
-    return grads[0], grads[1:]
+    return ys, grads[0], grads[1:]
 
 
-def _backward(fn, x_padded, dy_padded, params, n, c):
+def _backward(fn, x_padded, dy_padded, params, n, c, keep_outputs=False):
+    """(ys or None, dx, dparams) over the padded length, slice by slice.
+
+    The slices' outputs are collected only with `keep_outputs` (the fused
+    pass); `chunked_map`'s gradient has them already.
+    """
     if isinstance(n, int) and n == 1:
-        return _slice_grads(fn, x_padded, dy_padded, params, tf.constant(0))
-    dx0, dp0 = _slice_grads(
+        ys, dx, dp = _slice_vjp(fn, x_padded, dy_padded, params, tf.constant(0))
+        return (ys if keep_outputs else None), dx, dp
+    ys0, dx0, dp0 = _slice_vjp(
         fn, _slice(x_padded, tf.constant(0), c), _slice(dy_padded, tf.constant(0), c),
         params, tf.constant(0),
     )
-    dxs = _collector(dx0, n, c, dy_padded)
+    collectors = [_collector(dx0, n, c, dy_padded)]
+    if keep_outputs:
+        collectors.append(_collector(ys0, n, c, dy_padded))
+    k = len(collectors)
 
-    def body(i, dxs, *totals):
-        dx, dp = _slice_grads(
+    def body(i, *state):
+        ys, dx, dp = _slice_vjp(
             fn, _slice(x_padded, i, c), _slice(dy_padded, i, c), params, i
         )
-        return (i + 1, _collect(dxs, i, c, dx)) + tuple(
-            t + g for t, g in zip(totals, dp))
+        written = [_collect(o, i, c, v) for o, v in zip(state[:k], (dx, ys))]
+        return (i + 1, *written) + tuple(t + g for t, g in zip(state[k:], dp))
 
     result = tf.while_loop(
-        lambda i, *_: i < n, body, [tf.constant(1), dxs] + list(dp0),
+        lambda i, *_: i < n, body, [tf.constant(1)] + collectors + list(dp0),
         parallel_iterations=1,
     )
-    return _collected(result[1], n * c), list(result[2:])
+    collected = [_collected(o, n * c) for o in result[1:1 + k]]
+    ys = collected[1] if keep_outputs else None
+    return ys, collected[0], list(result[1 + k:])
 
 
 def slice_seed(seed, index):
