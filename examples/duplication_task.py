@@ -52,6 +52,7 @@ def make_model(args, rounds):
         vocabulary_size=args.vocab, num_layers=1, hidden_dim=args.hidden_dim,
         num_heads=4, intermediate_dim=args.hidden_dim, bucket_size=args.bucket_size,
         num_hashes=rounds, max_sequence_length=args.length, causal=True,
+        axial_shape=tuple(args.axial_shape) if args.axial_shape else None,
         seed=args.seed,
     )
 
@@ -87,6 +88,9 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--bucket-size", type=int, default=16)
+    p.add_argument("--axial-shape", type=int, nargs=2, default=None,
+                   help="the LSH models' position grid (default: derived, 16 x 16 "
+                        "at length 256)")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -102,6 +106,9 @@ def main(argv=None):
     p.add_argument("--plot", default=None,
                    help="accuracy-vs-step figure (default docs/duplication_task.png; "
                         "none with --smoke)")
+    p.add_argument("--weights-dir", default=None,
+                   help="save each trained LSH model's weights here "
+                        "(LSH-<rounds>.weights.h5), e.g. for duplication_reach.py")
     p.add_argument("--no-jit", dest="jit", action="store_false")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -153,6 +160,9 @@ def main(argv=None):
                     tf.summary.scalar("loss", float(np.asarray(loss)), step=step + 1)
         writer.flush()
         print(f"trained {kind} for {args.steps} steps in {time.time() - start:.0f}s")
+        if args.weights_dir and kind != "full":
+            os.makedirs(args.weights_dir, exist_ok=True)
+            model.save_weights(os.path.join(args.weights_dir, f"{kind}.weights.h5"))
         if kind == "full":
             table["full"] = curves[kind][-1][1]
             continue

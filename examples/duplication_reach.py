@@ -1,0 +1,144 @@
+"""Why an LSH model misses on the duplication task: reach, buckets, or learning.
+
+On `0 w 0 w` the query at input position p (second copy) must attend to the
+key at p - (half - 1), the position holding the symbol it has to emit. A
+causal LSHAttention query sees only the `num_chunks_before * bucket_size`
+most recent keys of its own bucket (see `LSHAttention`), so in each hash
+round the target key is either
+
+- in another bucket (the hash split them),
+- in the query's bucket but crowded out (more than `reach` same-bucket keys
+  between them), or
+- in reach.
+
+This script loads weights saved by `duplication_task.py --weights-dir`,
+records the buckets the model's own forward pass uses, classifies every
+second-copy query by brute force from those buckets (independently of the
+attention code), and prints the accuracy within each class. It then
+evaluates the same weights with a longer reach (`num_chunks_before` 2 and 4,
+no retraining): if misses are reach misses, accuracy follows the reach.
+
+    python examples/duplication_task.py --train-rounds 2 4 --weights-dir runs/dup
+    python examples/duplication_reach.py --weights-dir runs/dup --train-rounds 2 4
+"""
+
+import argparse
+import os
+import sys
+
+import _quiet  # noqa: F401  (before TensorFlow loads: its start-up logs)
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import keras_reformer as kr  # noqa: E402
+from duplication_task import duplication_batch, make_model  # noqa: E402
+
+
+def attention_layers(model):
+    return [layer for layer in model._flatten_layers()
+            if isinstance(layer, kr.layers.LSHAttention)]
+
+
+def record_buckets(model, inputs):
+    """Buckets (B, H, R, L) of the single attention layer in a forward pass."""
+    (layer,) = attention_layers(model)
+    seen = []
+    original = layer.hash_buckets
+
+    def recording(qk, num_hashes=None, training=False):
+        buckets, total = original(qk, num_hashes, training)
+        seen.append(np.asarray(buckets))
+        return buckets, total
+
+    layer.hash_buckets = recording
+    try:
+        logits = model({"token_ids": inputs, "padding_mask": np.ones_like(inputs)},
+                       training=False)
+    finally:
+        del layer.hash_buckets
+    return np.asarray(logits), seen[-1]
+
+
+def classify(buckets, length, reach):
+    """Per (batch, query) class over all heads and rounds, by brute force.
+
+    Returns (B, half - 1) int: 2 if the target key is in reach in some
+    (head, round), else 1 if it shares the query's bucket somewhere (but is
+    crowded out), else 0 (split by the hash in every head and round).
+    """
+    half = length // 2
+    batch, heads, rounds, _ = buckets.shape
+    queries = range(half, length - 1)  # input positions of second-copy targets
+    result = np.zeros((batch, len(queries)), np.int64)
+    for qi, p in enumerate(queries):
+        j = p - (half - 1)
+        own = buckets[..., p]  # (B, H, R)
+        same = buckets[..., j] == own
+        # Slot distance in sorted order = same-bucket positions in (j, p].
+        between = (buckets[..., j + 1:p + 1] == own[..., None]).sum(-1)
+        in_reach = same & (between <= reach)
+        cls = np.where(in_reach.any(axis=(1, 2)), 2, np.where(same.any(axis=(1, 2)), 1, 0))
+        result[:, qi] = cls
+    return result
+
+
+def accuracy_with_reach(model, data, chunks_before):
+    for layer in attention_layers(model):
+        layer.num_chunks_before = chunks_before
+    model.predict_function = None
+    inputs, targets, weights = data
+    logits = model.predict({"token_ids": inputs, "padding_mask": np.ones_like(inputs)},
+                           batch_size=32, verbose=0)
+    hits = (logits.argmax(-1) == targets) * weights
+    return float(hits.sum() / weights.sum())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights-dir", required=True)
+    p.add_argument("--train-rounds", type=int, nargs="+", default=[2])
+    p.add_argument("--eval-rounds", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--bucket-size", type=int, default=16)
+    p.add_argument("--axial-shape", type=int, nargs=2, default=None,
+                   help="as given to duplication_task.py")
+    p.add_argument("--eval-samples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    data = duplication_batch(np.random.default_rng(10**6), args.eval_samples,
+                             args.length, args.vocab)
+    inputs, targets, _ = data
+    half = args.length // 2
+    names = ("split by the hash", "same bucket, crowded out", "in reach")
+    for train_rounds in args.train_rounds:
+        path = os.path.join(args.weights_dir, f"LSH-{train_rounds}.weights.h5")
+        model = make_model(args, train_rounds)
+        model.load_weights(path)
+        (layer,) = attention_layers(model)
+        reach = layer.num_chunks_before * layer.bucket_size
+        print(f"\n## trained LSH-{train_rounds} ({layer.resolved_num_buckets} buckets, "
+              f"reach {reach})")
+        for rounds in args.eval_rounds:
+            model.set_num_hashes(rounds)
+            logits, buckets = record_buckets(model, inputs)
+            hits = logits.argmax(-1)[:, half:] == targets[:, half:]
+            cls = classify(buckets, args.length, reach)
+            cells = []
+            for c, name in enumerate(names):
+                sel = cls == c
+                acc = f"{100 * hits[sel].mean():.1f}%" if sel.any() else "-"
+                cells.append(f"{name}: {100 * sel.mean():.1f}% of queries, accuracy {acc}")
+            used = len(np.unique(buckets[..., :args.length - 1]))
+            print(f"eval LSH-{rounds}: accuracy {100 * hits.mean():.1f}%; "
+                  + "; ".join(cells) + f"; {used} buckets used")
+        model.set_num_hashes(train_rounds)
+        for chunks_before in (1, 2, 4):
+            acc = accuracy_with_reach(model, data, chunks_before)
+            print(f"eval LSH-{train_rounds}, num_chunks_before={chunks_before} "
+                  f"(reach {chunks_before * args.bucket_size}): accuracy {100 * acc:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
