@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,3 +154,29 @@ def test_duplication_task_smoke(tmp_path):
                                     "export_and_serve.py", "duplication_task.py"])
 def test_help(script):
     assert "--smoke" in run(script, "--help").stdout
+
+
+def test_duplication_reach_classes_by_hand():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from duplication_reach import classify
+
+    # Length 8: queries 4, 5, 6 need keys 1, 2, 3 (one round, one head).
+    buckets = np.array([0, 1, 2, 3, 1, 5, 6, 7])[None, None, None]
+    assert classify(buckets, 8, reach=4).tolist() == [[2, 0, 0]]
+    # Key 1 and query 4 share bucket 9 with 2 and 3 in between: 3 slots back.
+    crowded = np.array([0, 9, 9, 9, 9, 5, 6, 7])[None, None, None]
+    assert classify(crowded, 8, reach=2).tolist() == [[1, 0, 0]]
+    assert classify(crowded, 8, reach=3).tolist() == [[2, 0, 0]]
+    # A second round (or head) where query 5 meets key 2: in reach somewhere.
+    rounds = np.array([[0, 9, 9, 9, 9, 5, 6, 7], [0, 1, 4, 3, 2, 4, 6, 7]])
+    assert classify(rounds[None, None], 8, reach=2).tolist() == [[1, 2, 0]]
+
+
+def test_duplication_reach_on_saved_weights(tmp_path):
+    run("duplication_task.py", "--smoke", "--logdir", os.fspath(tmp_path / "tb"),
+        "--weights-dir", os.fspath(tmp_path / "w"))
+    out = run("duplication_reach.py", "--weights-dir", os.fspath(tmp_path / "w"),
+              "--train-rounds", "1", "--eval-rounds", "1", "2", "--length", "64",
+              "--hidden-dim", "32", "--eval-samples", "8").stdout
+    assert "eval LSH-2: accuracy" in out and "in reach:" in out
+    assert "num_chunks_before=4" in out
