@@ -14,6 +14,9 @@ strategy runs in multi-worker mode (checked with Keras 3.15.1, TF 2.21):
 symbolic build uses this worker's first local batch (only shapes and dtypes
 matter there), and the step functions return each scalar log as a
 shape-`(1,)` tensor, which the collective mean reduces back to a scalar.
+`prepare_fit` then puts `_spec_build` in front of that build, so the batch
+is read only for data without a plain `element_spec` (reading it costs a
+seeded shuffle one permutation, see `_spec_build.py`).
 
 `tests/test_multiworker.py::test_keras_still_needs_the_multiworker_fix`
 runs `fit` without it and expects failure 1; when that test fails, Keras has

@@ -251,6 +251,8 @@ def run_mirrored():
     for bad in BAD_IDS:
         report[f"model {bad}"] = fit(model, dataset(bad))
         report[f"wrapper {bad}"] = fit(wrapper, ids_only(bad))
+    # A bad id after a good batch: a tf.data check's error was lost there.
+    report["model later"] = fit(model, dataset().concatenate(dataset(VOCAB)))
     # Valid ids with XLA per replica: tests/test_distribute.py (the wrapper,
     # losses compared with a single-device run). Here the model's own route
     # (its checked dataset, distributed by Keras), without XLA's compile time.
@@ -275,11 +277,18 @@ def test_mirrored_prepare_fit_refuses_bad_id(mirrored, kind, bad):
     assert mirrored["replicas"] == 2
     result = mirrored[f"{kind} {bad}"]
     assert result["error"] == "InvalidArgumentError", result
-    # The model's check sees the global batch (tf.data); prepare_fit's sees
-    # each replica's half, where the bad row is replica 1's row 0.
-    at = BAD_AT if kind == "model" else (0, BAD_AT[1])
-    assert_names_id(result["message"], bad, at)
+    # Both are checked in prepare_fit's step, which sees each replica's half
+    # of the batch: the bad row is replica 1's row 0.
+    assert_names_id(result["message"], bad, (0, BAD_AT[1]))
     assert not result["changed"]
+
+
+def test_mirrored_prepare_fit_refuses_bad_id_in_a_later_batch(mirrored):
+    # ReformerModel.fit's tf.data check failed here without an error (the
+    # multi-device iterator raised OutOfRange, the end of the data for fit).
+    result = mirrored["model later"]
+    assert result["error"] == "InvalidArgumentError", result
+    assert_names_id(result["message"], VOCAB, (0, BAD_AT[1]))
 
 
 def test_mirrored_prepare_fit_trains_valid_ids(mirrored):

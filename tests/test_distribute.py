@@ -72,7 +72,11 @@ def train(model, strategy):
     rng = np.random.default_rng(0)
     x = rng.integers(0, VOCAB, (GLOBAL_BATCH * STEPS, LENGTH)).astype("int32")
     y = np.roll(x, -1, axis=1)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    # Seeded shuffle: each new iterator gets the next permutation, so losses
+    # match only if fit opens as many iterators under a strategy as on one
+    # device (Keras' symbolic build under a strategy opened one more).
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0)
+    dataset = dataset.batch(GLOBAL_BATCH)
     losses = []
     log = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"]))

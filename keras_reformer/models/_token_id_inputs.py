@@ -31,6 +31,13 @@ from keras_reformer.layers.token_id_check import TokenIdCheck
 
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
+# Set on a model by `distribute.prepare_fit` when its training step checks the
+# ids (mirrored strategies). `fit` then leaves the training data unwrapped:
+# under several local devices a tf.data error can reach Keras as the
+# OutOfRangeError of another device's iterator (whichever fails first),
+# which `fit` takes for the end of the data and stops without an error.
+STEP_CHECKS_IDS = "_keras_reformer_step_checks_ids"
+
 
 def _checked_generator(generator, vocabulary_size):
     for batch in generator:
@@ -102,7 +109,9 @@ class TokenIdInputs:
     def fit(self, x=None, y=None, *args, **kwargs):
         bound = _FIT_SIGNATURE.bind(self, x, y, *args, **kwargs)
         arguments = bound.arguments
-        arguments["x"] = self._checked(arguments.get("x"))
+        x = arguments.get("x")
+        if not getattr(self, STEP_CHECKS_IDS, False) or isinstance(x, dict):
+            arguments["x"] = self._checked(x)  # arrays: a ValueError up front
         validation = arguments.get("validation_data")
         if isinstance(validation, (tuple, list)) and validation:
             self._checked(validation[0])
