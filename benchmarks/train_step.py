@@ -111,9 +111,10 @@ def hardware_flops_per_token(model, length):
         block = 4 * core + p["hashing"]
     else:
         # Forward + the reversible stack's recomputation (which re-hashes
-        # from the replayed seed) + 2x backward, and the chunked FFN
-        # recomputes its slices once more in its own backward.
-        block = 4 * core + 2 * p["hashing"] + p["ffn"]
+        # from the replayed seed) + 2x backward. The FFN's recomputation and
+        # its slice-wise backward are one pass (ops.chunked_value_and_vjp),
+        # so the FFN is not computed a third time.
+        block = 4 * core + 2 * p["hashing"]
         if p["looped"]:
             block += p["attention"]
     return layers * block + 3 * p["head"]
