@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--num-buckets", type=int, default=None,
                    help="hash buckets per round (default: LSHAttention's rule, "
                         "2 per bucket_size positions of --seq-len)")
+    p.add_argument("--position-embedding", choices=["axial", "sinusoidal"],
+                   default="axial")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--clipnorm", type=float, default=1.0,
@@ -197,6 +199,7 @@ def build_model(args):
         num_hashes=args.num_hashes,
         num_buckets=args.num_buckets,
         dropout=args.dropout,
+        position_embedding=args.position_embedding,
         max_sequence_length=args.seq_len,
         causal=True,
         seed=args.seed,
