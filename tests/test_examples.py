@@ -172,6 +172,7 @@ def test_duplication_reach_classes_by_hand():
     assert classify(rounds[None, None], 8, reach=2).tolist() == [[1, 2, 0]]
 
 
+@pytest.mark.slow  # two example processes, ~70 s; the classes are tested above
 def test_duplication_reach_on_saved_weights(tmp_path):
     run("duplication_task.py", "--smoke", "--logdir", os.fspath(tmp_path / "tb"),
         "--weights-dir", os.fspath(tmp_path / "w"))

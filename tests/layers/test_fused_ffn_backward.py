@@ -118,7 +118,10 @@ def assert_all_close(actual, expected, rtol):
 
 @pytest.mark.parametrize("mode,loop", [
     ("eager", "auto"), ("graph", "auto"), ("graph", False),
-    ("jit", "auto"), ("jit", False),
+    ("jit", "auto"),
+    # Unrolled under XLA: covered by the graph-mode unrolled case and the
+    # looped XLA case in the default run; ~11 s, so only with -m slow.
+    pytest.param("jit", False, marks=pytest.mark.slow),
 ])
 def test_gradients_equal_autodiff_with_dropout(mode, loop):
     stack, plain = stack_of(loop=loop)
