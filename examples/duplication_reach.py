@@ -31,7 +31,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras_reformer as kr  # noqa: E402
-from duplication_task import duplication_batch, make_model  # noqa: E402
+from duplication_task import (  # noqa: E402
+    accuracy, add_model_arguments, held_out_data, make_model,
+)
 
 
 def attention_layers(model):
@@ -85,12 +87,8 @@ def classify(buckets, length, reach):
 def accuracy_with_reach(model, data, chunks_before):
     for layer in attention_layers(model):
         layer.num_chunks_before = chunks_before
-    model.predict_function = None
-    inputs, targets, weights = data
-    logits = model.predict({"token_ids": inputs, "padding_mask": np.ones_like(inputs)},
-                           batch_size=32, verbose=0)
-    hits = (logits.argmax(-1) == targets) * weights
-    return float(hits.sum() / weights.sum())
+    model.predict_function = None  # traced with the old reach
+    return accuracy(model, data)
 
 
 def main(argv=None):
@@ -98,17 +96,9 @@ def main(argv=None):
     p.add_argument("--weights-dir", required=True)
     p.add_argument("--train-rounds", type=int, nargs="+", default=[2])
     p.add_argument("--eval-rounds", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--hidden-dim", type=int, default=128)
-    p.add_argument("--bucket-size", type=int, default=16)
-    p.add_argument("--axial-shape", type=int, nargs=2, default=None,
-                   help="as given to duplication_task.py")
-    p.add_argument("--eval-samples", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    add_model_arguments(p)  # as given to duplication_task.py
     args = p.parse_args(argv)
-    data = duplication_batch(np.random.default_rng(10**6), args.eval_samples,
-                             args.length, args.vocab)
+    data = held_out_data(args)
     inputs, targets, _ = data
     half = args.length // 2
     names = ("split by the hash", "same bucket, crowded out", "in reach")

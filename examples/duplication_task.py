@@ -82,6 +82,26 @@ def make_full_attention_model(args):
     return keras.Model({"token_ids": ids, "padding_mask": mask}, logits)
 
 
+def add_model_arguments(p):
+    """The options that fix a model's shape and the held-out data: shared
+    with duplication_reach.py, which rebuilds the models trained here."""
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--bucket-size", type=int, default=16)
+    p.add_argument("--axial-shape", type=int, nargs=2, default=None,
+                   help="the LSH models' position grid (default: derived, 16 x 16 "
+                        "at length 256)")
+    p.add_argument("--eval-samples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def held_out_data(args):
+    """The held-out sequences every model is scored on (fixed seed)."""
+    return duplication_batch(np.random.default_rng(10**6), args.eval_samples,
+                             args.length, args.vocab)
+
+
 def accuracy(model, data):
     inputs, targets, weights = data
     logits = model.predict({"token_ids": inputs, "padding_mask": np.ones_like(inputs)},
@@ -92,19 +112,12 @@ def accuracy(model, data):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--hidden-dim", type=int, default=128)
-    p.add_argument("--bucket-size", type=int, default=16)
-    p.add_argument("--axial-shape", type=int, nargs=2, default=None,
-                   help="the LSH models' position grid (default: derived, 16 x 16 "
-                        "at length 256)")
+    add_model_arguments(p)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--train-rounds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--eval-rounds", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--no-full-attention", dest="full_attention", action="store_false",
                    help="skip the MultiHeadAttention reference row")
     p.add_argument("--eval-every", type=int, default=500,
@@ -119,7 +132,6 @@ def main(argv=None):
                         "(LSH-<rounds>.weights.h5), e.g. for duplication_reach.py")
     p.add_argument("--no-jit", dest="jit", action="store_false")
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.smoke:
         args.length, args.steps, args.hidden_dim, args.eval_samples = 64, 4, 32, 16
@@ -134,8 +146,7 @@ def main(argv=None):
     if args.eval_every < 1:
         p.error(f"--eval-every must be >= 1, got {args.eval_every}")
 
-    held_out = duplication_batch(np.random.default_rng(10**6), args.eval_samples,
-                                 args.length, args.vocab)
+    held_out = held_out_data(args)
     table, curves = {}, {}
     kinds = [f"LSH-{r}" for r in args.train_rounds]
     if args.full_attention:
