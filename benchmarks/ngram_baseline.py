@@ -8,7 +8,7 @@ below the bigram row has not yet learned to use the bytes before the last
 one.
 
     python benchmarks/ngram_baseline.py                 # the example's defaults
-    python benchmarks/ngram_baseline.py --seq-len 1024 --batch-size 4
+    python benchmarks/ngram_baseline.py --seq-len 8192 --batch-size 1 --validation-steps 4  # the old default
 """
 
 import argparse
@@ -50,9 +50,9 @@ def bits_per_byte(train, scored, order, alpha):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--validation-steps", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--validation-steps", type=int, default=8)
     p.add_argument("--max-order", type=int, default=4)
     args = p.parse_args(argv)
     train_files, val_files = data.split_files(data.default_corpus_files())

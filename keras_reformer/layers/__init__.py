@@ -8,4 +8,5 @@ from keras_reformer.layers.reformer_blocks import AttentionBlock, FeedForwardBlo
 from keras_reformer.layers.sinusoidal_position_embedding import (  # noqa: F401
     SinusoidalPositionEmbedding,
 )
+from keras_reformer.layers.short_convolution import ShortConvolution  # noqa: F401
 from keras_reformer.layers.token_id_check import TokenIdCheck  # noqa: F401

@@ -11,7 +11,9 @@ rotations and output projection, then the feed-forward block itself, and at
 the end the final LayerNorm and vocabulary projection.
 
 The backbone's layers are found by name (public `Model.get_layer`):
-`token_embedding`, `position_embedding` (if any), `reversible_stack` (its
+`token_embedding`, `position_embedding` (if any), `short_convolution` (if
+any: its last `width - 1` inputs per row ride along as the last element of
+the caches), `reversible_stack` (its
 `blocks`, in order), `final_norm`, `logits` (if the backbone has its head).
 """
 
@@ -49,6 +51,7 @@ class CachedDecoder:
         self.head = head
         self.embedding = _layer(backbone, "token_embedding")
         self.position = _layer(backbone, "position_embedding", required=False)
+        self.convolution = _layer(backbone, "short_convolution", required=False)
         self.stack = _layer(backbone, "reversible_stack")
         self.final_norm = _layer(backbone, "final_norm")
         self.blocks = self.stack.blocks
@@ -110,11 +113,19 @@ class CachedDecoder:
 
         Returns:
             (logits (B, V) float32 after each row's last real token,
-             caches: a list with one `lsh_decode` cache per block).
+             caches: a list with one `lsh_decode` cache per block, then,
+             with a short convolution, its inputs at each row's last
+             `width - 1` positions (B, width - 1, hidden), oldest first).
         """
         prompt = tf.shape(token_ids)[1]
         x = self.embedding(token_ids)
         x = x + tf.cast(self.position_table(max_length)[None, :prompt], x.dtype)
+        last = tf.reduce_sum(tf.cast(padding_mask, tf.int32), axis=1) - 1
+        history = None
+        if self.convolution is not None:
+            x = x * tf.cast(padding_mask, x.dtype)[..., None]
+            history = self._history(x, last)
+            x = x + self.convolution(x)
         x1 = x2 = tf.cast(x, self.stream_dtype)
         caches = []
         for f, g in self.blocks:
@@ -126,9 +137,18 @@ class CachedDecoder:
             ))
             x1 = x1 + tf.cast(f(x2, mask=padding_mask, training=False), self.stream_dtype)
             x2 = x2 + tf.cast(g(x1, training=False), self.stream_dtype)
-        last = tf.reduce_sum(tf.cast(padding_mask, tf.int32), axis=1) - 1
         pick = lambda y: tf.gather(y, last[:, None], axis=1, batch_dims=1)  # noqa: E731
+        if history is not None:
+            caches.append(history)
         return self._logits(pick(x1), pick(x2)), caches
+
+    def _history(self, x, last):
+        """x at positions last - width + 2 .. last of each row (zeros before 0)."""
+        keep = self.convolution.width - 1
+        # keep zero rows in front, so that position p is row p + keep.
+        padded = tf.pad(x, [[0, 0], [keep, 0], [0, 0]])
+        at = last[:, None] + 1 + tf.range(keep)[None, :]
+        return tf.gather(padded, at, axis=1, batch_dims=1)
 
     def step(self, token, position, caches, table, rotations=None, in_place=False):
         """One token per row at its position -> (logits (B, V), new caches).
@@ -146,8 +166,13 @@ class CachedDecoder:
             rotations = self.rotations()
         x = self.embedding(token[:, None])
         x = x + tf.cast(tf.gather(table, position)[:, None], x.dtype)
-        x1 = x2 = tf.cast(x, self.stream_dtype)
         new_caches = []
+        if self.convolution is not None:
+            window = tf.concat([tf.cast(caches[-1], x.dtype), x], axis=1)
+            x = x + self.convolution.last_position(window)[:, None]
+            caches = caches[:-1]
+            history = window[:, 1:]
+        x1 = x2 = tf.cast(x, self.stream_dtype)
         for (f, g), cache, rotation in zip(self.blocks, caches, rotations):
             attention = f.attention
             normed = f.norm(x2)
@@ -163,6 +188,8 @@ class CachedDecoder:
             # The block's own dropout is the identity at inference.
             x1 = x1 + tf.cast(attended, self.stream_dtype)
             x2 = x2 + tf.cast(g(x1, training=False), self.stream_dtype)
+        if self.convolution is not None:
+            new_caches.append(history)
         return self._logits(x1, x2), new_caches
 
     # ------------------------------------------------------------- the loop

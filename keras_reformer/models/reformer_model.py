@@ -10,6 +10,7 @@ from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
 from keras_reformer.layers.reformer_blocks import AttentionBlock, FeedForwardBlock
 from keras_reformer.layers.reversible_sequence import ReversibleSequence
+from keras_reformer.layers.short_convolution import ShortConvolution
 from keras_reformer.layers.sinusoidal_position_embedding import (
     SinusoidalPositionEmbedding,
 )
@@ -69,7 +70,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
     A functional model (built in `__init__`, as keras-hub builds backbones):
 
         token ids (+ padding mask) -> Embedding -> + position embedding
-        -> [x, x] -> ReversibleSequence of num_layers x
+        [-> + ShortConvolution] -> [x, x] -> ReversibleSequence of num_layers x
            (LayerNorm -> LSHAttention, LayerNorm -> ChunkedFeedForward)
         -> concat(y1, y2) -> LayerNorm -> Dense(vocabulary_size)
 
@@ -101,6 +102,11 @@ class ReformerModel(TokenIdInputs, keras.Model):
         max_sequence_length: longest input (sizes the position embedding).
         axial_shape: `(l1, l2)` of the axial embedding (default derived).
         position_embedding: "axial" (default), "sinusoidal" or None.
+        short_convolution: int or None. If set, a `ShortConvolution` of this
+            width (causal if `causal`) over the embedded tokens is added to
+            them, so each position sees its nearest neighbours whatever the
+            hashing does; byte models learn far faster with it
+            (docs/learning.md). Defaults to `None` (the paper's model).
         causal: True for a language model, False for an encoder.
         reversible: False computes the same function with ordinary autodiff.
         include_head: add the LayerNorm'd vocabulary projection (logits).
@@ -124,6 +130,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         max_sequence_length=8192,
         axial_shape=None,
         position_embedding="axial",
+        short_convolution=None,
         causal=True,
         reversible=True,
         include_head=True,
@@ -141,6 +148,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         )
         _positive("feedforward_chunk_size", feedforward_chunk_size)
         _positive("max_sequence_length", max_sequence_length)
+        _positive("short_convolution", short_convolution, True)
         _rate("dropout", dropout)
         _rate("attention_dropout", attention_dropout)
         causal = _flag("causal", causal)
@@ -171,6 +179,11 @@ class ReformerModel(TokenIdInputs, keras.Model):
             x = x + SinusoidalPositionEmbedding(
                 max_sequence_length, dtype=dtype, name="position_embedding"
             )(x)
+        mask = keras.ops.cast(padding_mask, "bool")
+        if short_convolution is not None:
+            x = x + ShortConvolution(
+                short_convolution, causal=causal, dtype=dtype, name="short_convolution"
+            )(x, mask=mask)
         x = keras.layers.Dropout(dropout, seed=seed, dtype=dtype,
                                  name="embedding_dropout")(x)
         # The bucket count comes from max_sequence_length, never from a
@@ -195,7 +208,6 @@ class ReformerModel(TokenIdInputs, keras.Model):
             )
             for i in range(num_layers)
         ]
-        mask = keras.ops.cast(padding_mask, "bool")
         y1, y2 = ReversibleSequence(
             blocks, reversible=reversible, dtype=dtype, name="reversible_stack"
         )([x, x], mask=[mask, mask])
@@ -228,6 +240,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         self.max_sequence_length = max_sequence_length
         self.axial_shape = axial_shape
         self.position_embedding = position_embedding
+        self.short_convolution = short_convolution
         self.causal = causal
         self.reversible = reversible
         self.include_head = include_head
@@ -252,6 +265,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
             "max_sequence_length": self.max_sequence_length,
             "axial_shape": self.axial_shape,
             "position_embedding": self.position_embedding,
+            "short_convolution": self.short_convolution,
             "causal": self.causal,
             "reversible": self.reversible,
             "include_head": self.include_head,

@@ -71,6 +71,10 @@ def cached_errors(lm, ids, lengths):
         (2, [12, 3], {"num_buckets": 2}),
         # A headless backbone: the task's own vocabulary projection.
         (2, [21, 9], {"include_head": False}),
+        # A short convolution: its window reaches back into the prompt, and
+        # before position 0 in a 2-token prompt.
+        (2, [21, 2], {"short_convolution": 4}),
+        (1, [1, 9], {"short_convolution": 1}),
     ],
 )
 def test_cached_logits_equal_full_pass(rounds, lengths, extra):
@@ -245,3 +249,15 @@ def test_keras_file_round_trip(tmp_path):
     assert loaded.sampler.get_config() == lm.sampler.get_config()
     np.testing.assert_allclose(lm.predict(["abc def"], verbose=0),
                                loaded.predict(["abc def"], verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_generate_with_short_convolution_equals_stepwise_argmax(jit_compile):
+    lm = ReformerCausalLM(ReformerModel(num_hashes=2, short_convolution=3, **TINY))
+    ids = ids_of((2, 12), seed=8)
+    lengths = [12, 1]
+    mask = (np.arange(12)[None] < np.array(lengths)[:, None]).astype(np.int32)
+    out = lm.generate({"token_ids": ids * mask, "padding_mask": mask},
+                      max_length=30, sampler="greedy", jit_compile=jit_compile)
+    expected = greedy_reference(lm, [ids[b, :n] for b, n in enumerate(lengths)], 30)
+    np.testing.assert_array_equal(out["token_ids"], expected)

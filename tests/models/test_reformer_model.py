@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from keras_reformer.models import ReformerModel
+from tests.layers.test_short_convolution import reference as window_reference
 
 SMALL = dict(vocabulary_size=40, num_layers=2, hidden_dim=16, num_heads=2,
              intermediate_dim=32, feedforward_chunk_size=8, bucket_size=8,
@@ -59,6 +60,13 @@ def positions(model, length, width):
     return 0.0
 
 
+def short_convolution(model, x):
+    """The model's ShortConvolution by the layer tests' explicit windows."""
+    layer = model.get_layer("short_convolution")
+    return window_reference(x, np.asarray(layer.kernel), np.asarray(layer.bias),
+                            model.causal, np.ones(x.shape[:2]))
+
+
 def hand_wired(model, inputs):
     """The model's math written out by hand from its sublayers' weights.
 
@@ -70,6 +78,8 @@ def hand_wired(model, inputs):
     mask = tf.constant(inputs["padding_mask"] > 0)
     table = np.asarray(model.get_layer("token_embedding").embeddings)
     x = table[ids] + positions(model, ids.shape[1], table.shape[1])
+    if model.short_convolution:
+        x = x + short_convolution(model, x * inputs["padding_mask"][..., None])
     y1 = y2 = x
     for f, g in model.get_layer("reversible_stack").blocks:
         attention_in = tf.constant(layer_norm(y2, f.norm), tf.float32)
@@ -82,11 +92,13 @@ def hand_wired(model, inputs):
     return dense(h, model.get_layer("logits")) if model.include_head else h
 
 
-@pytest.mark.parametrize("causal,position", [(True, "axial"), (False, "sinusoidal"),
-                                             (True, None)])
-def test_matches_hand_wired_reference(causal, position):
+@pytest.mark.parametrize("causal,position,width", [
+    (True, "axial", None), (False, "sinusoidal", None), (True, None, None),
+    (True, "axial", 3), (False, "sinusoidal", 4), (False, None, 1),
+])
+def test_matches_hand_wired_reference(causal, position, width):
     model = ReformerModel(**SMALL, causal=causal, position_embedding=position,
-                          dropout=0.1, attention_dropout=0.1)
+                          short_convolution=width, dropout=0.1, attention_dropout=0.1)
     ids = random_ids((2, 45))
     ids[1, 30:] = 0  # padding
     inputs = batch(ids)
@@ -96,8 +108,9 @@ def test_matches_hand_wired_reference(causal, position):
     np.testing.assert_allclose(got[real], want[real], atol=1e-4)
 
 
-def test_causal_logits_never_depend_on_later_tokens():
-    model = ReformerModel(**SMALL)
+@pytest.mark.parametrize("width", [None, 4])
+def test_causal_logits_never_depend_on_later_tokens(width):
+    model = ReformerModel(**SMALL, short_convolution=width)
     ids = random_ids((1, 100))
     base = np.asarray(model(batch(ids)))
     rng = np.random.default_rng(1)
@@ -109,8 +122,9 @@ def test_causal_logits_never_depend_on_later_tokens():
         assert np.abs(out[:, t + 1:] - base[:, t + 1:]).max() > 1e-4
 
 
-def test_variable_lengths_and_padding_in_one_model():
-    model = ReformerModel(**{**SMALL, "num_buckets": 4})
+@pytest.mark.parametrize("width", [None, 3])
+def test_variable_lengths_and_padding_in_one_model(width):
+    model = ReformerModel(**{**SMALL, "num_buckets": 4}, short_convolution=width)
     long = random_ids((2, 60))
     short = long[:, :37]
     padded = np.concatenate([short, np.zeros((2, 23), np.int32)], axis=1)
@@ -151,8 +165,10 @@ def test_encoder_feeds_a_functional_classifier(tmp_path):
 
 
 def test_config_round_trip():
-    model = ReformerModel(**SMALL, axial_shape=(8, 16), causal=False, reversible=False)
+    model = ReformerModel(**SMALL, axial_shape=(8, 16), causal=False, reversible=False,
+                          short_convolution=2)
     config = model.get_config()
+    assert config["short_convolution"] == 2
     clone = ReformerModel.from_config(config)
     assert clone.get_config() == config
     for key in ("vocabulary_size", "num_layers", "hidden_dim", "num_heads", "key_dim",
@@ -248,7 +264,9 @@ def test_too_long_inputs_fail_at_run_time_with_dynamic_shapes(position):
      ({"bucket_size": 0}, "bucket_size"), ({"num_hashes": 0}, "num_hashes"),
      ({"axial_shape": (4, 4)}, "axial_shape"), ({"causal": "yes"}, "causal"),
      ({"attention_dropout": -0.1}, "attention_dropout"),
-     ({"feedforward_chunk_size": 0}, "feedforward_chunk_size")],
+     ({"feedforward_chunk_size": 0}, "feedforward_chunk_size"),
+     ({"short_convolution": 0}, "short_convolution"),
+     ({"short_convolution": 2.5}, "short_convolution")],
 )
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
