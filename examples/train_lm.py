@@ -79,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--num-buckets", type=int, default=None,
                    help="hash buckets per round (default: LSHAttention's rule, "
                         "2 per bucket_size positions of --seq-len)")
-    p.add_argument("--position-embedding", choices=["axial", "sinusoidal"],
+    p.add_argument("--position-embedding", choices=["axial", "sinusoidal", "none"],
                    default="axial")
     p.add_argument("--short-convolution", type=int, default=3,
                    help="width of the causal convolution over the embeddings "
@@ -218,7 +218,8 @@ def build_model(args):
         num_hashes=args.num_hashes,
         num_buckets=args.num_buckets,
         dropout=args.dropout,
-        position_embedding=args.position_embedding,
+        position_embedding=(None if args.position_embedding == "none"
+                            else args.position_embedding),
         short_convolution=args.short_convolution or None,
         max_sequence_length=args.seq_len,
         causal=True,
