@@ -95,8 +95,11 @@ def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, 
     model.compile(keras.optimizers.Adam(schedule, global_clipnorm=1.0),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     start = time.time()
+    # validation_steps given: Keras 3.15 in graph mode divides the summed loss
+    # of a finite dataset of unknown cardinality and static batch shape by
+    # one step too many (val_batches + 1) for a fresh model.
     history = model.fit(train, epochs=evals, steps_per_epoch=steps // evals,
-                        validation_data=val, verbose=0)
+                        validation_data=val, validation_steps=val_batches, verbose=0)
     nats = history.history["val_loss"]
     _common.emit({
         "kind": kind, "length": length, "batch": batch, "steps": steps,
