@@ -5,6 +5,7 @@ import os
 import tensorflow as tf
 
 from keras_reformer import _checks
+from keras_reformer.data import _batch_shape
 from keras_reformer.layers.token_id_check import assert_token_ids
 from keras_reformer.text import byte_tokenizer
 
@@ -107,7 +108,11 @@ def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True,
         shuffle: bool. Shuffle the windows (in a buffer of 1024, afresh
             every epoch). Defaults to `True`.
         seed: int >= 0. Seed of the shuffle. Defaults to `0`.
-        repeat: bool. Repeat the data forever. Defaults to `True`.
+        repeat: bool. Repeat the data forever. Defaults to `True`. If
+            `False`, the batches still hold `batch_size` sequences but the
+            element spec leaves the batch size unknown (`None`): Keras 3.15
+            in graph mode evaluates a finite dataset with a static batch
+            size wrongly (see `keras_reformer/data/_batch_shape.py`).
         with_padding_mask: bool. Give inputs as a dict `{"token_ids",
             "padding_mask"}` (the inputs of `ReformerModel`); if `False`,
             the token ids alone. Defaults to `True`.
@@ -158,4 +163,8 @@ def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True,
     ds = ds.batch(batch_size, drop_remainder=True)
     if repeat:
         ds = ds.repeat()
+    else:
+        # Finite: leave the batch size out of the element spec, or Keras
+        # 3.15's graph-mode `evaluate` divides the loss by one step too many.
+        ds = _batch_shape.relax_batch_size(ds)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -26,6 +26,7 @@ import inspect
 import keras
 import tensorflow as tf
 
+from keras_reformer.data._batch_shape import relax_batch_size
 from keras_reformer.data.token_ids import check_element, token_id_path
 from keras_reformer.layers.token_id_check import TokenIdCheck
 
@@ -116,11 +117,17 @@ class TokenIdInputs:
         if isinstance(validation, (tuple, list)) and validation:
             self._checked(validation[0])
         elif validation is not None:
-            arguments["validation_data"] = self._checked(validation)
+            arguments["validation_data"] = self._evaluation_data(validation)
         return super().fit(*bound.args[1:], **bound.kwargs)
 
+    def _evaluation_data(self, x):
+        x = self._checked(x)
+        # Keras 3.15 graph mode miscounts the steps of a finite dataset with
+        # a static batch size (keras_reformer/data/_batch_shape.py).
+        return relax_batch_size(x) if isinstance(x, tf.data.Dataset) else x
+
     def evaluate(self, x=None, *args, **kwargs):
-        return super().evaluate(self._checked(x), *args, **kwargs)
+        return super().evaluate(self._evaluation_data(x), *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         return super().predict(self._checked(x), *args, **kwargs)
