@@ -14,6 +14,8 @@ a test that fails once Keras no longer needs this.
 
 import tensorflow as tf
 
+from keras_reformer.data.token_ids import map_elements
+
 
 def needs_relaxing(dataset):
     """True for a finite-or-unknown dataset whose batch size is static."""
@@ -35,6 +37,4 @@ def relax_batch_size(dataset):
             return t
         return tf.compat.v1.placeholder_with_default(t, [None] + t.shape[1:].as_list())
 
-    if isinstance(dataset.element_spec, tuple):
-        return dataset.map(lambda *e: tf.nest.map_structure(relax, e))
-    return dataset.map(lambda e: tf.nest.map_structure(relax, e))
+    return map_elements(dataset, lambda element: tf.nest.map_structure(relax, element))

@@ -13,6 +13,17 @@ from keras_reformer import _checks
 from keras_reformer.layers.token_id_check import assert_token_ids, check_token_ids_numpy
 
 
+def map_elements(dataset, fn):
+    """`dataset.map(fn)` with `fn` given each whole element.
+
+    tf.data calls a tuple element's function with one argument per item;
+    this packs them back, so `fn` sees `(x, y)` as one tuple either way.
+    """
+    if isinstance(dataset.element_spec, tuple):
+        return dataset.map(lambda *element: fn(element))
+    return dataset.map(fn)
+
+
 def _inputs_of(element):
     """Keras' reading of a batch: `(x, y, sample_weight)`, `(x, y)`, `(x,)` or `x`."""
     return element[0] if isinstance(element, (tuple, list)) and element else element
@@ -111,7 +122,4 @@ def check_token_ids(dataset, vocabulary_size, key="token_ids"):
             f"with key={key!r}, in `x`, `(x,)`, `(x, y)` or `(x, y, "
             f"sample_weight)`. Received: element_spec={dataset.element_spec}"
         )
-    # tf.data calls a tuple element's function with one argument per item.
-    if isinstance(dataset.element_spec, tuple):
-        return dataset.map(lambda *element: check_element(element, vocabulary_size, key))
-    return dataset.map(lambda element: check_element(element, vocabulary_size, key))
+    return map_elements(dataset, lambda element: check_element(element, vocabulary_size, key))

@@ -27,7 +27,7 @@ import keras
 import tensorflow as tf
 
 from keras_reformer.data._batch_shape import relax_batch_size
-from keras_reformer.data.token_ids import check_element, token_id_path
+from keras_reformer.data.token_ids import check_element, map_elements, token_id_path
 from keras_reformer.layers.token_id_check import TokenIdCheck
 
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
@@ -81,9 +81,7 @@ def checked_data(x, vocabulary_size):
     if isinstance(x, tf.data.Dataset):
         if token_id_path(x.element_spec) is None:
             return x
-        if isinstance(x.element_spec, tuple):
-            return x.map(lambda *element: check_element(element, vocabulary_size))
-        return x.map(lambda element: check_element(element, vocabulary_size))
+        return map_elements(x, lambda element: check_element(element, vocabulary_size))
     if inspect.isgenerator(x):
         return _checked_generator(x, vocabulary_size)
     if isinstance(x, keras.utils.PyDataset):
