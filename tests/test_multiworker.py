@@ -112,6 +112,7 @@ def worker(mode):
               "losses": td.train(model, strategy),
               "digest": distribute.weights_digest(model),
               "outer_jit_compile": model.jit_compile}
+    report["bad_id"] = bad_id_fit(model, distribute.task_info()[1])
     if distribute.is_chief():
         # Worker 0 also runs the single-device reference on the global batch.
         report["reference_losses"] = td.train(reference, default)
@@ -119,6 +120,27 @@ def worker(mode):
             np.abs(a - b).max() for a, b in zip(reference.get_weights(), model.get_weights())
         ))
     print(json.dumps(report))
+
+
+def bad_id_fit(model, task_index):
+    """Fits a batch that holds a bad id on worker 1 only (each worker reads
+    its own data): both must fail on it, none may wait in an all-reduce."""
+    import tensorflow as tf
+
+    from tests import test_distribute as td
+
+    x = np.zeros((td.GLOBAL_BATCH, td.LENGTH), "int32")
+    if task_index == 1:
+        x[0, 3] = td.VOCAB
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF)
+    data = tf.data.Dataset.from_tensor_slices((x, x)).batch(td.GLOBAL_BATCH)
+    try:
+        model.fit(data.with_options(options), epochs=1, verbose=0)
+    except Exception as error:  # reported, judged by the test
+        return {"error": type(error).__name__, "message": str(error)[-3000:]}
+    return {"error": None}
 
 
 # ------------------------------------------------------------- the tests
@@ -135,6 +157,16 @@ def test_two_workers_fit_with_xla_match_single_device(tmp_path):
     np.testing.assert_allclose(chief["losses"], chief["reference_losses"],
                                rtol=1e-5, atol=1e-5)
     assert chief["weights_max_diff"] < 1e-5
+    # A bad id on worker 1 fails both workers with its message (the ids are
+    # all-reduced before the check): worker 0 neither hangs in the gradient
+    # all-reduce nor gets a bare cancellation.
+    from tests.test_distribute import VOCAB
+
+    for report in (chief, other):
+        bad = report["bad_id"]
+        assert bad["error"] == "InvalidArgumentError", bad
+        assert f"token_ids[0, 3] = {VOCAB}" in bad["message"], bad
+        assert "(in replica 1 of 2," in bad["message"], bad
 
 
 def test_keras_still_needs_the_multiworker_fix(tmp_path):

@@ -63,17 +63,17 @@ def _get(element, path):
     return element
 
 
-def check_element(element, vocabulary_size, key="token_ids"):
+def check_element(element, vocabulary_size, key="token_ids", assert_fn=assert_token_ids):
     """A batch with its token ids behind an assertion (symbolic tensors:
-    tf.data, `tf.function`) or checked at once (arrays and eager tensors:
-    a `ValueError`)."""
+    tf.data, `tf.function`; `assert_fn(ids, vocabulary_size, name)` makes
+    it) or checked at once (arrays and eager tensors: a `ValueError`)."""
     path = token_id_path(element, key)
     if path is None:
         return element
     ids = _get(element, path)
     name = key if key in path else "token_ids"
     if isinstance(ids, tf.Tensor) and not tf.executing_eagerly():
-        return _replace(element, path, assert_token_ids(ids, vocabulary_size, name))
+        return _replace(element, path, assert_fn(ids, vocabulary_size, name))
     # Arrays and eager tensors: checked now, a ValueError.
     check_token_ids_numpy(ids, vocabulary_size, name)
     return element

@@ -49,6 +49,19 @@ def check_token_ids_numpy(ids, vocabulary_size, name="token_ids"):
     return ids
 
 
+def message_tensor(vocabulary_size, name, index, value, suffix=""):
+    """The bad-id message as a string tensor: `value` (int64 scalar) found
+    at `index` (int64 vector) of `name`, with `suffix` (a str) appended."""
+    where = tf.strings.join([
+        f"{name}[", tf.strings.reduce_join(tf.strings.as_string(index), separator=", "),
+        "]",
+    ])
+    texts = [tf.strings.join([*_message(vocabulary_size, negative, where,
+                                        tf.strings.as_string(value)), suffix])
+             for negative in (True, False)]
+    return tf.where(value < 0, texts[0], texts[1])
+
+
 def assert_token_ids(ids, vocabulary_size, name="token_ids"):
     """`ids` (same dtype) behind an assertion that each is in
     `[0, vocabulary_size)`: an `InvalidArgumentError` naming the first bad id
@@ -74,14 +87,7 @@ def assert_token_ids(ids, vocabulary_size, name="token_ids"):
 
     def message():
         index = tf.where(bad)[0]
-        value = tf.gather_nd(wide, index)
-        where = tf.strings.join([
-            f"{name}[", tf.strings.reduce_join(tf.strings.as_string(index), separator=", "), "]",
-        ])
-        texts = [tf.strings.join(list(_message(vocabulary_size, negative, where,
-                                               tf.strings.as_string(value))))
-                 for negative in (True, False)]
-        return tf.where(value < 0, texts[0], texts[1])
+        return message_tensor(vocabulary_size, name, index, tf.gather_nd(wide, index))
 
     # The message is built only when an id is bad.
     text = tf.cond(any_bad, message, lambda: tf.constant(""))

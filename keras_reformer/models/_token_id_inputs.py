@@ -29,6 +29,7 @@ import tensorflow as tf
 from keras_reformer.data._batch_shape import relax_batch_size
 from keras_reformer.data.token_ids import check_element, map_elements, token_id_path
 from keras_reformer.layers.token_id_check import TokenIdCheck
+from keras_reformer.models._replica_id_check import assert_token_ids_in_sync
 
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
@@ -161,10 +162,11 @@ def check_step_inputs(vocabulary_size, x):
     For a step whose model runs in an XLA-compiled function called from a
     plain graph (`prepare_fit`'s per-replica step): the assertion runs in
     the graph, before the compiled part, which must take the returned `x`.
-    A no-op when `vocabulary_size` is `None` and inside XLA, where it could
-    not run.
+    With several replicas, all of them fail when one holds a bad id
+    (`_replica_id_check`). A no-op when `vocabulary_size` is `None` and
+    inside XLA, where it could not run.
     """
     if vocabulary_size is None:
         return x
     # As a 1-tuple: `x` itself may be a list of several inputs, not (x, y).
-    return check_element((x,), vocabulary_size)[0]
+    return check_element((x,), vocabulary_size, assert_fn=assert_token_ids_in_sync)[0]
