@@ -6,6 +6,25 @@ for the same steps on the same batches:
 
 - `lsh2` (the reference Reformer: 2 hash rounds), `lsh1`, `lsh4`;
 - `lsh2_plain`: `reversible=False` (ordinary residual stack, autodiff);
+- `lsh1_wide`: the Reformer with 1 round and 2 buckets of `length / 2`:
+  every chunk's window covers the whole sequence, so the one restriction
+  left is the bucket (the causal rule of `LSHAttention`: a query sees the
+  earlier positions hashed to its own bucket, about half of them). Against
+  `lsh2`: what narrow windows and many buckets cost;
+- `mha_shared`: `mha` with the Reformer's attention rule computed densely
+  (`SharedQKAttention` below: keys are the unit-length queries, a token
+  attends to itself only when nothing else is allowed), everything else as
+  `mha`. It separates shared QK from the rest of the Reformer (positions,
+  reversible blocks);
+- `mha_shared_shift`: `mha_shared` where the key at position j brings the
+  value of position j + 1, and only keys j < i count (position 0 outputs
+  zeros). A symmetric score can match the current token with an earlier
+  occurrence of the same token; the shift then copies what followed it,
+  the lookup that shared QK cannot express directly (a score q_i . k_j that
+  matches "token at i" with "token before j" also matches "token before i"
+  with "token at j");
+- `mha_shared_rev`: `mha_shared` with the Reformer's two-stream wiring
+  (x1 += attention(x2); x2 += ffn(x1); the two streams concatenated);
 - `mha`: a pre-LayerNorm transformer of the same width, depth, heads and
   FFN built from `keras.layers.MultiHeadAttention` (full causal attention),
   learned position embeddings.
@@ -22,6 +41,9 @@ fresh process, one after the other.
     python benchmarks/learning_curves.py --kinds lsh2 mha --short-convolution 3 \
         --hidden-dim 128 --length 1024 --batch 4 --steps 1000 --evals 5 \
         --val-batches 8 --csv learning_curves_conv.csv   # the main job's shape
+    python benchmarks/learning_curves.py --merge learning_curves_conv.csv \
+        learning_curves_mha_shared.csv --csv learning_curves_ablation.csv
+                                          # one figure from earlier runs' CSVs
 
 `--short-convolution W` adds a causal convolution of width W over the
 embeddings to every model (ReformerModel's `short_convolution`; the same
@@ -40,8 +62,50 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-KINDS = ("lsh2", "lsh1", "lsh4", "lsh2_plain", "mha")
+KINDS = ("lsh2", "lsh1", "lsh4", "lsh2_plain", "lsh1_wide", "mha_shared",
+         "mha_shared_shift", "mha_shared_rev", "mha")
 LAYERS, HEADS = 2, 4
+
+
+def shared_qk_attention(d_model, shift=False):
+    """Dense causal shared-QK attention, the Reformer's rule without hashing
+    (`shift`: key j brings value j + 1, keys j < i only)."""
+    import keras
+    from keras import ops
+
+    class SharedQKAttention(keras.layers.Layer):
+        def build(self, shape):
+            # Biases where MultiHeadAttention has them.
+            head = (None, HEADS, d_model // HEADS)
+            self.qk = keras.layers.EinsumDense("btd,dhk->bthk", head, bias_axes="hk")
+            self.v = keras.layers.EinsumDense("btd,dhk->bthk", head, bias_axes="hk")
+            self.out = keras.layers.EinsumDense("bthk,hkd->btd", (None, d_model),
+                                                bias_axes="d")
+            for layer, shape_in in ((self.qk, shape), (self.v, shape),
+                                    (self.out, (None, None, HEADS, d_model // HEADS))):
+                layer.build(shape_in)
+
+        def call(self, x):
+            q = self.qk(x)
+            k = q / ops.sqrt(ops.sum(q * q, -1, keepdims=True) + 1e-6)
+            logits = ops.einsum("bqhk,bshk->bhqs", q, k) / (d_model // HEADS) ** 0.5
+            n = ops.shape(x)[1]
+            rows, cols = ops.arange(n)[:, None], ops.arange(n)[None, :]
+            # -1e9 on the future; -1e5 on itself (position 0 keeps only itself).
+            if shift:
+                bias = ops.where(cols >= rows, -1e9, 0.0)
+            else:
+                bias = ops.where(cols > rows, -1e9, ops.where(cols == rows, -1e5, 0.0))
+            weights = ops.softmax(logits + ops.cast(bias, logits.dtype), axis=-1)
+            v = self.v(x)
+            if shift:
+                v = ops.concatenate([v[:, 1:], ops.zeros_like(v[:, :1])], axis=1)
+                # Row 0 has no key j < 0: its uniform weights would read the
+                # future, so its output is zeroed.
+                weights = weights * ops.cast(rows > 0, weights.dtype)[None, None]
+            return self.out(ops.einsum("bhqs,bshk->bqhk", weights, v))
+
+    return SharedQKAttention()
 
 
 def build(kind, length, width, hidden):
@@ -50,25 +114,45 @@ def build(kind, length, width, hidden):
     import keras_reformer as kr
 
     d_model, ffn = hidden, 4 * hidden
-    if kind == "mha":
+    if kind.startswith("mha"):
         tokens = keras.Input((length,), dtype="int32")
         x = keras.layers.Embedding(256, d_model)(tokens)
         x = x + keras.layers.Embedding(length, d_model)(keras.ops.arange(length))[None]
         if width:
             x = x + kr.layers.ShortConvolution(width)(x)
-        for _ in range(LAYERS):
-            y = keras.layers.LayerNormalization()(x)
-            x = x + keras.layers.MultiHeadAttention(HEADS, d_model // HEADS)(
+        def attention(y):
+            if kind.startswith("mha_shared"):
+                return shared_qk_attention(d_model, "shift" in kind)(y)
+            return keras.layers.MultiHeadAttention(HEADS, d_model // HEADS)(
                 y, y, use_causal_mask=True)
-            y = keras.layers.LayerNormalization()(x)
+
+        def feed_forward(y):
             y = keras.layers.Dense(ffn, activation="gelu")(y)
-            x = x + keras.layers.Dense(d_model)(y)
-        x = keras.layers.LayerNormalization()(x)
-        return keras.Model(tokens, keras.layers.Dense(256)(x))
-    rounds = int(kind[3])
+            return keras.layers.Dense(d_model)(y)
+
+        def norm(y):
+            return keras.layers.LayerNormalization()(y)
+
+        if kind.endswith("_rev"):
+            # The Reformer's two-stream wiring: the attention of a layer
+            # sees x2, which holds the FFN outputs but not the attention's.
+            x1 = x2 = x
+            for _ in range(LAYERS):
+                x1 = x1 + attention(norm(x2))
+                x2 = x2 + feed_forward(norm(x1))
+            x = keras.layers.Concatenate()([x1, x2])
+        else:
+            for _ in range(LAYERS):
+                x = x + attention(norm(x))
+                x = x + feed_forward(norm(x))
+        return keras.Model(tokens, keras.layers.Dense(256)(norm(x)))
+    # lsh1_wide: 2 chunks, and each chunk's window is itself + the other.
+    wide = kind == "lsh1_wide"
     backbone = kr.models.ReformerModel(
         256, num_layers=LAYERS, hidden_dim=d_model, num_heads=HEADS,
-        intermediate_dim=ffn, num_hashes=rounds, max_sequence_length=length,
+        intermediate_dim=ffn, num_hashes=int(kind[3]),
+        bucket_size=length // 2 if wide else 64, num_buckets=2 if wide else None,
+        max_sequence_length=length,
         reversible=not kind.endswith("_plain"), seed=0,
         short_convolution=width or None,
     )
@@ -142,8 +226,13 @@ def main():
     parser.add_argument("--short-convolution", type=int, default=0)
     parser.add_argument("--hidden-dim", type=int, default=256)
     parser.add_argument("--csv", default="learning_curves.csv")
+    parser.add_argument("--merge", nargs="+", metavar="CSV",
+                        help="only plot these earlier result CSVs (benchmarks/results/) "
+                             "into one figure, docs/<--csv name>.png, and print their table")
     parser.add_argument("--point", nargs=9, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.merge:
+        return report(merged_rows(args.merge), args.csv)
     if args.point:
         kind, *numbers = args.point
         length, batch, steps, evals, val_batches = map(int, numbers[:5])
@@ -171,8 +260,26 @@ def main():
         dict(r, val_bits=" ".join(map(str, r["val_bits"])),
              train_bits=" ".join(map(str, r["train_bits"]))) for r in rows])
     print(f"wrote {path}")
+    report(rows, args.csv)
+
+
+def merged_rows(names):
+    import csv
+
+    rows = []
+    for name in names:
+        with open(os.path.join(_common.RESULTS, name), newline="") as f:
+            for row in csv.DictReader(f):
+                row.update(steps=int(row["steps"]), length=int(row["length"]),
+                           batch=int(row["batch"]),
+                           val_bits=[float(v) for v in row["val_bits"].split()])
+                rows.append(row)
+    return rows
+
+
+def report(rows, csv_name):
     if rows:
-        plot(rows, os.path.join(_common.DOCS, os.path.splitext(args.csv)[0] + ".png"))
+        plot(rows, os.path.join(_common.DOCS, os.path.splitext(csv_name)[0] + ".png"))
         print("| model | val bits per byte at each eval | vs mha (last) | seconds |")
         print("|---|---|---|---|")
         ref = next((r["val_bits"][-1] for r in rows if r["kind"] == "mha"), None)
