@@ -150,6 +150,14 @@ class LSHAttention(keras.layers.Layer):
             factorized (default 256).
         seed: int or None, seeds the inference rotations (`hash_seed`) and
             the training stream. If None, one is drawn and kept in the config.
+        value_shift: bool (causal only). If True, the key at position j
+            brings the value of the next real position after j, and a query
+            sees only strictly earlier keys; a query with none in any round
+            outputs zeros. The score stays symmetric (shared QK), so a
+            query that matches an earlier occurrence of its own token reads
+            what followed it: the copy lookup shared QK cannot express
+            otherwise (docs/learning.md). Cached decoding does not support
+            it yet. Defaults to False (the paper's attention).
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, activity_regularizer, kernel_constraint,
         bias_constraint: as in `MultiHeadAttention`.
@@ -206,6 +214,7 @@ class LSHAttention(keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         seed=None,
+        value_shift=False,
         **kwargs,
     ):
         num_heads = _mha_positive("num_heads", num_heads)
@@ -257,6 +266,11 @@ class LSHAttention(keras.layers.Layer):
         self.seed = resolve_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.resolved_num_buckets = None
+        if not isinstance(value_shift, bool):
+            raise TypeError(
+                f"`value_shift` must be True or False. Received: value_shift={value_shift!r}"
+            )
+        self.value_shift = value_shift
 
     @property
     def num_hashes(self):
@@ -518,6 +532,16 @@ class LSHAttention(keras.layers.Layer):
 
         gate = self.gate_dense(x) if self.use_gate else None
         qk, v = self.project(x)
+        if self.value_shift:
+            if not causal or pair is not None:
+                raise ValueError(
+                    "LSHAttention(value_shift=True) needs `use_causal_mask=True` "
+                    "and no `attention_mask` (a key brings the value of the next "
+                    "position, which only a strictly earlier query may read). "
+                    f"Received: use_causal_mask={causal}, attention_mask="
+                    f"{'given' if pair is not None else None}"
+                )
+            v = lsh.shifted_values(v, valid)
         qk = tf.pad(qk, [[0, 0], [0, 0], [0, pad], [0, 0]])
         v = tf.pad(v, [[0, 0], [0, 0], [0, pad], [0, 0]])
         valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
@@ -547,6 +571,7 @@ class LSHAttention(keras.layers.Layer):
                 sliding_window=self.sliding_window,
                 dropout_rate=rate,
                 dropout_seed=dropout_seed,
+                strict=self.value_shift,
             )
 
         if causal or pair is not None or self.sliding_window is not None:
@@ -589,6 +614,7 @@ class LSHAttention(keras.layers.Layer):
                 "bucket_size": self.bucket_size,
                 "num_hashes": self.num_hashes,
                 "num_buckets": self.num_buckets,
+                "value_shift": self.value_shift,
                 "max_length": self.max_length,
                 "num_chunks_before": self.num_chunks_before,
                 "num_chunks_after": self.num_chunks_after,

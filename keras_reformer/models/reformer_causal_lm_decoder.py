@@ -63,6 +63,12 @@ class CachedDecoder:
                     f"{index} ({f.name!r}) is not one (causal="
                     f"{getattr(f, 'causal', None)})."
                 )
+            if attention.value_shift:
+                # TODO(value-shift branch): store each value under the previous key.
+                raise NotImplementedError(
+                    "Cached decoding does not support LSHAttention(value_shift=True) "
+                    f"yet (block {index}, {f.name!r}); generate without a cache."
+                )
 
     # ------------------------------------------------------------- helpers
 

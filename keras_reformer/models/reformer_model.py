@@ -107,6 +107,11 @@ class ReformerModel(TokenIdInputs, keras.Model):
             them, so each position sees its nearest neighbours whatever the
             hashing does; byte models learn far faster with it
             (docs/learning.md). Defaults to `None` (the paper's model).
+        value_shift: bool. If True (causal only), attention keys bring the
+            value of the next position and queries see strictly earlier
+            keys (`LSHAttention(value_shift=True)`): shared QK can then
+            copy what followed an earlier occurrence (docs/learning.md).
+            Defaults to False (the paper's model).
         causal: True for a language model, False for an encoder.
         reversible: False computes the same function with ordinary autodiff.
         include_head: add the LayerNorm'd vocabulary projection (logits).
@@ -131,6 +136,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         axial_shape=None,
         position_embedding="axial",
         short_convolution=None,
+        value_shift=False,
         causal=True,
         reversible=True,
         include_head=True,
@@ -189,9 +195,17 @@ class ReformerModel(TokenIdInputs, keras.Model):
         # The bucket count comes from max_sequence_length, never from a
         # batch's (padded) length: padding must not change real outputs,
         # and cached decoding needs a count that does not grow with the text.
+        value_shift = _flag("value_shift", value_shift)
+        if value_shift and not causal:
+            raise ValueError(
+                "`value_shift=True` needs `causal=True` (a key brings the value of "
+                f"the next position). Received: value_shift=True, causal={causal}"
+            )
         attention_kwargs = dict(bucket_size=bucket_size, num_hashes=num_hashes,
                                 num_buckets=num_buckets,
                                 max_length=max_sequence_length)
+        if value_shift:
+            attention_kwargs["value_shift"] = True
         blocks = [
             (
                 AttentionBlock(
@@ -241,6 +255,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         self.axial_shape = axial_shape
         self.position_embedding = position_embedding
         self.short_convolution = short_convolution
+        self.value_shift = value_shift
         self.causal = causal
         self.reversible = reversible
         self.include_head = include_head
@@ -266,6 +281,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
             "axial_shape": self.axial_shape,
             "position_embedding": self.position_embedding,
             "short_convolution": self.short_convolution,
+            "value_shift": self.value_shift,
             "causal": self.causal,
             "reversible": self.reversible,
             "include_head": self.include_head,

@@ -72,7 +72,7 @@ def bias_from_masks(same_position, masked, dtype=tf.float32):
 
 
 def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
-               sliding_window=None, dtype=tf.float32):
+               sliding_window=None, dtype=tf.float32, strict=False):
     """Additive mask of each chunk's queries against its key window.
 
     Args:
@@ -88,6 +88,9 @@ def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
             although `causal` is False (their explicit mask admits no later
             key, so they must not see the future through the chunk windows).
         sliding_window: None or int: keys with |query - key| >= it are masked.
+        strict: causal queries never see themselves (shifted values: the
+            key at j brings the value after j, so the self key would bring
+            the query's own future).
 
     Returns:
         (rows, N, C, W) float32.
@@ -103,10 +106,11 @@ def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
     # test also masks padding keys for real queries.
     def causal_masked():
         back = query["slot"][..., :, None] - key["slot"][..., None, :]
-        return tf.logical_or(
+        masked = tf.logical_or(
             tf.cast(back, tf.uint32) > reach,  # negative wraps: later keys
             query["bucket"][..., :, None] != key["bucket"][..., None, :],
         )
+        return tf.logical_or(masked, back == 0) if strict else masked
 
     if causal:
         masked = causal_masked()
@@ -221,6 +225,7 @@ def _attend_group(q, v, info, group_index, settings):
         info, key, settings["causal"], before * settings["bucket_size"],
         pair_rows, settings["length"], row_causal=row_causal,
         sliding_window=settings["sliding_window"], dtype=q.dtype,
+        strict=settings["strict"],
     )
     keep = None
     if settings["rate"] > 0:
@@ -298,12 +303,19 @@ def _attend_pairs(qk, v, ints, group_index, settings):
     # Each round weighs by its share of the total softmax mass.
     with tf.name_scope("lsh_combine"):
         weights = tf.nn.softmax(lse, axis=1)
-        return tf.reduce_sum(out * weights[..., None], axis=1)
+        out = tf.reduce_sum(out * weights[..., None], axis=1)
+        if settings["strict"]:
+            # A query with no allowed key in any round (the first of its
+            # bucket in each) has only masked logits: its softmax spreads
+            # over the window, future included, so its output is zero.
+            has_key = tf.reduce_max(lse, axis=1) > 0.5 * MASK_VALUE
+            out = out * tf.cast(has_key, out.dtype)[..., None]
+        return out
 
 
 def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
                     pair_allowed=None, row_causal=None, sliding_window=None,
-                    rate=0.0, seed=None, budget=GROUP_ELEMENTS):
+                    rate=0.0, seed=None, budget=GROUP_ELEMENTS, strict=False):
     """LSH attention of every (batch, head) pair; a loop over groups if large.
 
     Args:
@@ -319,11 +331,12 @@ def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
         sliding_window: None or int, the largest |query - key| + 1 allowed.
         rate, seed: attention dropout rate and a (2,) int32 seed.
         budget: logit elements per group (the memory knob).
+        strict: see `chunk_bias`; queries with no allowed key output zeros.
 
     Returns:
         (P, L, E) float32.
     """
-    settings = dict(window=window, causal=causal, length=length,
+    settings = dict(window=window, causal=causal, length=length, strict=strict,
                     pair_allowed=pair_allowed, row_causal=row_causal,
                     sliding_window=sliding_window, rate=rate, seed=seed,
                     bucket_size=bucket_size)

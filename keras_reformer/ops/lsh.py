@@ -148,7 +148,7 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
                chunks_before=1, chunks_after=0, causal=False,
                pair_allowed=None, row_causal=None, sliding_window=None,
                dropout_rate=0.0, dropout_seed=None,
-               group_elements=GROUP_ELEMENTS):
+               group_elements=GROUP_ELEMENTS, strict=False):
     """Chunked attention within sorted buckets, rounds combined by logsumexp.
 
     Args:
@@ -170,6 +170,8 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         dropout_rate, dropout_seed: attention dropout and its (2,) int32 seed.
         group_elements: logits computed at once (bounds memory, see
             `chunk_attention`).
+        strict: causal queries never attend to themselves; one with no
+            earlier key in any round outputs zeros (see `shifted_values`).
 
     Returns:
         (B, H, L, E) float32 attention output.
@@ -219,5 +221,28 @@ def lsh_attend(qk, values, buckets, num_buckets, valid, *, bucket_size,
         rate=dropout_rate,
         seed=dropout_seed,
         budget=group_elements,
+        strict=strict,
     )
     return tf.reshape(out, [batch, heads, length, values.shape[-1]])
+
+
+def shifted_values(values, valid):
+    """(B, H, L, E) values moved one real position back: the key at j
+    brings the value of the next position after j that `valid` (B, L)
+    marks real, zeros where none follows.
+
+    With a strict causal rule (keys j < i) and a symmetric score, a query
+    that matches an earlier occurrence of its own token reads what followed
+    it, the lookup shared QK cannot express with unshifted values.
+    """
+    length = tf.shape(values)[2]
+    positions = tf.range(length)
+    # The real positions in order (then `length` for the rest); the number
+    # of real positions up to j indexes the first real one after j.
+    real = tf.sort(tf.where(valid, positions[None], length), axis=1)
+    seen = tf.cumsum(tf.cast(valid, tf.int32), axis=1)
+    padded = tf.concat([real, tf.fill([tf.shape(real)[0], 1], length)], 1)
+    after = tf.gather(padded, seen, batch_dims=1)  # (B, L), `length`: none
+    moved = tf.gather(values, tf.minimum(after, length - 1), axis=2, batch_dims=1)
+    keep = tf.cast(after < length, values.dtype)[:, None, :, None]
+    return moved * keep
