@@ -156,8 +156,8 @@ class LSHAttention(keras.layers.Layer):
             outputs zeros. The score stays symmetric (shared QK), so a
             query that matches an earlier occurrence of its own token reads
             what followed it: the copy lookup shared QK cannot express
-            otherwise (docs/learning.md). Cached decoding does not support
-            it yet. Defaults to False (the paper's attention).
+            otherwise (docs/learning.md). Defaults to False (the paper's
+            attention).
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, activity_regularizer, kernel_constraint,
         bias_constraint: as in `MultiHeadAttention`.

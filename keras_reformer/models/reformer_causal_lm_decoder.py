@@ -63,12 +63,6 @@ class CachedDecoder:
                     f"{index} ({f.name!r}) is not one (causal="
                     f"{getattr(f, 'causal', None)})."
                 )
-            if attention.value_shift:
-                # TODO(value-shift branch): store each value under the previous key.
-                raise NotImplementedError(
-                    "Cached decoding does not support LSHAttention(value_shift=True) "
-                    f"yet (block {index}, {f.name!r}); generate without a cache."
-                )
 
     # ------------------------------------------------------------- helpers
 
@@ -138,6 +132,8 @@ class CachedDecoder:
             attention = f.attention
             qk, v = attention.project(f.norm(x2))
             buckets, total = attention.hash_buckets(qk)
+            if attention.value_shift:
+                v = lsh.shifted_values(v, padding_mask)
             caches.append(lsh_decode.init_cache(
                 qk, v, buckets, padding_mask, total, self._reach(attention), max_length,
             ))
@@ -187,6 +183,7 @@ class CachedDecoder:
             out, cache = lsh_decode.decode_step(
                 cache, qk[:, :, 0], v[:, :, 0], buckets[..., 0], position,
                 self._reach(attention), attention.sliding_window, in_place=in_place,
+                value_shift=attention.value_shift,
             )
             new_caches.append(cache)
             gate = attention.gate_dense(normed) if attention.use_gate else None

@@ -104,7 +104,7 @@ def init_cache(qk, values, buckets, valid, num_buckets, reach, max_length):
 
 
 def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None,
-                in_place=False):
+                in_place=False, value_shift=False):
     """Causal LSH attention of one new token per row, and the updated cache.
 
     Args:
@@ -121,6 +121,12 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
             copies (TensorFlow graph mode only, not XLA; the cache passed in
             must be owned -- see `own` -- and is consumed). Without it, a
             step outside XLA copies every buffer: O(max_length) per token.
+        value_shift: the layer's `value_shift`: the cache's values are
+            shifted (`init_cache` was given `lsh.shifted_values`), the token
+            does not attend to itself, its value becomes that of the key at
+            `position - 1` (every earlier position must be real, as after a
+            right-padded prompt), and with no key in any round it outputs
+            zeros.
 
     Returns:
         (out (B, H, E) float32, new cache).
@@ -151,16 +157,29 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
     own_key = _unit(qk)
     ring_logits = tf.einsum("bhd,bhrsd->bhrs", query, keys)
     ring_logits = ring_logits + tf.where(allowed, 0.0, MASK_VALUE)
-    self_logit = tf.reduce_sum(query * own_key, -1)[:, :, None, None] + SELF_MASK_VALUE
-    self_logit = tf.broadcast_to(self_logit, [batch, heads, rounds, 1])
-    logits = tf.concat([ring_logits, self_logit], axis=-1)  # (B, H, R, S + 1)
+    attended = old_values
+    if value_shift:
+        # The key just before the token brings the token's own value (its
+        # cache slot is written below, after these reads).
+        previous = mine == (position - 1)[:, None, None, None]
+        attended = tf.where(previous[..., None], values[:, :, None, None, :], old_values)
+        logits = ring_logits  # no self key: (B, H, R, S)
+    else:
+        self_logit = tf.reduce_sum(query * own_key, -1)[:, :, None, None] + SELF_MASK_VALUE
+        self_logit = tf.broadcast_to(self_logit, [batch, heads, rounds, 1])
+        logits = tf.concat([ring_logits, self_logit], axis=-1)  # (B, H, R, S + 1)
     lse = tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
     probs = tf.exp(logits - lse)
-    out = tf.einsum("bhrs,bhrse->bhre", probs[..., :size], old_values)
-    out = out + probs[..., size:] * values[:, :, None, :]
+    out = tf.einsum("bhrs,bhrse->bhre", probs[..., :size], attended)
+    if not value_shift:
+        out = out + probs[..., size:] * values[:, :, None, :]
     # Rounds weigh by their share of the total softmax mass.
     weights = tf.nn.softmax(lse, axis=2)
     out = tf.reduce_sum(out * weights, axis=2)
+    if value_shift:
+        # No allowed key in any round: zeros, as in the full pass.
+        has_key = tf.reduce_max(lse[..., 0], axis=2) > 0.5 * MASK_VALUE
+        out = out * tf.cast(has_key, out.dtype)[..., None]
 
     # Write the token: its key/value at its position, its position into the
     # next ring slot of its bucket in every round. Each write is one row of
@@ -170,6 +189,11 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
     length = tf.shape(cache["keys"])[2]
     at = tf.reshape(rows * length + position[:, None], [-1])
     new_keys = set_rows(cache["keys"], at, own_key, in_place, reads)
+    if value_shift:
+        # Its value belongs to the key before it; its own slot stays zero
+        # until the next token. (Position 0 has no key before it: a prompt
+        # row holds at least one token, so decoding never starts there.)
+        at = tf.reshape(rows * length + tf.maximum(position - 1, 0)[:, None], [-1])
     new_values = set_rows(cache["values"], at, values, in_place, reads)
     num_buckets = count.shape[3]
     bucket_row = tf.reshape(

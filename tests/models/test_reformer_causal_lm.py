@@ -75,6 +75,9 @@ def cached_errors(lm, ids, lengths):
         # before position 0 in a 2-token prompt.
         (2, [21, 2], {"short_convolution": 4}),
         (1, [1, 9], {"short_convolution": 1}),
+        # Shifted values: the new token's value goes to the key before it.
+        (2, [21, 9], {"value_shift": True}),
+        (2, [12, 1], {"value_shift": True, "num_buckets": 2, "short_convolution": 3}),
     ],
 )
 def test_cached_logits_equal_full_pass(rounds, lengths, extra):
@@ -252,8 +255,10 @@ def test_keras_file_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_generate_with_short_convolution_equals_stepwise_argmax(jit_compile):
-    lm = ReformerCausalLM(ReformerModel(num_hashes=2, short_convolution=3, **TINY))
+@pytest.mark.parametrize("value_shift", [False, True])
+def test_generate_with_short_convolution_equals_stepwise_argmax(jit_compile, value_shift):
+    lm = ReformerCausalLM(ReformerModel(num_hashes=2, short_convolution=3,
+                                        value_shift=value_shift, **TINY))
     ids = ids_of((2, 12), seed=8)
     lengths = [12, 1]
     mask = (np.arange(12)[None] < np.array(lengths)[:, None]).astype(np.int32)
