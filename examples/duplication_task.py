@@ -61,7 +61,7 @@ def make_model(args, rounds):
         num_heads=4, intermediate_dim=args.hidden_dim, bucket_size=args.bucket_size,
         num_hashes=rounds, max_sequence_length=args.length, causal=True,
         axial_shape=tuple(args.axial_shape) if args.axial_shape else None,
-        value_shift=args.value_shift, seed=args.seed,
+        value_shift=args.value_shift == "on", seed=args.seed,
     )
 
 
@@ -94,9 +94,10 @@ def add_model_arguments(p):
                         "at length 256)")
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--value-shift", action="store_true",
-                   help="LSH models with ReformerModel(value_shift=True): keys bring "
-                        "the next position's value (docs/model.md)")
+    p.add_argument("--value-shift", choices=["on", "off"], default="off",
+                   help="on: LSH models with ReformerModel(value_shift=True), keys "
+                        "bring the next position's value (docs/model.md); off (the "
+                        "default): the paper's attention")
 
 
 def held_out_data(args):

@@ -14,7 +14,7 @@ a test that fails once Keras no longer needs this.
 
 import tensorflow as tf
 
-from keras_reformer.data.token_ids import map_elements
+from keras_reformer.data._elements import map_elements
 
 
 def needs_relaxing(dataset):

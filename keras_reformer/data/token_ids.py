@@ -10,18 +10,8 @@ overlaps with training (prefetch), so it costs the step nothing.
 import tensorflow as tf
 
 from keras_reformer import _checks
+from keras_reformer.data._elements import map_elements
 from keras_reformer.layers.token_id_check import assert_token_ids, check_token_ids_numpy
-
-
-def map_elements(dataset, fn):
-    """`dataset.map(fn)` with `fn` given each whole element.
-
-    tf.data calls a tuple element's function with one argument per item;
-    this packs them back, so `fn` sees `(x, y)` as one tuple either way.
-    """
-    if isinstance(dataset.element_spec, tuple):
-        return dataset.map(lambda *element: fn(element))
-    return dataset.map(fn)
 
 
 def _inputs_of(element):

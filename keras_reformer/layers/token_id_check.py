@@ -79,17 +79,27 @@ def assert_token_ids(ids, vocabulary_size, name="token_ids"):
         )
     if in_xla_context():
         return ids
-    # int64 holds every id of every signed dtype and of uint8..uint32, so no
-    # id wraps into range; vocabulary_size <= 2**31 fits too.
-    wide = tf.cast(ids, tf.int64)
-    bad = tf.logical_or(wide < 0, wide >= vocabulary_size)
-    any_bad = tf.reduce_any(bad)
+    wide, bad = out_of_range(ids, vocabulary_size)
 
     def message():
         index = tf.where(bad)[0]
         return message_tensor(vocabulary_size, name, index, tf.gather_nd(wide, index))
 
-    # The message is built only when an id is bad.
+    return behind_assertion(ids, tf.reduce_any(bad), message)
+
+
+def out_of_range(ids, vocabulary_size):
+    """`(wide, bad)`: the integer `ids` as int64 and where they are outside
+    `[0, vocabulary_size)`. int64 holds every id of every signed dtype and
+    of uint8..uint32, so no id wraps into range; vocabulary_size <= 2**31
+    fits too."""
+    wide = tf.cast(ids, tf.int64)
+    return wide, tf.logical_or(wide < 0, wide >= vocabulary_size)
+
+
+def behind_assertion(ids, any_bad, message):
+    """`ids` behind an assertion that `any_bad` is false, whose text is
+    `message()`, a string tensor built only when it is true."""
     text = tf.cond(any_bad, message, lambda: tf.constant(""))
     check = tf.debugging.Assert(tf.logical_not(any_bad), [text])
     with tf.control_dependencies([check]):

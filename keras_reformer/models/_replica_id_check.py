@@ -13,7 +13,9 @@ so all fail with the same message before any other collective starts.
 
 import tensorflow as tf
 
-from keras_reformer.layers.token_id_check import assert_token_ids, message_tensor
+from keras_reformer.layers.token_id_check import (
+    assert_token_ids, behind_assertion, message_tensor, out_of_range,
+)
 from keras_reformer.ops.recompute import in_xla_context
 
 
@@ -29,8 +31,7 @@ def assert_token_ids_in_sync(ids, vocabulary_size, name="token_ids"):
             or in_xla_context() or not ids.dtype.is_integer):
         return assert_token_ids(ids, vocabulary_size, name)
     replicas = context.num_replicas_in_sync
-    wide = tf.cast(ids, tf.int64)
-    bad = tf.logical_or(wide < 0, wide >= vocabulary_size)
+    wide, bad = out_of_range(ids, vocabulary_size)
     found = tf.cast(tf.reduce_any(bad), tf.int64)
     # The first bad position (zeros when none): tf.where's first row, padded.
     index = tf.concat([tf.where(bad)[:1], tf.zeros([1, rank], tf.int64)], 0)[0]
@@ -50,7 +51,4 @@ def assert_token_ids_in_sync(ids, vocabulary_size, name="token_ids"):
         return message_tensor(vocabulary_size, name, table[first, 2:],
                               table[first, 1], suffix)
 
-    text = tf.cond(any_bad, message, lambda: tf.constant(""))
-    check = tf.debugging.Assert(tf.logical_not(any_bad), [text])
-    with tf.control_dependencies([check]):
-        return tf.identity(ids)
+    return behind_assertion(ids, any_bad, message)

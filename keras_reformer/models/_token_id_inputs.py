@@ -27,7 +27,8 @@ import keras
 import tensorflow as tf
 
 from keras_reformer.data._batch_shape import relax_batch_size
-from keras_reformer.data.token_ids import check_element, map_elements, token_id_path
+from keras_reformer.data._elements import map_elements
+from keras_reformer.data.token_ids import check_element, token_id_path
 from keras_reformer.layers.token_id_check import TokenIdCheck
 from keras_reformer.models._replica_id_check import assert_token_ids_in_sync
 

@@ -302,15 +302,21 @@ def _attend_pairs(qk, v, ints, group_index, settings):
     lse = unsort_rounds(tf.reshape(lse, [pairs, rounds, length]), order, inverse)
     # Each round weighs by its share of the total softmax mass.
     with tf.name_scope("lsh_combine"):
-        weights = tf.nn.softmax(lse, axis=1)
-        out = tf.reduce_sum(out * weights[..., None], axis=1)
-        if settings["strict"]:
-            # A query with no allowed key in any round (the first of its
-            # bucket in each) has only masked logits: its softmax spreads
-            # over the window, future included, so its output is zero.
-            has_key = tf.reduce_max(lse, axis=1) > 0.5 * MASK_VALUE
-            out = out * tf.cast(has_key, out.dtype)[..., None]
-        return out
+        return combine_rounds(out, lse, axis=1, strict=settings["strict"])
+
+
+def combine_rounds(out, lse, axis, strict=False):
+    """The rounds' outputs `out` (rounds on `axis`, features last) weighed by
+    their share of the total softmax mass, `lse` (`out`'s shape without the
+    features). With `strict`, a query with no allowed key in any round (the
+    first of its bucket in each) has only masked logits: its softmax spreads
+    over the window, future included, so its output is zero instead."""
+    weights = tf.nn.softmax(lse, axis=axis)
+    combined = tf.reduce_sum(out * weights[..., None], axis=axis)
+    if strict:
+        has_key = tf.reduce_max(lse, axis=axis) > 0.5 * MASK_VALUE
+        combined = combined * tf.cast(has_key, combined.dtype)[..., None]
+    return combined
 
 
 def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,

@@ -28,7 +28,7 @@ import math
 
 import tensorflow as tf
 
-from keras_reformer.ops.chunk_attention import MASK_VALUE, SELF_MASK_VALUE
+from keras_reformer.ops.chunk_attention import MASK_VALUE, SELF_MASK_VALUE, combine_rounds
 from keras_reformer.ops.lsh import sort_order
 from keras_reformer.ops.recompute import dependency_zero
 
@@ -173,13 +173,9 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
     out = tf.einsum("bhrs,bhrse->bhre", probs[..., :size], attended)
     if not value_shift:
         out = out + probs[..., size:] * values[:, :, None, :]
-    # Rounds weigh by their share of the total softmax mass.
-    weights = tf.nn.softmax(lse, axis=2)
-    out = tf.reduce_sum(out * weights, axis=2)
-    if value_shift:
-        # No allowed key in any round: zeros, as in the full pass.
-        has_key = tf.reduce_max(lse[..., 0], axis=2) > 0.5 * MASK_VALUE
-        out = out * tf.cast(has_key, out.dtype)[..., None]
+    # Rounds weigh by their share of the total softmax mass; with shifted
+    # values a query with no allowed key gets zeros, as in the full pass.
+    out = combine_rounds(out, lse[..., 0], axis=2, strict=value_shift)
 
     # Write the token: its key/value at its position, its position into the
     # next ring slot of its bucket in every round. Each write is one row of
