@@ -7,7 +7,8 @@ for the same steps on the same batches:
 - `lsh2` (the reference Reformer: 2 hash rounds), `lsh1`, `lsh4`;
 - `lsh2_plain`: `reversible=False` (ordinary residual stack, autodiff);
 - `lsh2_shift`: lsh2 with `value_shift=True` (keys bring the value of the
-  next position, queries see strictly earlier keys);
+  next position, queries see strictly earlier keys); `lsh1_shift`,
+  `lsh4_shift` and `lsh2_shift_plain` (`reversible=False`) likewise;
 - `lsh1_wide`: the Reformer with 1 round and 2 buckets of `length / 2`:
   every chunk's window covers the whole sequence, so the one restriction
   left is the bucket (the causal rule of `LSHAttention`: a query sees the
@@ -64,8 +65,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-KINDS = ("lsh2", "lsh1", "lsh4", "lsh2_plain", "lsh2_shift", "lsh1_wide", "mha_shared",
-         "mha_shared_shift", "mha_shared_rev", "mha")
+KINDS = ("lsh2", "lsh1", "lsh4", "lsh2_plain", "lsh2_shift", "lsh1_shift", "lsh4_shift",
+         "lsh2_shift_plain", "lsh1_wide", "mha_shared", "mha_shared_shift",
+         "mha_shared_rev", "mha")
 LAYERS, HEADS = 2, 4
 
 
@@ -156,7 +158,7 @@ def build(kind, length, width, hidden):
         bucket_size=length // 2 if wide else 64, num_buckets=2 if wide else None,
         max_sequence_length=length,
         reversible=not kind.endswith("_plain"), seed=0,
-        short_convolution=width or None, value_shift=kind.endswith("_shift"),
+        short_convolution=width or None, value_shift="_shift" in kind,
     )
     tokens = keras.Input((length,), dtype="int32")
     return keras.Model(tokens, backbone(
