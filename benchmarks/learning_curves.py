@@ -15,7 +15,7 @@ for the same steps on the same batches:
   earlier positions hashed to its own bucket, about half of them). Against
   `lsh2`: what narrow windows and many buckets cost;
 - `mha_shared`: `mha` with the Reformer's attention rule computed densely
-  (`SharedQKAttention` below: keys are the unit-length queries, a token
+  (`dense_attention` below: keys are the unit-length queries, a token
   attends to itself only when nothing else is allowed), everything else as
   `mha`. It separates shared QK from the rest of the Reformer (positions,
   reversible blocks);
@@ -26,6 +26,9 @@ for the same steps on the same batches:
   the lookup that shared QK cannot express directly (a score q_i . k_j that
   matches "token at i" with "token before j" also matches "token before i"
   with "token at j");
+- `mha_shift`: `mha` (separate query and key projections, computed
+  densely) with the shift of `mha_shared_shift`: full attention given the
+  same help as `lsh2_shift`;
 - `mha_shared_rev`: `mha_shared` with the Reformer's two-stream wiring
   (x1 += attention(x2); x2 += ffn(x1); the two streams concatenated);
 - `mha`: a pre-LayerNorm transformer of the same width, depth, heads and
@@ -67,37 +70,47 @@ import _common  # noqa: E402
 
 KINDS = ("lsh2", "lsh1", "lsh4", "lsh2_plain", "lsh2_shift", "lsh1_shift", "lsh4_shift",
          "lsh2_shift_plain", "lsh1_wide", "mha_shared", "mha_shared_shift",
-         "mha_shared_rev", "mha")
+         "mha_shared_rev", "mha_shift", "mha")
 LAYERS, HEADS = 2, 4
 
 
-def shared_qk_attention(d_model, shift=False):
-    """Dense causal shared-QK attention, the Reformer's rule without hashing
-    (`shift`: key j brings value j + 1, keys j < i only)."""
+def dense_attention(d_model, shared=True, shift=False):
+    """Dense causal attention: with `shared`, shared QK, the Reformer's rule
+    without hashing; else separate query and key projections, as
+    MultiHeadAttention (`shift`: key j brings value j + 1, keys j < i only)."""
     import keras
     from keras import ops
 
-    class SharedQKAttention(keras.layers.Layer):
+    class DenseAttention(keras.layers.Layer):
         def build(self, shape):
             # Biases where MultiHeadAttention has them.
             head = (None, HEADS, d_model // HEADS)
             self.qk = keras.layers.EinsumDense("btd,dhk->bthk", head, bias_axes="hk")
             self.v = keras.layers.EinsumDense("btd,dhk->bthk", head, bias_axes="hk")
+            self.k = None if shared else keras.layers.EinsumDense(
+                "btd,dhk->bthk", head, bias_axes="hk")
             self.out = keras.layers.EinsumDense("bthk,hkd->btd", (None, d_model),
                                                 bias_axes="d")
-            for layer, shape_in in ((self.qk, shape), (self.v, shape),
+            for layer, shape_in in ((self.qk, shape), (self.v, shape), (self.k, shape),
                                     (self.out, (None, None, HEADS, d_model // HEADS))):
-                layer.build(shape_in)
+                if layer is not None:
+                    layer.build(shape_in)
 
         def call(self, x):
             q = self.qk(x)
-            k = q / ops.sqrt(ops.sum(q * q, -1, keepdims=True) + 1e-6)
+            if shared:
+                k = q / ops.sqrt(ops.sum(q * q, -1, keepdims=True) + 1e-6)
+            else:
+                k = self.k(x)
             logits = ops.einsum("bqhk,bshk->bhqs", q, k) / (d_model // HEADS) ** 0.5
             n = ops.shape(x)[1]
             rows, cols = ops.arange(n)[:, None], ops.arange(n)[None, :]
-            # -1e9 on the future; -1e5 on itself (position 0 keeps only itself).
+            # -1e9 on the future; with shared QK -1e5 on itself (position 0
+            # keeps only itself).
             if shift:
                 bias = ops.where(cols >= rows, -1e9, 0.0)
+            elif not shared:
+                bias = ops.where(cols > rows, -1e9, 0.0)
             else:
                 bias = ops.where(cols > rows, -1e9, ops.where(cols == rows, -1e5, 0.0))
             weights = ops.softmax(logits + ops.cast(bias, logits.dtype), axis=-1)
@@ -109,7 +122,7 @@ def shared_qk_attention(d_model, shift=False):
                 weights = weights * ops.cast(rows > 0, weights.dtype)[None, None]
             return self.out(ops.einsum("bhqs,bshk->bqhk", weights, v))
 
-    return SharedQKAttention()
+    return DenseAttention()
 
 
 def build(kind, length, width, hidden):
@@ -126,7 +139,9 @@ def build(kind, length, width, hidden):
             x = x + kr.layers.ShortConvolution(width)(x)
         def attention(y):
             if kind.startswith("mha_shared"):
-                return shared_qk_attention(d_model, "shift" in kind)(y)
+                return dense_attention(d_model, shared=True, shift="shift" in kind)(y)
+            if kind == "mha_shift":
+                return dense_attention(d_model, shared=False, shift=True)(y)
             return keras.layers.MultiHeadAttention(HEADS, d_model // HEADS)(
                 y, y, use_causal_mask=True)
 
