@@ -62,6 +62,12 @@ def axial_shape(length):
     return first, -(-length // first)
 
 
+def _group_elements():
+    from keras_reformer.ops.chunk_attention import GROUP_ELEMENTS
+
+    return GROUP_ELEMENTS
+
+
 def _per_token_parts(length):
     """Forward FLOPs per token and layer (2 per multiply-add), by part."""
     d, h, k = CONFIG["hidden_dim"], CONFIG["num_heads"], CONFIG["key_dim"]
@@ -73,9 +79,9 @@ def _per_token_parts(length):
         attention=2 * 2 * h * r * k * window,  # scores and weighted sum
         ffn=2 * 2 * d * ff,
         head=2 * 2 * d * CONFIG["vocabulary_size"],  # both streams (2d) -> vocab
-        # Above 2^23 logits per row group our chunk attention loops over
-        # (batch, head) groups and recomputes each group in its backward.
-        looped=length * window >= 2**23 / (h * r),
+        # Above GROUP_ELEMENTS logits (batch 1) our chunk attention loops
+        # over (batch, head) groups and recomputes each group in its backward.
+        looped=length * window * h * r > _group_elements(),
     )
 
 
