@@ -542,9 +542,13 @@ class LSHAttention(keras.layers.Layer):
                     f"{'given' if pair is not None else None}"
                 )
             v = lsh.shifted_values(v, valid)
-        qk = tf.pad(qk, [[0, 0], [0, 0], [0, pad], [0, 0]])
-        v = tf.pad(v, [[0, 0], [0, 0], [0, pad], [0, 0]])
-        valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
+        # Statically unpadded (the usual case): no pad, and no slice below,
+        # whose gradient is a zero-filled (B, H, L, E) copy.
+        padded = not (isinstance(pad, int) and pad == 0)
+        if padded:
+            qk = tf.pad(qk, [[0, 0], [0, 0], [0, pad], [0, 0]])
+            v = tf.pad(v, [[0, 0], [0, 0], [0, pad], [0, 0]])
+            valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
 
         rate, dropout_seed = 0.0, None
         if self.dropout > 0 and training:
@@ -584,7 +588,7 @@ class LSHAttention(keras.layers.Layer):
                 out = dense() if covers else hashed()
             else:
                 out = tf.cond(covers, dense, hashed)  # length known only at run time
-        return self.attend_output(out[:, :, :length], gate)
+        return self.attend_output(out[:, :, :length] if padded else out, gate)
 
     def compute_mask(self, inputs, previous_mask=None):
         return previous_mask

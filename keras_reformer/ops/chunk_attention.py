@@ -31,7 +31,7 @@ SELF_MASK_VALUE = -1e5
 # the same speed (benchmarks/train_step.py points, 2^20 against 2^22-2^23).
 GROUP_ELEMENTS = 2**20
 
-INFO_PADS = {"position": -1, "bucket": -1, "slot": -1, "valid": False}
+INFO_PADS = {"position": -1, "bucket": -1, "valid": False}
 
 
 def look_around(chunks, before, after, pad_value=None):
@@ -69,24 +69,39 @@ def bias_from_masks(same_position, masked, dtype=tf.float32):
     """Additive mask: 0, SELF_MASK_VALUE on self, MASK_VALUE where masked.
 
     Adding it equals overwriting: a logit plus -1e9 rounds to -1e9 in
-    float32. Built from integers only, so it needs no gradient.
+    float32. Built from integers only, so it needs no gradient. The two
+    masks broadcast against each other.
     """
     self_bias = tf.where(same_position, tf.constant(SELF_MASK_VALUE, dtype),
                          tf.constant(0.0, dtype))
     return tf.where(masked, tf.constant(MASK_VALUE, dtype), self_bias)
 
 
-def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
+def window_back(size, width, before):
+    """(C, W) int32: how many sorted slots each query of a chunk lies after
+    each key of its window; the same for every chunk.
+
+    The window is the chunks `before` back to `after` ahead, in order, so
+    key w of chunk n holds slot (n - before) * C + w and query c slot
+    n * C + c. Keys that wrapped in from the other end of the row (the
+    first chunks' look-back) do not follow this layout; every mask that
+    uses it also tests their padded bucket (-1), which never matches.
+    """
+    return before * size + tf.range(size)[:, None] - tf.range(width)[None, :]
+
+
+def chunk_bias(query, key, causal, before, pair_rows, length, row_causal=None,
                sliding_window=None, dtype=tf.float32, strict=False):
     """Additive mask of each chunk's queries against its key window.
 
     Args:
         query: dict of (rows, N, C) tensors for the query slots: "position"
-            (original position), "bucket", "slot" (sorted index), "valid".
+            (original position), "bucket", "valid".
         key: the same for the key window, (rows, N, W); slots outside the
-            row have bucket and slot -1 and valid False.
+            row have position and bucket -1 and valid False.
         causal: python bool, the causal rule for every row.
-        reach: how many sorted slots back a causal query may look.
+        before: chunks the window reaches back; a causal query may look
+            `before * C` sorted slots back.
         pair_rows: None or (rows, L * L) bool explicit attention masks.
         length: scalar, L (for indexing `pair_rows`).
         row_causal: None or (rows,) bool: rows that follow the causal rule
@@ -100,22 +115,29 @@ def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
     Returns:
         (rows, N, C, W) float32.
     """
-    q_pos = query["position"][..., :, None]
-    k_pos = key["position"][..., None, :]
+    size, width = query["bucket"].shape[-1], key["bucket"].shape[-1]
+    # Slot distances and the query's own key follow from the window's
+    # layout alone: (C, W) tables instead of two (rows, N, C, W) integer
+    # tensors (64 MiB each per (batch, head) pair at 64K tokens). Positions
+    # are unique within a row, so "same position" is "distance 0".
+    back = window_back(size, width, before)
+    own = tf.equal(back, 0)
+
     # Chunk boundaries move with the buckets of later tokens, so a causal
     # query that saw "its chunk and the one before" would see a key set that
-    # depends on the future. Instead it sees the `reach` most recent keys of
-    # its own bucket: a set fixed by the tokens up to it. Within a bucket
-    # sorted order is position order, so slot distance in [0, reach] is
-    # "earlier and recent". Padding has a bucket of its own, so the bucket
-    # test also masks padding keys for real queries.
+    # depends on the future. Instead it sees the `before * C` most recent
+    # keys of its own bucket: a set fixed by the tokens up to it. Within a
+    # bucket sorted order is position order, so slot distance in
+    # [0, before * C] is "earlier and recent". Padding has a bucket of its
+    # own, so the bucket test also masks padding keys for real queries, and
+    # wrapped-in keys (bucket -1) for all.
     def causal_masked():
-        back = query["slot"][..., :, None] - key["slot"][..., None, :]
-        masked = tf.logical_or(
-            tf.cast(back, tf.uint32) > reach,  # negative wraps: later keys
-            query["bucket"][..., :, None] != key["bucket"][..., None, :],
+        far = tf.logical_or(back < 0, back > before * size)
+        if strict:
+            far = tf.logical_or(far, own)
+        return tf.logical_or(
+            far, query["bucket"][..., :, None] != key["bucket"][..., None, :]
         )
-        return tf.logical_or(masked, back == 0) if strict else masked
 
     if causal:
         masked = causal_masked()
@@ -125,6 +147,9 @@ def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
             masked = tf.where(
                 row_causal[:, None, None, None], causal_masked(), masked
             )
+    if sliding_window is not None or pair_rows is not None:
+        q_pos = query["position"][..., :, None]
+        k_pos = key["position"][..., None, :]
     if sliding_window is not None:
         masked = tf.logical_or(masked, tf.abs(q_pos - k_pos) >= sliding_window)
     if pair_rows is not None:
@@ -134,7 +159,7 @@ def chunk_bias(query, key, causal, reach, pair_rows, length, row_causal=None,
         masked = tf.logical_or(
             masked, tf.logical_not(tf.reshape(allowed, tf.shape(index)))
         )
-    return bias_from_masks(q_pos == k_pos, masked, dtype)
+    return bias_from_masks(own, masked, dtype)
 
 
 def dropout_keep(shape, rate, seed, dtype=tf.float32):
@@ -227,8 +252,7 @@ def _attend_group(q, v, info, group_index, settings):
     if settings["row_causal"] is not None:
         row_causal = tf.gather(settings["row_causal"], mask_row)
     bias = chunk_bias(
-        info, key, settings["causal"], before * settings["bucket_size"],
-        pair_rows, settings["length"], row_causal=row_causal,
+        info, key, settings["causal"], before, pair_rows, settings["length"], row_causal=row_causal,
         sliding_window=settings["sliding_window"], dtype=q.dtype,
         strict=settings["strict"],
     )
@@ -261,12 +285,13 @@ def group_size(count, item_elements, budget=GROUP_ELEMENTS):
     return best
 
 
-def _attend_pairs(qk, v, ints, group_index, settings):
-    """Attention of a group of (batch, head) pairs, all rounds, combined.
+def _attend_rounds(qk, v, ints, group_index, settings):
+    """Attention of a group of (batch, head) pairs in the rounds of `ints`,
+    each round's output and logsumexp back in original order.
 
-    Sorting, chunked attention, unsorting and the logsumexp combination of
-    the rounds all happen here, so only (pairs, L, width) tensors exist
-    outside a group: nothing of size rounds x L x width is kept for backward.
+    Sorting, chunked attention and unsorting all happen here, so only
+    (pairs, rounds, L, width) tensors leave a group: nothing of size
+    rounds x L x window is kept for backward.
 
     Args:
         qk: (g, L, D) queries; v: (g, L, E) values.
@@ -277,7 +302,7 @@ def _attend_pairs(qk, v, ints, group_index, settings):
         group_index: scalar, numbers the dropout seed of the group.
 
     Returns:
-        (g, L, E) float32.
+        out (g, R, L, E) and lse (g, R, L), float32.
     """
     order, inverse = ints["order"], ints["inverse"]
     pairs, rounds, length = tf.shape(order)[0], order.shape[1], tf.shape(order)[2]
@@ -291,7 +316,6 @@ def _attend_pairs(qk, v, ints, group_index, settings):
     info = {
         "position": rows(order),
         "bucket": rows(ints["bucket"]),
-        "slot": rows(tf.broadcast_to(tf.range(length), tf.shape(order))),
         "valid": rows(tf.gather(ints["valid"], order, axis=1, batch_dims=1)),
         "mask_row": rows(
             tf.broadcast_to(ints["mask_row"][:, None, None], tf.shape(order))
@@ -305,6 +329,12 @@ def _attend_pairs(qk, v, ints, group_index, settings):
         tf.reshape(out, [pairs, rounds, length, v.shape[-1]]), order, inverse
     )
     lse = unsort_rounds(tf.reshape(lse, [pairs, rounds, length]), order, inverse)
+    return out, lse
+
+
+def _attend_pairs(qk, v, ints, group_index, settings):
+    """`_attend_rounds`, the rounds combined: (g, L, E)."""
+    out, lse = _attend_rounds(qk, v, ints, group_index, settings)
     # Each round weighs by its share of the total softmax mass.
     with tf.name_scope("lsh_combine"):
         return combine_rounds(out, lse, axis=1, strict=settings["strict"])
@@ -333,7 +363,7 @@ def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
         qk: (P, L, D) float queries (keys are their unit vectors); float32
             in the layer, float64 in gradient tests.
         v: (P, L, E) values, same dtype.
-        ints: see `_attend_pairs` (for all P pairs).
+        ints: see `_attend_rounds` (for all P pairs).
         bucket_size: C; window: (chunks_before, chunks_after); causal: bool.
         length: scalar L.
         pair_allowed: None or (M, L * L) bool explicit masks, M mask rows
@@ -360,42 +390,185 @@ def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
         # Everything fits at once: autodiff keeps the probabilities.
         return _attend_pairs(qk, v, ints, 0, settings)
 
+    if group == 1 and rounds > 1 and rounds * positions * width > budget:
+        # One pair's rounds do not fit at once (64K tokens and beyond with
+        # the default budget): one (pair, round) at a time.
+        return _loop_rounds(qk, v, ints, settings)
+    return _loop_pairs(qk, v, ints, settings, group)
+
+
+def _loop_pairs(qk, v, ints, settings, group):
+    """`_attend_pairs` over groups of `group` pairs in a loop whose gradient
+    recomputes each group instead of keeping its intermediates."""
+    count, positions = qk.shape[0], qk.shape[1]
     groups = count // group
     names = sorted(ints)
 
     def split(x):
         return tf.reshape(x, [groups, group] + x.shape[1:].as_list())
 
-    def run_group(args):
-        index, qk, v, *values = args
-        return _attend_pairs(qk, v, dict(zip(names, values)), index, settings)
-
-    indices = tf.range(groups)
-    out_spec = tf.TensorSpec([group, positions, v.shape[-1]], v.dtype)
+    def run_group(index, qk, v, values):
+        part = [tf.gather(x, index) for x in (qk, v, *values)]
+        return _attend_pairs(part[0], part[1], dict(zip(names, part[2:])), index,
+                             settings)
 
     @tf.custom_gradient
     def looped(qk, v, *values):
-        out = tf.map_fn(run_group, (indices, qk, v, *values),
-                        fn_output_signature=out_spec, parallel_iterations=1)
+        (out,) = over_groups(lambda i: (run_group(i, qk, v, values),), groups,
+                             [_spec(v)])
 
         def grad(d_out):
-            def group_grad(args):
-                index, qk, v, d_out, *values = args
+            def group_grad(index):
+                part = [tf.gather(x, index) for x in (qk, v)]
                 with tf.GradientTape() as tape:
-                    tape.watch([qk, v])
-                    out = run_group((index, qk, v, *values))
+                    tape.watch(part)
+                    out = _attend_pairs(
+                        part[0], part[1],
+                        dict(zip(names, [tf.gather(x, index) for x in values])),
+                        index, settings)
                 # d_out enters the recomputation's gradient, so XLA cannot
                 # hoist the recomputation into the forward pass.
-                return tuple(tape.gradient(out, [qk, v], d_out))
+                return tuple(tape.gradient(out, part, tf.gather(d_out, index)))
 
-            spec = tf.TensorSpec([group, positions, None], v.dtype)
-            grads = tf.map_fn(
-                group_grad, (indices, qk, v, d_out, *values),
-                fn_output_signature=(spec, spec), parallel_iterations=1,
-            )
+            # `after`: in a reversible backward pass the forward loop above
+            # has just been rerun to recompute the block's output; nothing
+            # else orders the two loops, and run side by side they hold two
+            # groups' logits at once.
+            grads = over_groups(group_grad, groups, [_spec(qk), _spec(v)],
+                                after=[out])
             return list(grads) + [None] * len(values)
 
         return out, grad
 
     out = looped(split(qk), split(v), *[split(ints[n]) for n in names])
     return tf.reshape(out, [count, positions, v.shape[-1]])
+
+
+def _loop_rounds(qk, v, ints, settings):
+    """`_attend_pairs` one (pair, round) at a time, in a loop whose gradient
+    recomputes each round instead of keeping its intermediates.
+
+    The rounds of a pair are combined as they come (a running logsumexp),
+    so besides one round's logits only the combined output and each round's
+    logsumexp (P, R, L) are kept: no (P, R, L, E) tensor of all rounds'
+    outputs exists, forward or backward.
+    """
+    count, positions = qk.shape[0], qk.shape[1]
+    rounds = ints["order"].shape[1]
+    names = sorted(ints)
+    per_round = ("order", "inverse", "bucket")
+
+    def round_inputs(pair, r, values):
+        """The (1, ...) slices of pair `pair`, round `r`, as `_attend_rounds`
+        takes them."""
+        part = {}
+        for name, x in zip(names, values):
+            row = tf.gather(x, pair)
+            part[name] = (tf.gather(row, r)[None, None] if name in per_round
+                          else row[None])
+        return part
+
+    def attend(pair, r, q, w, values):
+        # Item pair * R + r numbers the dropout seed, forward and backward.
+        # Reshapes, not indexing: the gradient of a slice is a zero-filled
+        # full-size copy (StridedSliceGrad), one per round.
+        out, lse = _attend_rounds(tf.expand_dims(q, 0), tf.expand_dims(w, 0),
+                                  round_inputs(pair, r, values), pair * rounds + r,
+                                  settings)
+        return (tf.reshape(out, [positions, v.shape[-1]]),
+                tf.reshape(lse, [positions]))
+
+    @tf.custom_gradient
+    def looped(qk, v, *values):
+        def pair_forward(pair):
+            q, w = tf.gather(qk, pair), tf.gather(v, pair)
+
+            def body(r, top, total, acc, lses):
+                out, lse = attend(pair, r, q, w, values)
+                new_top = tf.maximum(top, lse)
+                old, new = tf.exp(top - new_top), tf.exp(lse - new_top)
+                acc = acc * old[:, None] + out * new[:, None]
+                return r + 1, new_top, total * old + new, acc, lses.write(r, lse)
+
+            start = (tf.constant(0), tf.fill([positions], tf.constant(-float("inf"), v.dtype)),
+                     tf.zeros([positions], v.dtype), tf.zeros([positions, v.shape[-1]], v.dtype),
+                     tf.TensorArray(v.dtype, size=rounds, element_shape=[positions]))
+            _, _, total, acc, lses = tf.while_loop(
+                lambda r, *_: r < rounds, body, start, parallel_iterations=1)
+            return acc / total[:, None], lses.stack()
+
+        combined, lse = over_groups(
+            pair_forward, count,
+            [_spec(v), tf.TensorSpec([rounds, positions], v.dtype)])
+
+        def grad(d_combined, d_lse):
+            # `lse` leaves only through a comparison (`strict`): no gradient.
+            def pair_grad(pair):
+                q, w = tf.gather(qk, pair), tf.gather(v, pair)
+                mine, d_mine = tf.gather(combined, pair), tf.gather(d_combined, pair)
+                weights = tf.nn.softmax(tf.gather(lse, pair), axis=0)  # (R, L)
+                d_dot_mine = tf.reduce_sum(d_mine * mine, axis=-1)
+
+                def body(r, d_q, d_w):
+                    with tf.GradientTape() as tape:
+                        tape.watch([q, w])
+                        out, round_lse = attend(pair, r, q, w, values)
+                    # combined = sum_r softmax(lse)_r out_r: the gradients
+                    # of out_r and lse_r, from the recomputed out_r.
+                    weight = tf.gather(weights, r)
+                    d_out = d_mine * weight[:, None]
+                    d_round_lse = weight * (
+                        tf.reduce_sum(d_mine * out, axis=-1) - d_dot_mine)
+                    g_q, g_w = tape.gradient([out, round_lse], [q, w],
+                                             [d_out, d_round_lse])
+                    return r + 1, d_q + g_q, d_w + g_w
+
+                _, d_q, d_w = tf.while_loop(
+                    lambda r, *_: r < rounds, body,
+                    (tf.constant(0), tf.zeros_like(q), tf.zeros_like(w)),
+                    parallel_iterations=1)
+                return d_q, d_w
+
+            # `after`: see `_loop_pairs`.
+            d_qk, d_v = over_groups(pair_grad, count, [_spec(qk), _spec(v)],
+                                    after=[combined])
+            return [d_qk, d_v] + [None] * len(values)
+
+        return (combined, lse), grad
+
+    combined, lse = looped(qk, v, *[ints[n] for n in names])
+    if settings["strict"]:
+        # As `combine_rounds`: no allowed key in any round, zeros.
+        has_key = tf.reduce_max(tf.stop_gradient(lse), axis=1) > 0.5 * MASK_VALUE
+        combined = combined * tf.cast(has_key, combined.dtype)[..., None]
+    return combined
+
+
+def _spec(x):
+    """The spec of one row of `x` (its first axis dropped)."""
+    return tf.TensorSpec(x.shape[1:], x.dtype)
+
+
+def over_groups(fn, count, specs, after=()):
+    """`fn(i)` for i in range(count), in order, one at a time; its outputs
+    (one per `specs`, each a `tf.TensorSpec`) stacked on a new first axis.
+
+    `fn` gathers its own slices of its inputs: `tf.map_fn` would first
+    unstack every input into a TensorArray, a full copy of each (at 64K
+    tokens, 64 MiB per (B, H, L, 64) tensor). `after`: tensors that must
+    exist before the first iteration starts.
+    """
+    arrays = [tf.TensorArray(spec.dtype, size=count, element_shape=spec.shape)
+              for spec in specs]
+    start = tf.constant(0)
+    if after:
+        with tf.control_dependencies(after):
+            start = tf.identity(start)
+
+    def body(i, *arrays):
+        outs = fn(i)
+        return (i + 1, *[a.write(i, o) for a, o in zip(arrays, outs)])
+
+    result = tf.while_loop(lambda i, *_: i < count, body, (start, *arrays),
+                           parallel_iterations=1)
+    return [a.stack() for a in result[1:]]

@@ -27,17 +27,22 @@ def run(qk, v, buckets, valid, budget, **kwargs):
     return out, tape.gradient(loss, [qk, v])
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, True, "strict"])
 @pytest.mark.parametrize("mode", ["eager", "graph", "jit"])
-def test_grouped_equals_single_pass(causal, mode):
+@pytest.mark.parametrize("budget", [3072, 1024])
+def test_grouped_equals_single_pass(causal, mode, budget):
+    # "strict": the causal rule without the self key (value shift), where
+    # queries with no allowed key in any round output zeros.
     qk, v, buckets, valid = problem()
+    kwargs = {"causal": True, "strict": True} if causal == "strict" else {"causal": causal}
     fn = run
     if mode != "eager":
         fn = tf.function(run, jit_compile=mode == "jit")
     # 4 (batch, head) pairs of 3 rounds x 64 x 16 logits: a budget of 3072
-    # gives one pair per group (4 loop iterations).
-    out_a, grads_a = fn(qk, v, buckets, valid, 2**30, causal=causal)
-    out_b, grads_b = fn(qk, v, buckets, valid, 3072, causal=causal)
+    # gives one pair per group (4 loop iterations); 1024, one (pair, round)
+    # per iteration (12), the rounds combined after the loop.
+    out_a, grads_a = fn(qk, v, buckets, valid, 2**30, **kwargs)
+    out_b, grads_b = fn(qk, v, buckets, valid, budget, **kwargs)
     np.testing.assert_allclose(out_a, out_b, atol=1e-5)
     for a, b in zip(grads_a, grads_b):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -51,8 +56,10 @@ def test_group_size_divides_rows():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("budget", [2**30, 1024])
+@pytest.mark.parametrize("budget", [2**30, 1024, 512])
 def test_gradient_with_dropout_matches_finite_differences(budget, causal):
+    # Budgets: all at once; one pair per loop iteration (2 rounds x 32 x 16
+    # logits); one (pair, round) per iteration.
     # float64 all the way, so central differences are an independent
     # reference good to ~1e-8: the hand-written softmax backward, the
     # permutation gathers and the recomputing group loop must match at 1e-4.
