@@ -8,6 +8,7 @@ from keras import initializers
 
 from keras_reformer import _checks
 from keras_reformer._seeds import fresh_initializer
+from keras_reformer.ops import axial
 
 
 def default_axial_shape(max_sequence_length):
@@ -121,11 +122,10 @@ class AxialPositionEmbedding(keras.layers.Layer):
             f"{self.max_sequence_length} (axial_shape={self.axial_shape}). Build "
             "the layer with a larger `max_sequence_length`/`axial_shape`.",
         )
-        positions = tf.range(length)
-        first = tf.gather(self.first, positions // self.axial_shape[1])
-        second = tf.gather(self.second, positions % self.axial_shape[1])
-        table = tf.cast(tf.concat([first, second], axis=-1), self.compute_dtype)
-        return tf.broadcast_to(table[None], tf.shape(inputs))
+        return axial.axial_positions(
+            tf.convert_to_tensor(self.first), tf.convert_to_tensor(self.second),
+            length, self.axial_shape[1], tf.shape(inputs), self.compute_dtype,
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
+from keras_reformer.layers._layer_norm import LayerNorm
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.layers.lsh_attention import LSHAttention
 
@@ -42,7 +43,7 @@ class AttentionBlock(keras.layers.Layer):
         self.attention_dropout = attention_dropout
         seed = self.seed = _resolve_seed(seed)
         self.attention_kwargs = dict(attention_kwargs or {})
-        self.norm = keras.layers.LayerNormalization(
+        self.norm = LayerNorm(
             epsilon=1e-6, dtype=self.dtype_policy, name="norm"
         )
         self.attention = LSHAttention(
@@ -102,7 +103,7 @@ class FeedForwardBlock(keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self.dropout_rate = dropout
         seed = self.seed = _resolve_seed(seed)
-        self.norm = keras.layers.LayerNormalization(
+        self.norm = LayerNorm(
             epsilon=1e-6, dtype=self.dtype_policy, name="norm"
         )
         self.feed_forward = ChunkedFeedForward(

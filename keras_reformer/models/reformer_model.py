@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
+from keras_reformer.layers._layer_norm import LayerNorm
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
 from keras_reformer.layers.reformer_blocks import AttentionBlock, FeedForwardBlock
 from keras_reformer.layers.reversible_sequence import ReversibleSequence
@@ -226,7 +227,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
             blocks, reversible=reversible, dtype=dtype, name="reversible_stack"
         )([x, x], mask=[mask, mask])
         h = keras.layers.Concatenate(dtype=dtype, name="concat_streams")([y1, y2])
-        h = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype,
+        h = LayerNorm(epsilon=1e-6, dtype=dtype,
                                             name="final_norm")(h)
         outputs = h
         if include_head:

@@ -20,6 +20,34 @@ def test_positions_are_concatenated_axis_rows():
     assert layer.count_params() == 4 * 3 + 12 * 5  # sum, not product
 
 
+@pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_gradients_sum_each_row_over_its_positions(graph, dtype):
+    # The layer's own gradient against one built by hand: row i of the first
+    # table gets the upstream gradient of every position p // l2 == i,
+    # summed over the batch; row j of the second, of every p % l2 == j.
+    layer = AxialPositionEmbedding(48, axial_shape=(4, 12), axial_dims=(3, 5),
+                                   dtype=dtype)
+    x = tf.zeros((2, 30, 8))
+    upstream = np.random.default_rng(0).normal(size=(2, 30, 8)).astype("float32")
+
+    def grads():
+        with tf.GradientTape() as tape:
+            out = tf.cast(layer(x), tf.float32)
+            loss = tf.reduce_sum(out * upstream)
+        return tape.gradient(loss, [layer.first.value, layer.second.value])
+
+    d_first, d_second = tf.function(grads)() if graph else grads()
+    want_first, want_second = np.zeros((4, 3)), np.zeros((12, 5))
+    for p in range(30):
+        want_first[p // 12] += upstream[:, p, :3].sum(0)
+        want_second[p % 12] += upstream[:, p, 3:].sum(0)
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(np.asarray(d_first), want_first, atol=tolerance, rtol=tolerance)
+    np.testing.assert_allclose(np.asarray(d_second), want_second, atol=tolerance, rtol=tolerance)
+    assert d_first.dtype == tf.float32 and d_second.dtype == tf.float32
+
+
 def test_default_shape_covers_maximum_and_any_shorter_length():
     layer = AxialPositionEmbedding(65536)
     assert layer.axial_shape[0] * layer.axial_shape[1] >= 65536
