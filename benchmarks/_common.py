@@ -52,6 +52,15 @@ def require_peer(parser):
                      "`bash benchmarks/peers/setup.sh` (torch CPU + transformers)")
 
 
+def check_length_and_steps(parser, args):
+    """`--length` a positive multiple of 64 (the bucket size) and `--steps`
+    at least 1, or the parser's usage error naming the value."""
+    if args.length < 64 or args.length % 64:
+        parser.error(f"--length must be a positive multiple of 64. Received: {args.length}")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1. Received: {args.steps}")
+
+
 def run_point(script, args, timeout=1800):
     """Run `script --point args...` in a fresh process; return its record.
 

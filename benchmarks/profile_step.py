@@ -157,10 +157,7 @@ def main():
                         help="feedforward_chunk_size (default: the model's)")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.length < 64 or args.length % 64:
-        parser.error(f"--length must be a positive multiple of 64. Received: {args.length}")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1. Received: {args.steps}")
+    _common.check_length_and_steps(parser, args)
     if args.point:
         return point(args.length, args.jit, args.steps, args.ffn_chunk)
     cmd = [sys.executable, os.path.abspath(__file__), "--point", "--length",

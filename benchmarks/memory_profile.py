@@ -1,0 +1,139 @@
+"""What is alive at the peak of a training step: TensorFlow's own tensors.
+
+Peak RSS mixes tensors with the runtime (~580 MiB for TensorFlow + Keras
+before any model exists) and the allocator's free-but-kept pages. This
+script looks at the tensors alone, for the reference model of
+benchmarks/train_step.py (graph mode, batch 1) at `--length`:
+
+- the CPU allocator's peak (`tf.config.experimental.get_memory_info`) of
+  each of `--steps` steps after two warm-ups, and the process's peak RSS;
+- the tensors alive at the peak of one profiled step, from the profiler's
+  allocation and deallocation events, largest first, with the op that
+  allocated each buffer (a buffer that an op reuses for its output keeps
+  the name of the op that allocated it).
+
+    python benchmarks/memory_profile.py --length 65536
+
+Writes benchmarks/results/memory_profile_<length>.csv (the live tensors)
+and prints the peaks and the largest tensors.
+"""
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import train_step  # noqa: E402
+
+ALLOCATION, DEALLOCATION = "MemoryAllocation", "MemoryDeallocation"
+
+
+def allocation_events(logdir):
+    """(time ps, kind, stats dict) of the profiler's allocator events."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {logdir}")
+    space = xplane_pb2.XSpace()
+    with open(paths[0], "rb") as f:
+        space.ParseFromString(f.read())
+    events = []
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        stat_names = {k: v.name for k, v in plane.stat_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                kind = names.get(event.metadata_id, "")
+                if kind not in (ALLOCATION, DEALLOCATION):
+                    continue
+                stats = {}
+                for stat in event.stats:
+                    value = (stat.str_value or stat.int64_value or stat.uint64_value
+                             or stat.double_value)
+                    if stat.ref_value:
+                        value = stat_names.get(stat.ref_value, value)
+                    stats[stat_names.get(stat.metadata_id, "")] = value
+                events.append((line.timestamp_ns * 1000 + event.offset_ps, kind, stats))
+    return sorted(events, key=lambda e: e[0])
+
+
+def live_at_peak(events):
+    """(peak bytes, [(bytes, op, shape, dtype)] alive at that moment)."""
+    live, current, peak, at_peak = {}, 0, 0, {}
+    for _, kind, stats in events:
+        address = stats.get("addr")
+        if kind == ALLOCATION:
+            size = int(stats.get("allocation_bytes", 0) or 0)
+            live[address] = (size, str(stats.get("tf_op", "?")),
+                             str(stats.get("shape", "?")), str(stats.get("data_type", "?")))
+            current += size
+        elif address in live:
+            current -= live.pop(address)[0]
+        if current > peak:
+            peak, at_peak = current, dict(live)
+    return peak, sorted(at_peak.values(), key=lambda r: -r[0])
+
+
+def point(length, steps):
+    import numpy as np
+    import tensorflow as tf
+
+    net = train_step.build("reformer", length, False)
+    x = np.random.default_rng(0).integers(1, 256, size=(1, length)).astype("int32")
+    y = np.roll(x, -1, axis=1)
+    x = {"token_ids": x, "padding_mask": np.ones_like(x)}
+    for _ in range(2):
+        net.train_on_batch(x, y)
+    peaks = []
+    for _ in range(steps):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        net.train_on_batch(x, y)
+        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20)
+    logdir = tempfile.mkdtemp(prefix="memory_profile_")
+    tf.profiler.experimental.start(logdir)
+    net.train_on_batch(x, y)
+    tf.profiler.experimental.stop()
+    peak, tensors = live_at_peak(allocation_events(logdir))
+    _common.emit({
+        "length": length,
+        "allocator_peak_mib": [round(p) for p in peaks],
+        "peak_rss_mib": round(_common.peak_rss_mb()),
+        "traced_peak_mib": round(peak / 2**20),
+        "tensors": [[round(b / 2**20, 1), op, shape, dtype] for b, op, shape, dtype in tensors],
+    })
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=65536)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=20, help="tensors to print")
+    parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    _common.check_length_and_steps(parser, args)
+    if args.point:
+        return point(args.length, args.steps)
+    cmd = [sys.executable, os.path.abspath(__file__), "--point", "--length",
+           str(args.length), "--steps", str(args.steps)]
+    record = _common.run_json(cmd, timeout=3600, prefix="RESULT ")
+    if "tensors" not in record:
+        sys.exit(f"memory profile failed: {record}")
+    rows = [{"mib": mib, "op": op, "shape": shape, "dtype": dtype}
+            for mib, op, shape, dtype in record["tensors"]]
+    path = _common.write_csv(f"memory_profile_{args.length}.csv", rows)
+    print(f"wrote {path}")
+    print(f"length {args.length}: allocator peak per step {record['allocator_peak_mib']} "
+          f"MiB, traced peak {record['traced_peak_mib']} MiB, process peak RSS "
+          f"{record['peak_rss_mib']} MiB")
+    print("| MiB | allocated by | shape |")
+    print("|---|---|---|")
+    for row in rows[:args.top]:
+        print(f"| {row['mib']} | {row['op'][-90:]} | {row['shape']} |")
+
+
+if __name__ == "__main__":
+    main()
