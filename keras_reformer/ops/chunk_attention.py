@@ -252,7 +252,8 @@ def _attend_group(q, v, info, group_index, settings):
     if settings["row_causal"] is not None:
         row_causal = tf.gather(settings["row_causal"], mask_row)
     bias = chunk_bias(
-        info, key, settings["causal"], before, pair_rows, settings["length"], row_causal=row_causal,
+        info, key, settings["causal"], before, pair_rows, settings["length"],
+        row_causal=row_causal,
         sliding_window=settings["sliding_window"], dtype=q.dtype,
         strict=settings["strict"],
     )
@@ -407,28 +408,26 @@ def _loop_pairs(qk, v, ints, settings, group):
     def split(x):
         return tf.reshape(x, [groups, group] + x.shape[1:].as_list())
 
-    def run_group(index, qk, v, values):
+    def group_inputs(index, qk, v, values):
+        """Group `index`'s slices of the loop's inputs."""
         part = [tf.gather(x, index) for x in (qk, v, *values)]
-        return _attend_pairs(part[0], part[1], dict(zip(names, part[2:])), index,
-                             settings)
+        return part[0], part[1], dict(zip(names, part[2:]))
 
     @tf.custom_gradient
     def looped(qk, v, *values):
-        (out,) = over_groups(lambda i: (run_group(i, qk, v, values),), groups,
-                             [_spec(v)])
+        (out,) = over_groups(
+            lambda i: (_attend_pairs(*group_inputs(i, qk, v, values), i, settings),),
+            groups, [_spec(v)])
 
         def grad(d_out):
             def group_grad(index):
-                part = [tf.gather(x, index) for x in (qk, v)]
+                q, w, part = group_inputs(index, qk, v, values)
                 with tf.GradientTape() as tape:
-                    tape.watch(part)
-                    out = _attend_pairs(
-                        part[0], part[1],
-                        dict(zip(names, [tf.gather(x, index) for x in values])),
-                        index, settings)
+                    tape.watch([q, w])
+                    out = _attend_pairs(q, w, part, index, settings)
                 # d_out enters the recomputation's gradient, so XLA cannot
                 # hoist the recomputation into the forward pass.
-                return tuple(tape.gradient(out, part, tf.gather(d_out, index)))
+                return tuple(tape.gradient(out, [q, w], tf.gather(d_out, index)))
 
             # `after`: in a reversible backward pass the forward loop above
             # has just been rerun to recompute the block's output; nothing
