@@ -55,6 +55,11 @@ fresh process, one after the other.
 embeddings to every model (ReformerModel's `short_convolution`; the same
 `ShortConvolution` layer in `mha`). `--hidden-dim` sets d_model (FFN
 4 x d_model, 4 heads).
+`--num-buckets N` gives the `lsh` kinds N buckets per round instead of
+ReformerModel's rule (2 x length / 64); the bucket size (64, the chunk of
+the windows) stays, so a causal query still sees up to 64 earlier keys of
+its own bucket: fewer buckets make a target more likely to share the
+query's bucket and shorten how far back those 64 keys reach.
 
 Writes benchmarks/results/learning_curves.csv and docs/learning_curves.png.
 """
@@ -125,7 +130,7 @@ def dense_attention(d_model, shared=True, shift=False):
     return DenseAttention()
 
 
-def build(kind, length, width, hidden):
+def build(kind, length, width, hidden, buckets=0):
     import keras
 
     import keras_reformer as kr
@@ -170,7 +175,7 @@ def build(kind, length, width, hidden):
     backbone = kr.models.ReformerModel(
         256, num_layers=LAYERS, hidden_dim=d_model, num_heads=HEADS,
         intermediate_dim=ffn, num_hashes=int(kind[3]),
-        bucket_size=length // 2 if wide else 64, num_buckets=2 if wide else None,
+        bucket_size=length // 2 if wide else 64, num_buckets=2 if wide else (buckets or None),
         max_sequence_length=length,
         reversible=not kind.endswith("_plain"), seed=0,
         short_convolution=width or None, value_shift="_shift" in kind,
@@ -180,7 +185,8 @@ def build(kind, length, width, hidden):
         {"token_ids": tokens, "padding_mask": keras.ops.ones_like(tokens)}))
 
 
-def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, hidden):
+def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, hidden,
+          buckets=0):
     import keras
 
     from keras_reformer import data
@@ -191,7 +197,7 @@ def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, 
                             with_padding_mask=False)
     val = data.lm_dataset(val_files, length, batch, shuffle=False,
                           with_padding_mask=False).take(val_batches).cache()
-    model = build(kind, length, width, hidden)
+    model = build(kind, length, width, hidden, buckets)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, alpha=0.1, warmup_target=learning_rate,
         warmup_steps=max(1, steps // 10))
@@ -207,10 +213,17 @@ def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, 
     _common.emit({
         "kind": kind, "length": length, "batch": batch, "steps": steps,
         "short_convolution": width, "hidden_dim": hidden,
+        "num_buckets": buckets if kind.startswith("lsh") and kind != "lsh1_wide" else "",
         "params": model.count_params(), "seconds": round(time.time() - start),
         "val_bits": [round(v / math.log(2), 4) for v in nats],
         "train_bits": [round(v / math.log(2), 4) for v in history.history["loss"]],
     })
+
+
+def label(row):
+    """The kind, with its bucket count where it was not the default rule."""
+    buckets = str(row.get("num_buckets") or "")
+    return f"{row['kind']} ({buckets} buckets)" if buckets not in ("", "0") else row["kind"]
 
 
 def plot(rows, path):
@@ -223,7 +236,7 @@ def plot(rows, path):
     for row in rows:
         evals = len(row["val_bits"])
         steps = [row["steps"] // evals * (i + 1) for i in range(evals)]
-        ax.plot(steps, row["val_bits"], marker="o", label=row["kind"])
+        ax.plot(steps, row["val_bits"], marker="o", label=label(row))
     ax.set_xlabel("training step")
     ax.set_ylabel("validation bits per byte")
     ax.set_title(f"Byte LM, length {rows[0]['length']}, batch {rows[0]['batch']}")
@@ -244,11 +257,14 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--short-convolution", type=int, default=0)
     parser.add_argument("--hidden-dim", type=int, default=256)
+    parser.add_argument("--num-buckets", type=int, default=0,
+                        help="buckets per round of the lsh kinds (0: ReformerModel's "
+                             "rule, 2 x length / 64)")
     parser.add_argument("--csv", default="learning_curves.csv")
     parser.add_argument("--merge", nargs="+", metavar="CSV",
                         help="only plot these earlier result CSVs (benchmarks/results/) "
                              "into one figure, docs/<--csv name>.png, and print their table")
-    parser.add_argument("--point", nargs=9, help=argparse.SUPPRESS)
+    parser.add_argument("--point", nargs=10, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.merge:
         return report(merged_rows(args.merge), args.csv)
@@ -256,7 +272,10 @@ def main():
         kind, *numbers = args.point
         length, batch, steps, evals, val_batches = map(int, numbers[:5])
         return point(kind, length, batch, steps, evals, val_batches, float(numbers[5]),
-                     int(numbers[6]), int(numbers[7]))
+                     int(numbers[6]), int(numbers[7]), int(numbers[8]))
+    if args.num_buckets < 0 or args.num_buckets % 2:
+        parser.error(f"--num-buckets must be 0 (the default rule) or a positive even "
+                     f"number. Received: {args.num_buckets}")
     if args.short_convolution < 0:
         parser.error(f"--short-convolution must be >= 0. Received: {args.short_convolution}")
     for name in ("length", "batch", "steps", "evals", "val_batches", "hidden_dim"):
@@ -271,7 +290,7 @@ def main():
         record = _common.run_point(os.path.abspath(__file__), [
             kind, args.length, args.batch, args.steps, args.evals,
             args.val_batches, args.learning_rate, args.short_convolution,
-            args.hidden_dim], timeout=6 * 3600)
+            args.hidden_dim, args.num_buckets], timeout=6 * 3600)
         _common.progress(f"  {record}")
         if record.get("status") == "ok":
             rows.append(record)
@@ -304,7 +323,7 @@ def report(rows, csv_name):
         ref = next((r["val_bits"][-1] for r in rows if r["kind"] == "mha"), None)
         for r in rows:
             ratio = f"{r['val_bits'][-1] / ref:.3f}x" if ref else "-"
-            print(f"| {r['kind']} | {', '.join(map(str, r['val_bits']))} | {ratio} | "
+            print(f"| {label(r)} | {', '.join(map(str, r['val_bits']))} | {ratio} | "
                   f"{r['seconds']} |")
 
 
