@@ -116,7 +116,11 @@ class ReformerModel(TokenIdInputs, keras.Model):
         causal: True for a language model, False for an encoder.
         reversible: False computes the same function with ordinary autodiff.
         include_head: add the LayerNorm'd vocabulary projection (logits).
-        seed: seeds every random part (None: drawn, stored in the config).
+        seed: seeds the random parts of the computation: the hash
+            rotations and the dropout masks (None: drawn, stored in the
+            config). The initial weights follow Keras' global seed, as for
+            any Keras layer: `keras.utils.set_random_seed(n)` before building
+            makes them reproducible.
     """
 
     def __init__(
