@@ -2,7 +2,7 @@
 
 The default run trains on the Python standard library's source files (they
 ship with Python: no download) for 1,500 steps of 4 x 1K-byte sequences,
-about 9.5 minutes on a 2-core CPU, then prints validation bits per byte beside
+about 10 minutes on a 2-core CPU, then prints validation bits per byte beside
 gzip -9's on the same bytes, exports a SavedModel for TF Serving and samples
 a continuation of a prompt. XLA is on for GPUs and TPUs and off on a CPU,
 where TensorFlow's graph step is as fast and uses less memory (`--jit
