@@ -231,8 +231,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
             blocks, reversible=reversible, dtype=dtype, name="reversible_stack"
         )([x, x], mask=[mask, mask])
         h = keras.layers.Concatenate(dtype=dtype, name="concat_streams")([y1, y2])
-        h = LayerNorm(epsilon=1e-6, dtype=dtype,
-                                            name="final_norm")(h)
+        h = LayerNorm(epsilon=1e-6, dtype=dtype, name="final_norm")(h)
         outputs = h
         if include_head:
             outputs = keras.layers.Dense(

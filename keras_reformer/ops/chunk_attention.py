@@ -349,10 +349,14 @@ def combine_rounds(out, lse, axis, strict=False):
     over the window, future included, so its output is zero instead."""
     weights = tf.nn.softmax(lse, axis=axis)
     combined = tf.reduce_sum(out * weights[..., None], axis=axis)
-    if strict:
-        has_key = tf.reduce_max(lse, axis=axis) > 0.5 * MASK_VALUE
-        combined = combined * tf.cast(has_key, combined.dtype)[..., None]
-    return combined
+    return zero_without_key(combined, lse, axis) if strict else combined
+
+
+def zero_without_key(combined, lse, axis):
+    """`combined` with zeros for the queries whose logsumexp `lse` is masked
+    in every round (rounds on `axis`): the strict rule's "no key, no output"."""
+    has_key = tf.reduce_max(lse, axis=axis) > 0.5 * MASK_VALUE
+    return combined * tf.cast(has_key, combined.dtype)[..., None]
 
 
 def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
@@ -537,9 +541,7 @@ def _loop_rounds(qk, v, ints, settings):
 
     combined, lse = looped(qk, v, *[ints[n] for n in names])
     if settings["strict"]:
-        # As `combine_rounds`: no allowed key in any round, zeros.
-        has_key = tf.reduce_max(tf.stop_gradient(lse), axis=1) > 0.5 * MASK_VALUE
-        combined = combined * tf.cast(has_key, combined.dtype)[..., None]
+        combined = zero_without_key(combined, tf.stop_gradient(lse), axis=1)
     return combined
 
 
