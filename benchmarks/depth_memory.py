@@ -14,7 +14,9 @@ one of three modes:
 - `xla`: `tf.function(jit_compile=True)`;
 - `xla_memsched`: the same with
   `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`, XLA's
-  CPU scheduler that orders for memory instead of concurrency.
+  CPU scheduler that orders for memory instead of concurrency;
+- `xla_lowmem`: XLA with `XLA_FLAGS=--xla_cpu_use_fusion_emitters=false`,
+  XLA:CPU's older code generator for fusions, which compiles in less memory.
 
 Each point runs in a fresh process (peak RSS = `ru_maxrss`). The `idle`
 point imports TensorFlow, Keras and the package and creates the input, and
@@ -39,9 +41,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-MODES = ("graph", "xla", "xla_memsched")
+MODES = ("graph", "xla", "xla_memsched", "xla_lowmem")
 KINDS = ("reversible", "unrolled", "plain")
-MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+MODE_FLAGS = {
+    "xla_memsched": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    "xla_lowmem": "--xla_cpu_use_fusion_emitters=false",
+}
 LENGTH, D_MODEL, HEADS, KEY_DIM = 16384, 256, 4, 64
 BUCKET, HASHES, FFN_DIM, FFN_CHUNK = 64, 2, 1024, 512
 
@@ -81,9 +86,9 @@ def build_stack(depth, reversible, loop_blocks="auto"):
 
 
 def point(kind, depth, mode, repeats, length=LENGTH):
-    if mode == "xla_memsched":  # before TensorFlow starts XLA
+    if mode in MODE_FLAGS:  # before TensorFlow starts XLA
         flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_SCHEDULER_FLAG}".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} {MODE_FLAGS[mode]}".strip()
     jit = mode != "graph"
     import keras
     import tensorflow as tf
@@ -177,7 +182,7 @@ def plot(rows, idle, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"graph": "C0", "xla": "C1", "xla_memsched": "C2"}
+    colors = {"graph": "C0", "xla": "C1", "xla_memsched": "C2", "xla_lowmem": "C3"}
     styles = {"reversible": "-", "unrolled": ":", "plain": "--"}
     for kind in KINDS:
         for mode in MODES:
@@ -295,6 +300,15 @@ def main():
                           f"{lo['length_part_mb']} MiB at {min(args.depths)} "
                           f"blocks, {hi['length_part_mb']} at {max(args.depths)}: "
                           f"{hi['length_part_mb'] / lo['length_part_mb']:.2f}x")
+            # Per block between looped depths: one block runs unrolled (there
+            # is nothing to loop), so the 1 -> N slope mixes in a one-time cost.
+            looped = sorted(d for d in args.depths if d >= 2
+                            and by[(kind, d, mode)]["status"] == "ok")
+            if len(looped) >= 2:
+                a, b = by[(kind, looped[0], mode)], by[(kind, looped[-1], mode)]
+                slope = (b["peak_rss_mb"] - a["peak_rss_mb"]) / (looped[-1] - looped[0])
+                print(f"{kind} {mode}: peak RSS per block, {looped[0]} -> "
+                      f"{looped[-1]} blocks: {slope:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -107,10 +107,12 @@ class BlockLoop:
         }
 
     def _stacked(self):
-        # Read once, before the loop: the values every iteration gathers from
-        # (and, for the backward pass, the seed states of the forward).
+        # Read once, before the loop: the values iteration i reads (and, for
+        # the backward pass, the seed states of the forward). A TensorArray
+        # holds each read as it is (graph mode copies nothing); `tf.stack`
+        # plus a gather per iteration held two more copies of every weight.
         return {
-            name: [tf.stack([tf.convert_to_tensor(v.value) for v in slot])
+            name: [_Stacked([tf.convert_to_tensor(v.value) for v in slot])
                    for slot in slots]
             for name, slots in self.slots.items()
         }
@@ -162,21 +164,25 @@ class BlockLoop:
         return stacked
 
     def _forward(self, stacked, x1, x2):
-        names = ("f", "g")
+        # Trainable weights are not changed by a call; only the other
+        # variables (seed generators, statistics) get block i's new values.
+        changing = {
+            name: [j for j, slot in enumerate(slots) if not slot[0].trainable]
+            for name, slots in self.slots.items()
+        }
         arrays = {
-            name: [tf.TensorArray(s.dtype, size=self.depth, element_shape=s.shape[1:])
-                   for s in stacked[name]]
-            for name in names
+            name: [_array_like(stacked[name][j], self.depth) for j in changing[name]]
+            for name in ("f", "g")
         }
 
         def body(i, y1, y2, *flat):
             f_arrays, g_arrays = _unflat(flat, arrays)
-            f_out, f_new = self._call("f", [tf.gather(s, i) for s in stacked["f"]], y2)
+            f_out, f_new = self._call("f", [s.read(i) for s in stacked["f"]], y2)
             y1 = y1 + f_out
-            g_out, g_new = self._call("g", [tf.gather(s, i) for s in stacked["g"]], y1)
+            g_out, g_new = self._call("g", [s.read(i) for s in stacked["g"]], y1)
             y2 = y2 + g_out
-            f_arrays = [a.write(i, v) for a, v in zip(f_arrays, f_new)]
-            g_arrays = [a.write(i, v) for a, v in zip(g_arrays, g_new)]
+            f_arrays = [a.write(i, f_new[j]) for a, j in zip(f_arrays, changing["f"])]
+            g_arrays = [a.write(i, g_new[j]) for a, j in zip(g_arrays, changing["g"])]
             return (i + 1, y1, y2, *f_arrays, *g_arrays)
 
         out = tf.while_loop(
@@ -185,18 +191,17 @@ class BlockLoop:
             parallel_iterations=1,
         )
         f_arrays, g_arrays = _unflat(out[3:], arrays)
-        states = {"f": [a.stack() for a in f_arrays], "g": [a.stack() for a in g_arrays]}
+        states = {
+            name: dict(zip(changing[name], new))
+            for name, new in (("f", f_arrays), ("g", g_arrays))
+        }
         return out[1], out[2], states
 
     def _write_states(self, states):
-        # Trainable weights are not changed by a call; the rest (seed
-        # generators, statistics) get block i's values after its call.
         for name, slots in self.slots.items():
-            for slot, values in zip(slots, states[name]):
-                if slot[0].trainable:
-                    continue
-                for index, variable in enumerate(slot):
-                    variable.assign(values[index])
+            for j, array in states[name].items():
+                for index, variable in enumerate(slots[j]):
+                    variable.assign(array.read(index))
 
     def _backward(self, stacked, outputs, dy1, dy2, variables):
         y1 = tf.stop_gradient(outputs[0])
@@ -209,9 +214,7 @@ class BlockLoop:
             for name, slots in self.slots.items()
         }
         arrays = {
-            name: [tf.TensorArray(stacked[name][j].dtype, size=self.depth,
-                                  element_shape=stacked[name][j].shape[1:])
-                   for j in trainable[name]]
+            name: [_array_like(stacked[name][j], self.depth) for j in trainable[name]]
             for name in ("f", "g")
         }
 
@@ -232,14 +235,12 @@ class BlockLoop:
             # g: y2 = x2 + g(y1); recompute once dy2 exists (ordering, and
             # no merging with the forward loop under XLA).
             (y1,) = recompute.gradient_dependency([y1], [dy2])
-            g_out, d_y1, g_grads = vjp(
-                "g", [tf.gather(s, i) for s in stacked["g"]], y1, dy2)
+            g_out, d_y1, g_grads = vjp("g", [s.read(i) for s in stacked["g"]], y1, dy2)
             dy1 = dy1 + d_y1
             x2 = y2 - g_out
             # f: y1 = x1 + f(x2).
             (x2,) = recompute.gradient_dependency([x2], [dy1])
-            f_out, d_x2, f_grads = vjp(
-                "f", [tf.gather(s, i) for s in stacked["f"]], x2, dy1)
+            f_out, d_x2, f_grads = vjp("f", [s.read(i) for s in stacked["f"]], x2, dy1)
             dy2 = dy2 + d_x2
             x1 = y1 - f_out
             f_arrays = [a.write(i, g) for a, g in zip(f_arrays, f_grads)]
@@ -255,11 +256,42 @@ class BlockLoop:
         by_variable = {}
         for name, grad_arrays in (("f", f_arrays), ("g", g_arrays)):
             for j, array in zip(trainable[name], grad_arrays):
-                grads = tf.unstack(array.stack(), num=self.depth)
-                for variable, grad in zip(self.slots[name][j], grads):
+                # Element by element: stack + unstack would copy twice.
+                for index, variable in enumerate(self.slots[name][j]):
+                    grad = array.read(index)
                     for key in _variable_keys(variable):
                         by_variable[key] = grad
         return [out[3], out[4]], [by_variable.get(id(v)) for v in variables]
+
+
+class _Stacked:
+    """One weight slot of every block, for the loop to read block i's from."""
+
+    def __init__(self, values):
+        self.dtype = values[0].dtype
+        self.element_shape = values[0].shape
+        if recompute.in_xla_context():
+            self.array = None
+            self.stacked = tf.stack(values)
+        else:
+            self.stacked = None
+            # Read by the forward and again by the backward (eager arrays
+            # would otherwise clear an element on its first read).
+            array = tf.TensorArray(self.dtype, size=len(values),
+                                   element_shape=self.element_shape,
+                                   clear_after_read=False)
+            for index, value in enumerate(values):
+                array = array.write(index, value)
+            self.array = array
+
+    def read(self, index):
+        if self.array is None:
+            return tf.gather(self.stacked, index)
+        return self.array.read(index)
+
+
+def _array_like(array, size):
+    return tf.TensorArray(array.dtype, size=size, element_shape=array.element_shape)
 
 
 def _unflat(flat, arrays):

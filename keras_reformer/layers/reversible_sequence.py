@@ -203,12 +203,13 @@ class ReversibleSequence(keras.layers.Layer):
         spec = keras.KerasTensor(shape, dtype=self._stream_dtype)
         # Blocks without an output shape of their own are traced in a
         # scratch graph, whose custom gradients would otherwise stay
-        # registered (and the graph alive) for good.
-        with recompute.throwaway_trace():
-            for index, (f, g) in enumerate(self.blocks):
-                for name, layer in (("f", f), ("g", g)):
+        # registered (and the graph alive) for good. One block at a time, so
+        # that each trace can be freed before the next one is made.
+        for index, (f, g) in enumerate(self.blocks):
+            for name, layer in (("f", f), ("g", g)):
+                with recompute.throwaway_trace():
                     out = layer(spec)
-                    self._check_block_output(index, name, layer, shape, out)
+                self._check_block_output(index, name, layer, shape, out)
         self.built = True
 
     def _check_block_output(self, index, name, layer, shape, out):

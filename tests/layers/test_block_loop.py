@@ -63,9 +63,10 @@ def test_program_does_not_grow_with_depth():
     variables = len(stack_of(1, False).variables)
     print(f"nodes per block: unrolled {per_block_unrolled}, looped {per_block_looped}"
           f" ({variables} variables per block)")
-    # Looped, a block adds only the reads, stacking and unstacking of its
-    # variables; unrolled, it adds its whole forward and backward program.
-    assert per_block_looped <= 8 * variables
+    # Looped, a block adds only the reads of its variables, their writes into
+    # the loop's TensorArrays and the reads of its gradients (about 10 nodes
+    # per variable); unrolled, it adds its whole forward and backward program.
+    assert per_block_looped <= 12 * variables
     assert per_block_unrolled > 10 * per_block_looped
 
 
