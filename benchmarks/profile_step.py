@@ -23,6 +23,15 @@ pass and the recomputation keep) and its type:
 - framework: control flow and everything the profiler shows without a
   category (executor overhead is the wall time no op accounts for).
 
+With `--jit` the step is one XLA program, which TensorFlow's op table sees
+as a single op. XLA:CPU can mark each of its own kernels (a fusion, a
+matmul, a sort) in the profiler's trace
+(`--xla_cpu_enable_xprof_traceme=true`); the script turns that on, dumps
+the optimized program (`--xla_dump_to`), and files each kernel's self time
+under the TensorFlow op its HLO metadata names (`op_name`, which keeps the
+name scopes), in the same categories. Loops and calls (`while`,
+`conditional`, `call`) count as framework.
+
 The figures are sums of op self times over both cores' threads, so they
 can exceed wall time, and miss what happens between ops (the executor's
 own work: wall time minus op time on the critical path); the shares are
@@ -41,6 +50,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -114,7 +124,75 @@ def op_events(logdir):
     return events
 
 
+XLA_TRACE_FLAGS = "--xla_cpu_enable_xprof_traceme=true --xla_dump_hlo_as_text"
+HLO_LINE = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_type="([^"]*)" '
+                      r'op_name="([^"]*)"')
+CONTROL_HLO = ("while", "conditional", "call")
+
+
+def hlo_metadata(dump_dir):
+    """{instruction name: (op_type, op_name)} of the largest optimized XLA
+    module dumped (the training step; smaller ones are helpers)."""
+    paths = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+    if not paths:
+        raise RuntimeError(f"XLA dumped no optimized module under {dump_dir}")
+    text = open(max(paths, key=os.path.getsize)).read()
+    table = {}
+    for line in text.splitlines():
+        match = HLO_LINE.match(line)
+        if match:
+            table[match.group(1)] = (match.group(2), match.group(3))
+    return table
+
+
+def xla_kernel_events(logdir, metadata):
+    """(op_name, op_type, self microseconds) of every XLA kernel in the
+    trace. Self time: an event's duration minus that of the events nested
+    in it on the same thread (a `while` contains its body's kernels)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {logdir}")
+    space = xplane_pb2.XSpace()
+    with open(paths[0], "rb") as f:
+        space.ParseFromString(f.read())
+    events = []
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            spans = sorted(
+                (e.offset_ps, e.offset_ps + e.duration_ps, names.get(e.metadata_id, ""))
+                for e in line.events)
+            stack = []  # [end, name, child picoseconds, duration]
+            def close(item):
+                end, name, children, duration = item
+                if name in metadata:
+                    op_type, op_name = metadata[name]
+                    if name.split(".")[0] in CONTROL_HLO:
+                        op_type = "While"  # counted as framework
+                    events.append((op_name, op_type, (duration - children) / 1e6))
+            for start, end, name in spans:
+                while stack and stack[-1][0] <= start:
+                    close(stack.pop())
+                if stack:
+                    stack[-1][2] += end - start
+                stack.append([end, name, 0, end - start])
+            while stack:
+                close(stack.pop())
+    if not events:
+        raise RuntimeError("the trace has no XLA kernel events; was "
+                           "--xla_cpu_enable_xprof_traceme set before XLA started?")
+    return events
+
+
 def point(length, jit, steps, ffn_chunk):
+    dump_dir = None
+    if jit:  # before TensorFlow starts XLA
+        dump_dir = tempfile.mkdtemp(prefix="profile_step_hlo_")
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = (f"{flags} {XLA_TRACE_FLAGS} "
+                                   f"--xla_dump_to={dump_dir}").strip()
     import numpy as np
     import tensorflow as tf
 
@@ -136,7 +214,9 @@ def point(length, jit, steps, ffn_chunk):
     tf.profiler.experimental.stop()
     totals = collections.Counter()
     types = collections.defaultdict(collections.Counter)
-    for name, op_type, micros in op_events(logdir):
+    events = (xla_kernel_events(logdir, hlo_metadata(dump_dir)) if jit
+              else op_events(logdir))
+    for name, op_type, micros in events:
         category = categorize(name, op_type)
         totals[category] += micros / 1e6 / steps
         types[category][op_type] += micros / 1e6 / steps

@@ -99,6 +99,21 @@ dynamic_update_slice = _private(
 )
 
 
+def _xla_sort():
+    from tensorflow.compiler.tf2xla.python.xla import sort
+
+    return sort
+
+
+# XLA's sort of one operand along the last axis (tf.sort and tf.argsort both
+# lower to TopK of (key, index) pairs, several times slower on XLA:CPU).
+xla_sort = _private(
+    "tensorflow.compiler.tf2xla.python.xla.sort",
+    "sorting LSH bucket keys under XLA",
+    _xla_sort,
+)
+
+
 def _gradient_registry():
     from tensorflow.python.framework import ops
 

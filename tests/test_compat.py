@@ -63,6 +63,12 @@ def test_dynamic_update_slice():
     assert _compat.dynamic_update_slice is dynamic_update_slice
 
 
+def test_xla_sort():
+    from tensorflow.compiler.tf2xla.python.xla import sort
+
+    assert _compat.xla_sort is sort
+
+
 EXPECTED_MESSAGE = "keras_reformer needs the TensorFlow backend of Keras"
 
 

@@ -13,6 +13,8 @@ import math
 
 import tensorflow as tf
 
+from keras_reformer._compat import xla_sort
+from keras_reformer.ops import recompute
 from keras_reformer.ops.chunk_attention import (
     GROUP_ELEMENTS,
     bias_from_masks,
@@ -106,10 +108,32 @@ def _sort_order(buckets, valid, num_buckets):
     key = tf.cast(buckets, tf.int64) * tf.cast(length, tf.int64) + tf.range(
         length, dtype=tf.int64
     )
-    order = tf.argsort(key, axis=-1)
-    inverse = tf.argsort(order, axis=-1)
-    sorted_buckets = tf.gather(buckets, order, axis=3, batch_dims=3)
-    return tf.cast(order, tf.int32), tf.cast(inverse, tf.int32), sorted_buckets
+    if recompute.in_xla_context():
+        # The keys have no ties, so sorting them alone gives the order and
+        # the sorted buckets by arithmetic: XLA:CPU sorts one int64 operand
+        # ~3.7x faster than argsort's (key, index) pairs (measured at 4K).
+        sorted_key = xla_sort(key)
+        order = tf.cast(sorted_key % tf.cast(length, tf.int64), tf.int32)
+        sorted_buckets = tf.cast(sorted_key // tf.cast(length, tf.int64), tf.int32)
+    else:
+        order = tf.cast(tf.argsort(key, axis=-1), tf.int32)
+        sorted_buckets = tf.gather(buckets, order, axis=3, batch_dims=3)
+    return order, _inverse_permutations(order), sorted_buckets
+
+
+def _inverse_permutations(order):
+    """The inverse of each row of `order` (permutations along the last axis).
+
+    A scatter in one pass, where a second argsort would sort again (under
+    XLA on CPU the sorts took 10% of a 4K training step). The rows are laid
+    end to end as one permutation of B*H*R*L (int32: far more elements than
+    any tensor here could hold).
+    """
+    shape = tf.shape(order)
+    rows = tf.reduce_prod(shape[:-1])
+    offsets = tf.reshape(tf.range(rows) * shape[-1], tf.concat([shape[:-1], [1]], 0))
+    flat = tf.reshape(order + offsets, [-1])
+    return tf.reshape(tf.math.invert_permutation(flat), shape) - offsets
 
 
 def _unit(vectors):
