@@ -126,8 +126,8 @@ def _inverse_permutations(order):
 
     A scatter in one pass, where a second argsort would sort again (under
     XLA on CPU the sorts took 10% of a 4K training step). The rows are laid
-    end to end as one permutation of B*H*R*L (int32: far more elements than
-    any tensor here could hold).
+    end to end as one permutation of B*H*R*L positions; int32 suffices, as
+    a tensor of 2^31 elements would not fit in memory anyway.
     """
     shape = tf.shape(order)
     rows = tf.reduce_prod(shape[:-1])
