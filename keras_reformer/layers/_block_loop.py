@@ -108,12 +108,12 @@ class BlockLoop:
 
     def _stacked(self):
         # Read once, before the loop: the values iteration i reads (and, for
-        # the backward pass, the seed states of the forward). A TensorArray
-        # holds each read as it is (graph mode copies nothing); `tf.stack`
-        # plus a gather per iteration held two more copies of every weight.
+        # the backward pass, the seed states of the forward). Plain tensors:
+        # the backward pass captures them (a SavedModel cannot serialize a
+        # gradient function that captures a TensorList), and each loop wraps
+        # them in its own `_Stacked`.
         return {
-            name: [_Stacked([tf.convert_to_tensor(v.value) for v in slot])
-                   for slot in slots]
+            name: [[tf.convert_to_tensor(v.value) for v in slot] for slot in slots]
             for name, slots in self.slots.items()
         }
 
@@ -164,6 +164,7 @@ class BlockLoop:
         return stacked
 
     def _forward(self, stacked, x1, x2):
+        stacked = _wrap(stacked)
         # Trainable weights are not changed by a call; only the other
         # variables (seed generators, statistics) get block i's new values.
         changing = {
@@ -204,6 +205,7 @@ class BlockLoop:
                     variable.assign(array.read(index))
 
     def _backward(self, stacked, outputs, dy1, dy2, variables):
+        stacked = _wrap(stacked)
         y1 = tf.stop_gradient(outputs[0])
         y2 = tf.stop_gradient(outputs[1])
         dy1 = tf.zeros_like(y1) if dy1 is None else dy1
@@ -264,8 +266,18 @@ class BlockLoop:
         return [out[3], out[4]], [by_variable.get(id(v)) for v in variables]
 
 
+def _wrap(values):
+    return {name: [_Stacked(slot) for slot in slots] for name, slots in values.items()}
+
+
 class _Stacked:
-    """One weight slot of every block, for the loop to read block i's from."""
+    """One weight slot of every block, for the loop to read block i's from.
+
+    In graph mode a TensorArray holds each value as it is (no copy), where
+    `tf.stack` plus a gather per iteration held two more copies of every
+    weight; under XLA a stacked tensor (XLA's buffers did not shrink with
+    the TensorArray and its compile grew).
+    """
 
     def __init__(self, values):
         self.dtype = values[0].dtype

@@ -108,26 +108,31 @@ def _sort_order(buckets, valid, num_buckets):
     key = tf.cast(buckets, tf.int64) * tf.cast(length, tf.int64) + tf.range(
         length, dtype=tf.int64
     )
-    if recompute.in_xla_context():
-        # The keys have no ties, so sorting them alone gives the order and
-        # the sorted buckets by arithmetic: XLA:CPU sorts one int64 operand
-        # ~3.7x faster than argsort's (key, index) pairs (measured at 4K).
-        sorted_key = xla_sort(key)
-        order = tf.cast(sorted_key % tf.cast(length, tf.int64), tf.int32)
-        sorted_buckets = tf.cast(sorted_key // tf.cast(length, tf.int64), tf.int32)
-    else:
+    if not recompute.in_xla_context():
         order = tf.cast(tf.argsort(key, axis=-1), tf.int32)
         sorted_buckets = tf.gather(buckets, order, axis=3, batch_dims=3)
-    return order, _inverse_permutations(order), sorted_buckets
+        return order, _inverse_permutations(order), sorted_buckets
+    # The keys have no ties, so sorting them alone gives the order and the
+    # sorted buckets by arithmetic: XLA:CPU sorts one int64 operand ~3.7x
+    # faster than argsort's (key, index) pairs (measured at 4K).
+    length64 = tf.cast(length, tf.int64)
+    sorted_key = xla_sort(key)
+    order = tf.cast(sorted_key % length64, tf.int32)
+    sorted_buckets = tf.cast(sorted_key // length64, tf.int32)
+    # The inverse the same way: sorting the tie-free keys order * L + slot
+    # puts, at position p, the slot that holds p. (The scatter of graph mode
+    # needs a reshape to a shape computed at run time, which XLA refuses.)
+    slots = tf.range(length, dtype=tf.int64)
+    inverse = xla_sort(tf.cast(order, tf.int64) * length64 + slots) % length64
+    return order, tf.cast(inverse, tf.int32), sorted_buckets
 
 
 def _inverse_permutations(order):
     """The inverse of each row of `order` (permutations along the last axis).
 
-    A scatter in one pass, where a second argsort would sort again (under
-    XLA on CPU the sorts took 10% of a 4K training step). The rows are laid
-    end to end as one permutation of B*H*R*L positions; int32 suffices, as
-    a tensor of 2^31 elements would not fit in memory anyway.
+    A scatter in one pass, where a second argsort would sort again. The rows
+    are laid end to end as one permutation of B*H*R*L positions; int32
+    suffices, as a tensor of 2^31 elements would not fit in memory anyway.
     """
     shape = tf.shape(order)
     rows = tf.reduce_prod(shape[:-1])
