@@ -64,9 +64,10 @@ def test_program_does_not_grow_with_depth():
     print(f"nodes per block: unrolled {per_block_unrolled}, looped {per_block_looped}"
           f" ({variables} variables per block)")
     # Looped, a block adds only the reads of its variables, their writes into
-    # the loop's TensorArrays and the reads of its gradients (about 10 nodes
-    # per variable); unrolled, it adds its whole forward and backward program.
-    assert per_block_looped <= 12 * variables
+    # the forward's and the backward's TensorArrays and the reads of its
+    # gradients (about 12.4 nodes per variable); unrolled, it adds its whole
+    # forward and backward program (13x as much).
+    assert per_block_looped <= 14 * variables
     assert per_block_unrolled > 10 * per_block_looped
 
 
