@@ -6,6 +6,7 @@ JSON line per point. Ratios are only ever formed between points of one run.
 """
 
 import csv
+import glob
 import json
 import os
 import resource
@@ -130,3 +131,27 @@ def finish_length_figure(fig, axes, titles, suptitle, path):
     fig.suptitle(suptitle)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def xplane_paths(logdir):
+    """The profiler's trace files under `logdir` (tf.profiler.experimental)."""
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {logdir}")
+    return paths
+
+
+def read_xspace(logdir):
+    """The profiler's trace under `logdir` as an XSpace (planes, lines, events)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    with open(xplane_paths(logdir)[0], "rb") as f:
+        space.ParseFromString(f.read())
+    return space
+
+
+def add_xla_flags(flags):
+    """Appends `flags` to XLA_FLAGS; only takes effect before XLA starts."""
+    before = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{before} {flags}".strip()

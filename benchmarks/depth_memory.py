@@ -87,8 +87,7 @@ def build_stack(depth, reversible, loop_blocks="auto"):
 
 def point(kind, depth, mode, repeats, length=LENGTH):
     if mode in MODE_FLAGS:  # before TensorFlow starts XLA
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} {MODE_FLAGS[mode]}".strip()
+        _common.add_xla_flags(MODE_FLAGS[mode])
     jit = mode != "graph"
     import keras
     import tensorflow as tf

@@ -19,7 +19,6 @@ and prints the peaks and the largest tensors.
 """
 
 import argparse
-import glob
 import os
 import sys
 import tempfile
@@ -33,14 +32,7 @@ ALLOCATION, DEALLOCATION = "MemoryAllocation", "MemoryDeallocation"
 
 def allocation_events(logdir):
     """(time ps, kind, stats dict) of the profiler's allocator events."""
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-        raise RuntimeError(f"the profiler wrote no trace under {logdir}")
-    space = xplane_pb2.XSpace()
-    with open(paths[0], "rb") as f:
-        space.ParseFromString(f.read())
+    space = _common.read_xspace(logdir)
     events = []
     for plane in space.planes:
         names = {k: v.name for k, v in plane.event_metadata.items()}

@@ -97,10 +97,8 @@ def op_events(logdir):
     `While` or function-call op does not count its body's ops again)."""
     from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
 
-    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-        raise RuntimeError(f"the profiler wrote no trace under {logdir}")
-    data, ok = plugin.xspace_to_tools_data(paths, "framework_op_stats", {})
+    data, ok = plugin.xspace_to_tools_data(
+        _common.xplane_paths(logdir), "framework_op_stats", {})
     if not ok:
         raise RuntimeError(f"the profiler's op table is unavailable: {data[:200]!r}")
     if isinstance(data, bytes):
@@ -149,29 +147,23 @@ def xla_kernel_events(logdir, metadata):
     """(op_name, op_type, self microseconds) of every XLA kernel in the
     trace. Self time: an event's duration minus that of the events nested
     in it on the same thread (a `while` contains its body's kernels)."""
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-        raise RuntimeError(f"the profiler wrote no trace under {logdir}")
-    space = xplane_pb2.XSpace()
-    with open(paths[0], "rb") as f:
-        space.ParseFromString(f.read())
     events = []
-    for plane in space.planes:
+
+    def close(item):
+        end, name, children, duration = item
+        if name in metadata:
+            op_type, op_name = metadata[name]
+            if name.split(".")[0] in CONTROL_HLO:
+                op_type = "While"  # counted as framework
+            events.append((op_name, op_type, (duration - children) / 1e6))
+
+    for plane in _common.read_xspace(logdir).planes:
         names = {k: v.name for k, v in plane.event_metadata.items()}
         for line in plane.lines:
             spans = sorted(
                 (e.offset_ps, e.offset_ps + e.duration_ps, names.get(e.metadata_id, ""))
                 for e in line.events)
             stack = []  # [end, name, child picoseconds, duration]
-            def close(item):
-                end, name, children, duration = item
-                if name in metadata:
-                    op_type, op_name = metadata[name]
-                    if name.split(".")[0] in CONTROL_HLO:
-                        op_type = "While"  # counted as framework
-                    events.append((op_name, op_type, (duration - children) / 1e6))
             for start, end, name in spans:
                 while stack and stack[-1][0] <= start:
                     close(stack.pop())
@@ -190,9 +182,7 @@ def point(length, jit, steps, ffn_chunk):
     dump_dir = None
     if jit:  # before TensorFlow starts XLA
         dump_dir = tempfile.mkdtemp(prefix="profile_step_hlo_")
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = (f"{flags} {XLA_TRACE_FLAGS} "
-                                   f"--xla_dump_to={dump_dir}").strip()
+        _common.add_xla_flags(f"{XLA_TRACE_FLAGS} --xla_dump_to={dump_dir}")
     import numpy as np
     import tensorflow as tf
 

@@ -103,11 +103,11 @@ def sort_order(buckets, valid, num_buckets):
 
 def _sort_order(buckets, valid, num_buckets):
     length = tf.shape(buckets)[-1]
+    length64 = tf.cast(length, tf.int64)
     buckets = tf.where(valid[:, None, None, :], buckets, num_buckets)
     # int64 keys: (num_buckets + 1) * L overflows int32 beyond ~256K tokens.
-    key = tf.cast(buckets, tf.int64) * tf.cast(length, tf.int64) + tf.range(
-        length, dtype=tf.int64
-    )
+    slots = tf.range(length, dtype=tf.int64)
+    key = tf.cast(buckets, tf.int64) * length64 + slots
     if not recompute.in_xla_context():
         order = tf.cast(tf.argsort(key, axis=-1), tf.int32)
         sorted_buckets = tf.gather(buckets, order, axis=3, batch_dims=3)
@@ -115,14 +115,12 @@ def _sort_order(buckets, valid, num_buckets):
     # The keys have no ties, so sorting them alone gives the order and the
     # sorted buckets by arithmetic: XLA:CPU sorts one int64 operand ~3.7x
     # faster than argsort's (key, index) pairs (measured at 4K).
-    length64 = tf.cast(length, tf.int64)
     sorted_key = xla_sort(key)
     order = tf.cast(sorted_key % length64, tf.int32)
     sorted_buckets = tf.cast(sorted_key // length64, tf.int32)
     # The inverse the same way: sorting the tie-free keys order * L + slot
     # puts, at position p, the slot that holds p. (The scatter of graph mode
     # needs a reshape to a shape computed at run time, which XLA refuses.)
-    slots = tf.range(length, dtype=tf.int64)
     inverse = xla_sort(tf.cast(order, tf.int64) * length64 + slots) % length64
     return order, tf.cast(inverse, tf.int32), sorted_buckets
 
