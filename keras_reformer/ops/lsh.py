@@ -113,8 +113,9 @@ def _sort_order(buckets, valid, num_buckets):
         sorted_buckets = tf.gather(buckets, order, axis=3, batch_dims=3)
         return order, _inverse_permutations(order), sorted_buckets
     # The keys have no ties, so sorting them alone gives the order and the
-    # sorted buckets by arithmetic: XLA:CPU sorts one int64 operand ~3.7x
-    # faster than argsort's (key, index) pairs (measured at 4K).
+    # sorted buckets by arithmetic: XLA:CPU sorts one operand much faster
+    # than argsort's TopK of (key, index) pairs (`profile_step.py --jit` at
+    # 4K: TopK 0.043 s per step, both key sorts together 0.012 s).
     sorted_key = xla_sort(key)
     order = tf.cast(sorted_key % length64, tf.int32)
     sorted_buckets = tf.cast(sorted_key // length64, tf.int32)
