@@ -130,7 +130,7 @@ def dense_attention(d_model, shared=True, shift=False):
     return DenseAttention()
 
 
-def build(kind, length, width, hidden, buckets=0):
+def build(kind, length, width, hidden, buckets=0, seed=0, chunks_before=1):
     import keras
 
     import keras_reformer as kr
@@ -177,7 +177,8 @@ def build(kind, length, width, hidden, buckets=0):
         intermediate_dim=ffn, num_hashes=int(kind[3]),
         bucket_size=length // 2 if wide else 64, num_buckets=2 if wide else (buckets or None),
         max_sequence_length=length,
-        reversible=not kind.endswith("_plain"), seed=0,
+        reversible=not kind.endswith("_plain"), seed=seed,
+        num_chunks_before=chunks_before,
         short_convolution=width or None, value_shift="_shift" in kind,
     )
     tokens = keras.Input((length,), dtype="int32")
@@ -186,18 +187,20 @@ def build(kind, length, width, hidden, buckets=0):
 
 
 def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, hidden,
-          buckets=0):
+          buckets=0, seed=0, chunks_before=1):
     import keras
 
     from keras_reformer import data
 
-    keras.utils.set_random_seed(0)
+    # One seed sets the initial weights, the hashing and dropout seeds and
+    # the order of the training batches (every kind of a run sees the same).
+    keras.utils.set_random_seed(seed)
     train_files, val_files = data.split_files(data.default_corpus_files())
-    train = data.lm_dataset(train_files, length, batch, seed=0,
+    train = data.lm_dataset(train_files, length, batch, seed=seed,
                             with_padding_mask=False)
     val = data.lm_dataset(val_files, length, batch, shuffle=False,
                           with_padding_mask=False).take(val_batches).cache()
-    model = build(kind, length, width, hidden, buckets)
+    model = build(kind, length, width, hidden, buckets, seed, chunks_before)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, alpha=0.1, warmup_target=learning_rate,
         warmup_steps=max(1, steps // 10))
@@ -214,7 +217,8 @@ def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, 
         "kind": kind, "length": length, "batch": batch, "steps": steps,
         "short_convolution": width, "hidden_dim": hidden,
         "num_buckets": buckets if kind.startswith("lsh") and kind != "lsh1_wide" else "",
-        "params": model.count_params(), "seconds": round(time.time() - start),
+        "chunks_before": chunks_before if kind.startswith("lsh") else "",
+        "seed": seed, "params": model.count_params(), "seconds": round(time.time() - start),
         "val_bits": [round(v / math.log(2), 4) for v in nats],
         "train_bits": [round(v / math.log(2), 4) for v in history.history["loss"]],
     })
@@ -223,7 +227,9 @@ def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, 
 def label(row):
     """The kind, with its bucket count where it was not the default rule."""
     buckets = str(row.get("num_buckets") or "")
-    return f"{row['kind']} ({buckets} buckets)" if buckets not in ("", "0") else row["kind"]
+    name = f"{row['kind']} ({buckets} buckets)" if buckets not in ("", "0") else row["kind"]
+    reach = str(row.get("chunks_before") or "")
+    return name if reach in ("", "1") else f"{name}, {reach} chunks back"
 
 
 def plot(rows, path):
@@ -260,11 +266,16 @@ def main():
     parser.add_argument("--num-buckets", type=int, default=0,
                         help="buckets per round of the lsh kinds (0: ReformerModel's "
                              "rule, 2 x length / 64)")
+    parser.add_argument("--chunks-before", type=int, default=1,
+                        help="num_chunks_before of the lsh kinds (a causal query sees "
+                             "this many x 64 recent keys of its bucket per round)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights, hashing/dropout seeds and batch order")
     parser.add_argument("--csv", default="learning_curves.csv")
     parser.add_argument("--merge", nargs="+", metavar="CSV",
                         help="only plot these earlier result CSVs (benchmarks/results/) "
                              "into one figure, docs/<--csv name>.png, and print their table")
-    parser.add_argument("--point", nargs=10, help=argparse.SUPPRESS)
+    parser.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.merge:
         return report(merged_rows(args.merge), args.csv)
@@ -272,12 +283,16 @@ def main():
         kind, *numbers = args.point
         length, batch, steps, evals, val_batches = map(int, numbers[:5])
         return point(kind, length, batch, steps, evals, val_batches, float(numbers[5]),
-                     int(numbers[6]), int(numbers[7]), int(numbers[8]))
+                     *map(int, numbers[6:]))
     if args.num_buckets < 0 or args.num_buckets % 2:
         parser.error(f"--num-buckets must be 0 (the default rule) or a positive even "
                      f"number. Received: {args.num_buckets}")
     if args.short_convolution < 0:
         parser.error(f"--short-convolution must be >= 0. Received: {args.short_convolution}")
+    if args.chunks_before < 1:
+        parser.error(f"--chunks-before must be >= 1. Received: {args.chunks_before}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0. Received: {args.seed}")
     for name in ("length", "batch", "steps", "evals", "val_batches", "hidden_dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1. "
@@ -290,7 +305,8 @@ def main():
         record = _common.run_point(os.path.abspath(__file__), [
             kind, args.length, args.batch, args.steps, args.evals,
             args.val_batches, args.learning_rate, args.short_convolution,
-            args.hidden_dim, args.num_buckets], timeout=6 * 3600)
+            args.hidden_dim, args.num_buckets, args.seed, args.chunks_before],
+            timeout=6 * 3600)
         _common.progress(f"  {record}")
         if record.get("status") == "ok":
             rows.append(record)

@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_reformer import _checks
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
 from keras_reformer.layers._layer_norm import LayerNorm
@@ -98,6 +99,12 @@ class ReformerModel(TokenIdInputs, keras.Model):
         feedforward_chunk_size: positions per FFN slice (default 1024, see
             `ChunkedFeedForward`).
         bucket_size, num_hashes, num_buckets: LSH attention (see LSHAttention).
+        num_chunks_before: earlier chunks a chunk attends to (default 1, the
+            paper's look-one-back); a causal query sees the
+            `num_chunks_before * bucket_size` most recent keys of its bucket
+            per round. With fewer, larger buckets a reach of 2 lets a query
+            see about its whole bucket (docs/learning.md), at 1.5x the
+            attention's cost.
         dropout: residual and embedding dropout.
         attention_dropout: dropout on attention probabilities.
         max_sequence_length: longest input (sizes the position embedding).
@@ -135,6 +142,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         bucket_size=64,
         num_hashes=2,
         num_buckets=None,
+        num_chunks_before=1,
         dropout=0.0,
         attention_dropout=0.0,
         max_sequence_length=8192,
@@ -159,6 +167,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         )
         _positive("feedforward_chunk_size", feedforward_chunk_size)
         _positive("max_sequence_length", max_sequence_length)
+        _checks.non_negative_int("num_chunks_before", num_chunks_before)
         _positive("short_convolution", short_convolution, True)
         _rate("dropout", dropout)
         _rate("attention_dropout", attention_dropout)
@@ -211,6 +220,8 @@ class ReformerModel(TokenIdInputs, keras.Model):
                                 max_length=max_sequence_length)
         if value_shift:
             attention_kwargs["value_shift"] = True
+        if num_chunks_before != 1:
+            attention_kwargs["num_chunks_before"] = num_chunks_before
         blocks = [
             (
                 AttentionBlock(
@@ -253,6 +264,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         self.bucket_size = bucket_size
         self.num_hashes = num_hashes
         self.num_buckets = num_buckets
+        self.num_chunks_before = num_chunks_before
         self.dropout = dropout
         self.attention_dropout = attention_dropout
         self.max_sequence_length = max_sequence_length
@@ -279,6 +291,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
             "bucket_size": self.bucket_size,
             "num_hashes": self.num_hashes,
             "num_buckets": self.num_buckets,
+            "num_chunks_before": self.num_chunks_before,
             "dropout": self.dropout,
             "attention_dropout": self.attention_dropout,
             "max_sequence_length": self.max_sequence_length,

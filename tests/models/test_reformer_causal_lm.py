@@ -78,6 +78,8 @@ def cached_errors(lm, ids, lengths):
         # Shifted values: the new token's value goes to the key before it.
         (2, [21, 9], {"value_shift": True}),
         (2, [12, 1], {"value_shift": True, "num_buckets": 2, "short_convolution": 3}),
+        # A reach of two chunks: twice the cached keys per bucket.
+        (2, [12, 3], {"num_buckets": 2, "num_chunks_before": 2}),
     ],
 )
 def test_cached_logits_equal_full_pass(rounds, lengths, extra):

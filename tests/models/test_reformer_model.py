@@ -166,9 +166,13 @@ def test_encoder_feeds_a_functional_classifier(tmp_path):
 
 def test_config_round_trip():
     model = ReformerModel(**SMALL, axial_shape=(8, 16), causal=False, reversible=False,
-                          short_convolution=2)
+                          short_convolution=2, num_chunks_before=2)
     config = model.get_config()
     assert config["short_convolution"] == 2
+    assert config["num_chunks_before"] == 2
+    # It reaches every attention layer (not only the config).
+    attention = model.get_layer("reversible_stack").blocks[0][0].attention
+    assert attention.num_chunks_before == 2
     clone = ReformerModel.from_config(config)
     assert clone.get_config() == config
     for key in ("vocabulary_size", "num_layers", "hidden_dim", "num_heads", "key_dim",
@@ -266,7 +270,9 @@ def test_too_long_inputs_fail_at_run_time_with_dynamic_shapes(position):
      ({"attention_dropout": -0.1}, "attention_dropout"),
      ({"feedforward_chunk_size": 0}, "feedforward_chunk_size"),
      ({"short_convolution": 0}, "short_convolution"),
-     ({"short_convolution": 2.5}, "short_convolution")],
+     ({"short_convolution": 2.5}, "short_convolution"),
+     ({"num_chunks_before": -1}, "num_chunks_before"),
+     ({"num_chunks_before": 1.5}, "num_chunks_before")],
 )
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
