@@ -42,6 +42,21 @@ what count.
 
 Writes benchmarks/results/profile_step_<length>[_xla].csv and prints a
 Markdown table.
+
+It also splits HFU (hardware FLOPs per second / the machine's matmul
+rate, measured in a fresh process as benchmarks/train_step.py measures
+it) into two measured factors, exactly:
+
+    HFU = (hardware FLOPs / matmul op seconds) / matmul rate
+          x (matmul op seconds / wall seconds)
+
+the first is how fast the matmul kernels run against the best large
+matmul, the second how much of the step they fill; everything else in
+the step (the categories' other ops, and what no op accounts for) is the
+room between the second factor and what a target HFU needs. The wall is
+the best of two steps timed before the profiler starts (the profiler
+slows the steps it records). Matmul ops are those whose type contains
+MatMul or Einsum (XLA: the kernels whose HLO metadata names such an op).
 """
 
 import argparse
@@ -178,6 +193,25 @@ def xla_kernel_events(logdir, metadata):
     return events
 
 
+def is_matmul(op_type):
+    return "MatMul" in op_type or "Einsum" in op_type
+
+
+def hfu_split(record, gflops):
+    """The two factors of HFU (module docstring) from a profile record."""
+    length = record["length"]
+    flops = train_step.hardware_flops_per_token("reformer", length) * length
+    wall, matmul = record["unprofiled_wall_s"], record["matmul_op_s"]
+    kernel_rate = flops / matmul / 1e9
+    return {
+        "hardware_gflop_per_step": round(flops / 1e9, 2),
+        "hfu": round(flops / wall / 1e9 / gflops, 3),
+        "matmul_kernel_gflops": round(kernel_rate, 1),
+        "matmul_kernel_vs_peak": round(kernel_rate / gflops, 3),
+        "matmul_busy": round(matmul / wall, 3),
+    }
+
+
 def point(length, jit, steps, ffn_chunk):
     dump_dir = None
     if jit:  # before TensorFlow starts XLA
@@ -193,8 +227,11 @@ def point(length, jit, steps, ffn_chunk):
     x = rng.integers(1, 256, size=(1, length)).astype("int32")
     y = np.roll(x, -1, axis=1)
     x = {"token_ids": x, "padding_mask": np.ones_like(x)}
-    for _ in range(2):
+    walls = []
+    for _ in range(4):  # two warm-up steps, then two timed ones
+        start = time.perf_counter()
         net.train_on_batch(x, y)
+        walls.append(time.perf_counter() - start)
     logdir = tempfile.mkdtemp(prefix="profile_step_")
     tf.profiler.experimental.start(logdir)
     start = time.perf_counter()
@@ -206,12 +243,16 @@ def point(length, jit, steps, ffn_chunk):
     types = collections.defaultdict(collections.Counter)
     events = (xla_kernel_events(logdir, hlo_metadata(dump_dir)) if jit
               else op_events(logdir))
+    matmul = 0.0
     for name, op_type, micros in events:
         category = categorize(name, op_type)
         totals[category] += micros / 1e6 / steps
         types[category][op_type] += micros / 1e6 / steps
+        if is_matmul(op_type):
+            matmul += micros / 1e6 / steps
     _common.emit({
         "length": length, "jit": jit, "steps": steps, "wall_s": round(wall, 4),
+        "unprofiled_wall_s": round(min(walls[2:]), 4), "matmul_op_s": round(matmul, 4),
         "op_seconds": {k: round(v, 4) for k, v in totals.items()},
         "top_types": {k: [(t, round(s, 4)) for t, s in v.most_common(4)]
                       for k, v in types.items()},
@@ -236,6 +277,8 @@ def main():
     record = _common.run_json(cmd, timeout=3600, prefix="RESULT ")
     if record.get("status") != "ok":
         sys.exit(f"profile failed: {record}")
+    rate = _common.run_point(os.path.abspath(train_step.__file__), ["matmul"])
+    gflops = rate.get("matmul_gflops")
     seconds = record["op_seconds"]
     total = sum(seconds.values())
     rows = [{"category": k, "op_seconds": v, "share": round(v / total, 4),
@@ -248,6 +291,19 @@ def main():
     print(f"length {args.length}, {'XLA' if args.jit else 'graph mode'}: wall "
           f"{record['wall_s']} s per step; op time summed over threads "
           f"{total:.3f} s")
+    if gflops:
+        split = hfu_split(record, gflops)
+        print(f"matmul rate {gflops} GFLOP/s; unprofiled wall {record['unprofiled_wall_s']} s; "
+              f"hardware {split['hardware_gflop_per_step']} GFLOP per step: HFU "
+              f"{split['hfu']} = matmul kernels at {split['matmul_kernel_gflops']} GFLOP/s "
+              f"({split['matmul_kernel_vs_peak']} of the rate) x matmuls busy "
+              f"{split['matmul_busy']} of the wall ({record['matmul_op_s']} op s)")
+        _common.write_csv(os.path.splitext(name)[0] + "_hfu.csv", [dict(
+            length=args.length, jit=args.jit, matmul_gflops=gflops,
+            unprofiled_wall_s=record["unprofiled_wall_s"],
+            matmul_op_s=record["matmul_op_s"], **split)])
+    else:
+        print(f"no matmul rate: {rate}")
     print("| category | op s per step | share | top op types (s) |")
     print("|---|---|---|---|")
     for row in rows:
