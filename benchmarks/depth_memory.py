@@ -30,6 +30,13 @@ depth ratio is formed from `net_mb` (peak minus idle) and also given raw.
         --depths 1 8 --csv depth_memory_1k.csv      # fixed per-block cost
     python benchmarks/depth_memory.py --jit --kinds reversible unrolled --depths 1 8 \
         --short-length 2048 --csv depth_memory_xla.csv   # length-dependent part
+    python benchmarks/depth_memory.py --length 1024 --kinds reversible stacked \
+        --modes xla graph --depths 2 8 16 --adam --csv depth_memory_1k_adam.csv
+                                          # per-block cost with Adam's update
+
+Kind `stacked` is `reversible` with `stack_weights=True` (one (depth, ...)
+variable per kind of block weight). `--adam` adds an Adam update of every
+weight to the step, as `model.fit` would run it.
 """
 
 import argparse
@@ -42,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 MODES = ("graph", "xla", "xla_memsched", "xla_lowmem")
-KINDS = ("reversible", "unrolled", "plain")
+KINDS = ("reversible", "stacked", "unrolled", "plain")
 MODE_FLAGS = {
     "xla_memsched": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
     "xla_lowmem": "--xla_cpu_use_fusion_emitters=false",
@@ -51,7 +58,7 @@ LENGTH, D_MODEL, HEADS, KEY_DIM = 16384, 256, 4, 64
 BUCKET, HASHES, FFN_DIM, FFN_CHUNK = 64, 2, 1024, 512
 
 
-def build_stack(depth, reversible, loop_blocks="auto"):
+def build_stack(depth, reversible, loop_blocks="auto", stack_weights=False):
     import keras
 
     import keras_reformer as kr
@@ -82,10 +89,11 @@ def build_stack(depth, reversible, loop_blocks="auto"):
 
     blocks = [(Attention(2 * i), FeedForward(2 * i + 1)) for i in range(depth)]
     return kr.layers.ReversibleSequence(blocks, reversible=reversible,
-                                        loop_blocks=loop_blocks)
+                                        loop_blocks=loop_blocks,
+                                        stack_weights=stack_weights)
 
 
-def point(kind, depth, mode, repeats, length=LENGTH):
+def point(kind, depth, mode, repeats, length=LENGTH, adam=False):
     if mode in MODE_FLAGS:  # before TensorFlow starts XLA
         _common.add_xla_flags(MODE_FLAGS[mode])
     jit = mode != "graph"
@@ -102,13 +110,21 @@ def point(kind, depth, mode, repeats, length=LENGTH):
         return
     # "reversible" runs identical blocks as one loop body (the default,
     # loop_blocks="auto"); "unrolled" is the same stack with a copy of the
-    # program per block (loop_blocks=False).
+    # program per block (loop_blocks=False); "stacked" loops over weights
+    # the stack holds stacked itself (stack_weights=True).
     stack = build_stack(depth, reversible=(kind != "plain"),
-                        loop_blocks=False if kind == "unrolled" else "auto")
+                        loop_blocks=False if kind == "unrolled" else "auto",
+                        stack_weights=kind == "stacked")
     # Built as a functional model builds it (symbolically), not by an eager
     # call, whose kernels and caches are not what a model.fit user pays.
     stack.build([tuple(x.shape)] * 2)
     weights = stack.trainable_variables
+
+    # --adam: the step also applies Adam's update, one kernel set per
+    # variable, as model.fit would (stacked weights have one per slot).
+    optimizer = keras.optimizers.Adam(1e-4) if adam else None
+    if optimizer is not None:
+        optimizer.build(weights)
 
     @tf.function(jit_compile=jit)
     def step(x):
@@ -117,6 +133,9 @@ def point(kind, depth, mode, repeats, length=LENGTH):
             y1, y2 = stack([x, x], training=True)
             loss = tf.reduce_sum(tf.square(y1)) + tf.reduce_sum(tf.square(y2))
         grads = tape.gradient(loss, [x] + weights)
+        if optimizer is not None:
+            optimizer.apply(grads[1:], weights)
+            return loss, tf.reduce_sum(grads[0])
         return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
 
     before = _common.current_rss_mb()
@@ -157,7 +176,7 @@ def point(kind, depth, mode, repeats, length=LENGTH):
             peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
             tf_step.append((peak - held) / 2**20)
     _common.emit({
-        "kind": kind, "depth": depth, "mode": mode,
+        "kind": kind, "depth": depth, "mode": mode, "adam": int(adam),
         "peak_rss_mb": round(_common.peak_rss_mb()),
         "rss_before_first_step_mb": round(before),
         "rss_after_first_step_mb": round(after_first),
@@ -170,6 +189,7 @@ def point(kind, depth, mode, repeats, length=LENGTH):
 
 
 LABELS = {"reversible": "reversible (looped blocks)",
+          "stacked": "reversible, stacked weights (stack_weights=True)",
           "unrolled": "reversible, unrolled (loop_blocks=False)",
           "plain": "reversible=False"}
 
@@ -182,7 +202,7 @@ def plot(rows, idle, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"graph": "C0", "xla": "C1", "xla_memsched": "C2", "xla_lowmem": "C3"}
-    styles = {"reversible": "-", "unrolled": ":", "plain": "--"}
+    styles = {"reversible": "-", "stacked": "-.", "unrolled": ":", "plain": "--"}
     for kind in KINDS:
         for mode in MODES:
             ok = [r for r in rows if r["kind"] == kind and r["mode"] == mode
@@ -207,10 +227,26 @@ def plot(rows, idle, path):
     fig.savefig(path, dpi=110)
 
 
+def replot(name):
+    import csv
+
+    with open(os.path.join(_common.RESULTS, name), newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("depth", "peak_rss_mb", "tf_step_peak_mb", "length"):
+            if row.get(key) not in (None, ""):
+                row[key] = int(float(row[key]))
+    idle = next(r["peak_rss_mb"] for r in rows if r["kind"] == "idle")
+    path = os.path.join(_common.DOCS, os.path.splitext(name)[0] + ".png")
+    plot([r for r in rows if r["kind"] != "idle"], idle, path)
+    print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--point", nargs=5,
-                        metavar=("KIND", "DEPTH", "MODE", "REPEATS", "LENGTH"))
+    parser.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--adam", action="store_true",
+                        help="the step also applies an Adam update to every weight")
     parser.add_argument("--length", type=int, default=LENGTH)
     parser.add_argument("--kinds", nargs="+", choices=KINDS,
                         default=["reversible", "plain"])
@@ -226,12 +262,17 @@ def main():
                         help="also run each point at this length and report the "
                         "length-dependent part: peak RSS at --length minus at this")
     parser.add_argument("--csv", default="depth_memory.csv")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw docs/<--csv name>.png from that CSV")
     args = parser.parse_args()
+    if args.replot:
+        return replot(args.csv)
     if args.jit:
         args.modes = ["xla"]
     if args.point:
-        kind, depth, mode, repeats, length = args.point
-        return point(kind, int(depth), mode, int(repeats), int(length))
+        kind, depth, mode, repeats, length, *adam = args.point
+        return point(kind, int(depth), mode, int(repeats), int(length),
+                     adam=bool(int(adam[0])) if adam else False)
     if args.quick:
         args.depths, args.modes = [1, 4, 12], ["graph"]
 
@@ -242,10 +283,12 @@ def main():
         for kind in args.kinds:
             for depth in args.depths:
                 record = _common.run_point(
-                    __file__, [kind, depth, mode, args.repeats, args.length])
+                    __file__, [kind, depth, mode, args.repeats, args.length,
+                               int(args.adam)])
                 if args.short_length and record.get("status") == "ok":
                     short = _common.run_point(
-                        __file__, [kind, depth, mode, args.repeats, args.short_length])
+                        __file__, [kind, depth, mode, args.repeats, args.short_length,
+                                   int(args.adam)])
                     if short.get("status") == "ok":
                         record["short_peak_rss_mb"] = short["peak_rss_mb"]
                         record["length_part_mb"] = (record["peak_rss_mb"]

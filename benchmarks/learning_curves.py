@@ -187,9 +187,10 @@ def build(kind, length, width, hidden, buckets=0, seed=0, chunks_before=1):
 
 
 def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, hidden,
-          buckets=0, seed=0, chunks_before=1):
+          buckets=0, seed=0, chunks_before=1, *eval_hashes):
     import keras
 
+    import keras_reformer as kr
     from keras_reformer import data
 
     # One seed sets the initial weights, the hashing and dropout seeds and
@@ -213,6 +214,17 @@ def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, 
     history = model.fit(train, epochs=evals, steps_per_epoch=steps // evals,
                         validation_data=val, validation_steps=val_batches, verbose=0)
     nats = history.history["val_loss"]
+    # The trained weights evaluated with other hash rounds (the paper's
+    # Table 2 does this): the same validation batches, retraced.
+    by_rounds = {}
+    if kind.startswith("lsh"):
+        backbone = next(layer for layer in model.layers
+                        if isinstance(layer, kr.models.ReformerModel))
+        for rounds in eval_hashes:
+            backbone.set_num_hashes(rounds)
+            model.test_function = None
+            loss = model.evaluate(val, steps=val_batches, verbose=0)
+            by_rounds[rounds] = round(loss / math.log(2), 4)
     _common.emit({
         "kind": kind, "length": length, "batch": batch, "steps": steps,
         "short_convolution": width, "hidden_dim": hidden,
@@ -221,6 +233,7 @@ def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, 
         "seed": seed, "params": model.count_params(), "seconds": round(time.time() - start),
         "val_bits": [round(v / math.log(2), 4) for v in nats],
         "train_bits": [round(v / math.log(2), 4) for v in history.history["loss"]],
+        "eval_hashes_bits": " ".join(f"{r}:{b}" for r, b in by_rounds.items()),
     })
 
 
@@ -271,6 +284,9 @@ def main():
                              "this many x 64 recent keys of its bucket per round)")
     parser.add_argument("--seed", type=int, default=0,
                         help="initial weights, hashing/dropout seeds and batch order")
+    parser.add_argument("--eval-hashes", type=int, nargs="+", default=[], metavar="N",
+                        help="after training, evaluate the lsh kinds' final weights "
+                             "with N hash rounds too (column eval_hashes_bits)")
     parser.add_argument("--csv", default="learning_curves.csv")
     parser.add_argument("--merge", nargs="+", metavar="CSV",
                         help="only plot these earlier result CSVs (benchmarks/results/) "
@@ -291,6 +307,8 @@ def main():
         parser.error(f"--short-convolution must be >= 0. Received: {args.short_convolution}")
     if args.chunks_before < 1:
         parser.error(f"--chunks-before must be >= 1. Received: {args.chunks_before}")
+    if any(n < 1 for n in args.eval_hashes):
+        parser.error(f"--eval-hashes must be >= 1. Received: {args.eval_hashes}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0. Received: {args.seed}")
     for name in ("length", "batch", "steps", "evals", "val_batches", "hidden_dim"):
@@ -305,7 +323,8 @@ def main():
         record = _common.run_point(os.path.abspath(__file__), [
             kind, args.length, args.batch, args.steps, args.evals,
             args.val_batches, args.learning_rate, args.short_convolution,
-            args.hidden_dim, args.num_buckets, args.seed, args.chunks_before],
+            args.hidden_dim, args.num_buckets, args.seed, args.chunks_before,
+            *args.eval_hashes],
             timeout=6 * 3600)
         _common.progress(f"  {record}")
         if record.get("status") == "ok":

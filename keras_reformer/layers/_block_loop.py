@@ -11,6 +11,12 @@ stacked copies (the way JAX users scan over layers). The template reads
 block i's weights through `keras.StatelessScope`, which also captures the
 seed-generator updates of block i, so every block draws the random numbers
 it would draw unrolled, and the backward pass replays them exactly.
+
+With `stacked` variables (`ReversibleSequence(stack_weights=True)`) the
+weights already are one variable per slot, of shape `(depth, ...)`: nothing
+is stacked before the loop, and each slot's gradient is the loop's stacked
+buffer itself, so the step (the optimizer's update included) has a kernel
+per slot, not per block and slot, and XLA's program stops growing with depth.
 """
 
 import keras
@@ -42,9 +48,9 @@ def _strip(config):
     return config
 
 
-def why_not_loopable(blocks):
+def why_not_loopable(blocks, min_blocks=2):
     """None if `blocks` can run as one loop body; else the reason, in words."""
-    if len(blocks) < 2:
+    if len(blocks) < min_blocks:
         return "there is only one block"
     seen = set()
     for f, g in blocks:
@@ -90,9 +96,13 @@ class BlockLoop:
             target_grads), run under the backward's tape: the output and what
             to differentiate for the VJP with `dy` (the sequence's
             `_run_vjp`: one pass for blocks that offer `value_and_vjp`).
+        stacked: optional {"f": [...], "g": [...]}: per half, one variable
+            of shape `(depth, ...)` for each of the template's variables
+            (in `template.variables` order), holding every block's value.
+            Without it, each block's own variables are the weights.
     """
 
-    def __init__(self, blocks, run, kwargs, run_vjp):
+    def __init__(self, blocks, run, kwargs, run_vjp, stacked=None):
         self.blocks = blocks
         self.run = run
         self.run_vjp = run_vjp
@@ -101,10 +111,18 @@ class BlockLoop:
         # Per half ("f", "g"): the template's variables and, slot by slot,
         # the same variable of every block.
         self.template = {"f": blocks[0][0], "g": blocks[0][1]}
-        self.slots = {
-            name: [list(vs) for vs in zip(*(b[i].variables for b in blocks))]
-            for i, name in ((0, "f"), (1, "g"))
-        }
+        self.stacked_variables = stacked
+        # Per half and slot: the template's variable (what kind of weight
+        # the slot holds) and, in `slots`, the variables holding its values:
+        # one per block, or the one stacked variable.
+        self.kinds = {name: list(self.template[name].variables) for name in ("f", "g")}
+        if stacked is None:
+            self.slots = {
+                name: [list(vs) for vs in zip(*(b[i].variables for b in blocks))]
+                for i, name in ((0, "f"), (1, "g"))
+            }
+        else:
+            self.slots = {name: [[v] for v in stacked[name]] for name in ("f", "g")}
 
     def _stacked(self):
         # Read once, before the loop: the values iteration i reads (and, for
@@ -112,6 +130,11 @@ class BlockLoop:
         # the backward pass captures them (a SavedModel cannot serialize a
         # gradient function that captures a TensorList), and each loop wraps
         # them in its own `_Stacked`.
+        if self.stacked_variables is not None:
+            return {
+                name: [tf.convert_to_tensor(slot[0].value) for slot in slots]
+                for name, slots in self.slots.items()
+            }
         return {
             name: [[tf.convert_to_tensor(v.value) for v in slot] for slot in slots]
             for name, slots in self.slots.items()
@@ -168,8 +191,8 @@ class BlockLoop:
         # Trainable weights are not changed by a call; only the other
         # variables (seed generators, statistics) get block i's new values.
         changing = {
-            name: [j for j, slot in enumerate(slots) if not slot[0].trainable]
-            for name, slots in self.slots.items()
+            name: [j for j, kind in enumerate(kinds) if not kind.trainable]
+            for name, kinds in self.kinds.items()
         }
         arrays = {
             name: [_array_like(stacked[name][j], self.depth) for j in changing[name]]
@@ -201,6 +224,9 @@ class BlockLoop:
     def _write_states(self, states):
         for name, slots in self.slots.items():
             for j, array in states[name].items():
+                if self.stacked_variables is not None:
+                    slots[j][0].assign(array.stack())
+                    continue
                 for index, variable in enumerate(slots[j]):
                     variable.assign(array.read(index))
 
@@ -211,9 +237,9 @@ class BlockLoop:
         dy1 = tf.zeros_like(y1) if dy1 is None else dy1
         dy2 = tf.zeros_like(y2) if dy2 is None else dy2
         trainable = {
-            name: [j for j, slot in enumerate(slots) if slot[0].trainable
-                   and slot[0].dtype in ("float16", "bfloat16", "float32", "float64")]
-            for name, slots in self.slots.items()
+            name: [j for j, kind in enumerate(kinds) if kind.trainable
+                   and kind.dtype in ("float16", "bfloat16", "float32", "float64")]
+            for name, kinds in self.kinds.items()
         }
         arrays = {
             name: [_array_like(stacked[name][j], self.depth) for j in trainable[name]]
@@ -258,6 +284,11 @@ class BlockLoop:
         by_variable = {}
         for name, grad_arrays in (("f", f_arrays), ("g", g_arrays)):
             for j, array in zip(trainable[name], grad_arrays):
+                if self.stacked_variables is not None:
+                    # The loop's buffer is the stacked variable's gradient.
+                    for key in _variable_keys(self.slots[name][j][0]):
+                        by_variable[key] = array.stack()
+                    continue
                 # Element by element: stack + unstack would copy twice.
                 for index, variable in enumerate(self.slots[name][j]):
                     grad = array.read(index)
@@ -280,6 +311,11 @@ class _Stacked:
     """
 
     def __init__(self, values):
+        if not isinstance(values, (list, tuple)):  # already stacked
+            self.dtype = values.dtype
+            self.element_shape = values.shape[1:]
+            self.array, self.stacked = None, values
+            return
         self.dtype = values[0].dtype
         self.element_shape = values[0].shape
         if recompute.in_xla_context():

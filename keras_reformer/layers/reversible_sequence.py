@@ -1,5 +1,7 @@
 """ReversibleSequence: a stack of reversible (F, G) blocks that recomputes backward."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -115,6 +117,20 @@ class ReversibleSequence(keras.layers.Layer):
             `reversible=True`, there are at least two blocks and they have
             one structure, and unrolls otherwise; `False` always unrolls.
             The result is the same either way.
+        stack_weights: bool. If `True`, the stack holds its weights itself,
+            one variable of shape `(num_blocks, ...)` per weight of a block
+            (initialized from the blocks' own values at build time), the
+            way JAX users scan over stacked layers. The blocks must have one
+            structure; they run as one loop body (`loop_blocks` must not be
+            `False`). Gradients and optimizer updates are then one tensor
+            per kind of weight instead of one per block, so under XLA the
+            compiled step (and its compile memory) no longer grows with
+            depth (docs/benchmarks.md, "Stacked weights"). The blocks' own
+            variables are not used after the build and are not among the
+            stack's `weights`/`variables` (they still hold their initial
+            values): to run block `i` on its trained weights outside the
+            stack, do so under `stack.block_scope(i)`. Defaults to `False`
+            (each block keeps its own weights).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -146,7 +162,8 @@ class ReversibleSequence(keras.layers.Layer):
     TensorShape([2, 50, 16])
     """
 
-    def __init__(self, blocks, reversible=True, loop_blocks="auto", **kwargs):
+    def __init__(self, blocks, reversible=True, loop_blocks="auto",
+                 stack_weights=False, **kwargs):
         super().__init__(**kwargs)
         pairs = _check_blocks(blocks)
         # Two flat lists, so that Keras tracks every layer (and each weight
@@ -160,6 +177,22 @@ class ReversibleSequence(keras.layers.Layer):
                 f"Received: loop_blocks={loop_blocks!r}"
             )
         self.loop_blocks = loop_blocks
+        self.stack_weights = _checks.boolean("stack_weights", stack_weights)
+        if self.stack_weights and loop_blocks is False:
+            raise ValueError(
+                "`stack_weights=True` runs the blocks as one loop body over the "
+                "stacked weights; it cannot be combined with loop_blocks=False. "
+                "Received: stack_weights=True, loop_blocks=False"
+            )
+        if self.stack_weights:
+            reason = _block_loop.why_not_loopable(pairs, min_blocks=1)
+            if reason is not None:
+                raise ValueError(
+                    "`stack_weights=True` needs blocks of one structure, but "
+                    f"{reason}. Use stack_weights=False."
+                )
+        # {"f": [...], "g": [...]}: the stacked variables, made in build().
+        self._stacked = None
         self.supports_masking = True
 
     @property
@@ -210,7 +243,78 @@ class ReversibleSequence(keras.layers.Layer):
                 with recompute.throwaway_trace():
                     out = layer(spec)
                 self._check_block_output(index, name, layer, shape, out)
+        if self.stack_weights:
+            self._stacked = self._make_stacked_weights()
         self.built = True
+
+    def _make_stacked_weights(self):
+        """One variable per slot of block 0's variables, holding every
+        block's value of it (in `layer.variables` order, which the loop's
+        template maps onto)."""
+        stacked = {}
+        self._stacked_weight_ids = set()
+        for position, name in ((0, "f"), (1, "g")):
+            layers = [block[position] for block in self.blocks]
+            slots = []
+            for j, kind in enumerate(layers[0].variables):
+                values = [layer.variables[j] for layer in layers]
+
+                def initializer(shape, dtype, values=values):
+                    # Eagerly (build may run inside a trace), from the blocks'
+                    # initialized values.
+                    with tf.init_scope():
+                        return tf.stack([tf.convert_to_tensor(v.value) for v in values])
+
+                slots.append(self.add_weight(
+                    name=f"{name}_{j}_{kind.name}",
+                    shape=(len(layers),) + tuple(kind.shape),
+                    dtype=kind.dtype, trainable=kind.trainable,
+                    initializer=initializer, autocast=False,
+                ))
+                # Keras counts seed-generator states as variables, not weights.
+                if any(kind is w for w in layers[0].weights):
+                    self._stacked_weight_ids.add(id(slots[-1]))
+            stacked[name] = slots
+        return stacked
+
+    # Once stacked, the stack's weights are its own variables only: the
+    # blocks' (unused) ones would otherwise be trained on no gradient and
+    # saved twice over.
+
+    @property
+    def variables(self):
+        if self._stacked is None:
+            return super().variables
+        return list(self._trainable_variables + self._non_trainable_variables)
+
+    @property
+    def weights(self):
+        if self._stacked is None:
+            return super().weights
+        return [v for v in self._trainable_variables + self._non_trainable_variables
+                if id(v) in self._stacked_weight_ids]
+
+    def block_scope(self, index):
+        """Context in which block `index`'s layers read their stacked weights.
+
+        With `stack_weights=True`, the blocks' own variables are not the
+        trained ones; inside this scope (a `keras.StatelessScope`) block
+        `index`'s `f` and `g` compute with the stack's values for block
+        `index`. Variable updates inside it are not kept. Without stacked
+        weights this does nothing.
+        """
+        if self._stacked is None:
+            return contextlib.nullcontext()
+        if not 0 <= index < len(self.f_layers):
+            raise ValueError(
+                f"`index` must be in [0, {len(self.f_layers)}). Received: index={index}"
+            )
+        mapping = []
+        for position, name in ((0, "f"), (1, "g")):
+            layer = self.blocks[index][position]
+            for variable, slot in zip(layer.variables, self._stacked[name]):
+                mapping.append((variable, tf.convert_to_tensor(slot.value)[index]))
+        return keras.StatelessScope(state_mapping=mapping)
 
     def _check_block_output(self, index, name, layer, shape, out):
         out_shape = getattr(out, "shape", None)
@@ -260,14 +364,10 @@ class ReversibleSequence(keras.layers.Layer):
         ]
         x1 = tf.cast(x1, self._stream_dtype)
         x2 = tf.cast(x2, self._stream_dtype)
-        if self.reversible and self._loops():
-            loop = _block_loop.BlockLoop(
-                self.blocks,
-                lambda name, layer, x, kw: self._run(0, name, layer, x, kw),
-                kwargs[0],
-                lambda name, layer, x, kw, dy: self._run_vjp(0, name, layer, x, kw, dy),
-            )
-            y1, y2 = loop.forward()(x1, x2)
+        if self._stacked is not None and not self.reversible:
+            y1, y2 = self._plain_stacked(x1, x2, kwargs[0])
+        elif self.reversible and (self._stacked is not None or self._loops()):
+            y1, y2 = self._loop(kwargs[0]).forward()(x1, x2)
         elif self.reversible:
             y1, y2 = self._reversible(x1, x2, kwargs)
         else:
@@ -276,6 +376,40 @@ class ReversibleSequence(keras.layers.Layer):
                 y1 = y1 + self._run(index, "f", f, y2, kwargs[index][0])
                 y2 = y2 + self._run(index, "g", g, y1, kwargs[index][1])
         return [tf.cast(y1, self.compute_dtype), tf.cast(y2, self.compute_dtype)]
+
+    def _loop(self, kwargs):
+        return _block_loop.BlockLoop(
+            self.blocks,
+            lambda name, layer, x, kw: self._run(0, name, layer, x, kw),
+            kwargs,
+            lambda name, layer, x, kw, dy: self._run_vjp(0, name, layer, x, kw, dy),
+            stacked=self._stacked,
+        )
+
+    def _plain_stacked(self, x1, x2, kwargs):
+        """reversible=False over stacked weights: block 0's layers, block by
+        block with block i's slices (ordinary autodiff through the slices)."""
+        loop = self._loop(kwargs)
+        values = {
+            name: [tf.convert_to_tensor(v.value) for v in slots]
+            for name, slots in self._stacked.items()
+        }
+        updates = {"f": [], "g": []}
+        y1, y2 = x1, x2
+        for index in range(len(self.f_layers)):
+            out, new = loop._call("f", [v[index] for v in values["f"]], y2)
+            y1 = y1 + out
+            updates["f"].append(new)
+            out, new = loop._call("g", [v[index] for v in values["g"]], y1)
+            y2 = y2 + out
+            updates["g"].append(new)
+        # Seed-generator states (and any other non-trainable state) advance
+        # as they would for each block's own variables.
+        for name, slots in self._stacked.items():
+            for j, variable in enumerate(slots):
+                if not variable.trainable:
+                    variable.assign(tf.stack([new[j] for new in updates[name]]))
+        return y1, y2
 
     def _loops(self):
         """Whether this call runs the blocks as one loop (see `loop_blocks`)."""
@@ -367,8 +501,9 @@ class ReversibleSequence(keras.layers.Layer):
         y1, y2 = (tf.cast(y, self._stream_dtype) for y in outputs)
         for index in reversed(range(len(self.f_layers))):
             f, g = self.f_layers[index], self.g_layers[index]
-            x2 = y2 - self._run(index, "g", g, y1, self._block_kwargs(g, mask, False))
-            x1 = y1 - self._run(index, "f", f, x2, self._block_kwargs(f, mask, False))
+            with self.block_scope(index):
+                x2 = y2 - self._run(index, "g", g, y1, self._block_kwargs(g, mask, False))
+                x1 = y1 - self._run(index, "f", f, x2, self._block_kwargs(f, mask, False))
             y1, y2 = x1, x2
         return [tf.cast(y1, self.compute_dtype), tf.cast(y2, self.compute_dtype)]
 
@@ -446,6 +581,7 @@ class ReversibleSequence(keras.layers.Layer):
                 ],
                 "reversible": self.reversible,
                 "loop_blocks": self.loop_blocks,
+                "stack_weights": self.stack_weights,
             }
         )
         return config

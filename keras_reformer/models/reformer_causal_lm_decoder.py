@@ -88,11 +88,12 @@ class CachedDecoder:
         Computed once before the decode loop: they are the same at every
         step, and drawing them costs O(num_buckets) per layer.
         """
-        return [
-            f.attention._rotations(f.attention._factors(), f.attention.num_hashes,
-                                   False)
-            for f, _ in self.blocks
-        ]
+        rotations = []
+        for index, (f, _) in enumerate(self.blocks):
+            with self.stack.block_scope(index):
+                rotations.append(f.attention._rotations(
+                    f.attention._factors(), f.attention.num_hashes, False))
+        return rotations
 
     def _logits(self, y1, y2):
         """Stream outputs at one position per row (B, 1, H) -> (B, V) float32."""
@@ -128,17 +129,21 @@ class CachedDecoder:
             x = x + self.convolution(x)
         x1 = x2 = tf.cast(x, self.stream_dtype)
         caches = []
-        for f, g in self.blocks:
-            attention = f.attention
-            qk, v = attention.project(f.norm(x2))
-            buckets, total = attention.hash_buckets(qk)
-            if attention.value_shift:
-                v = lsh.shifted_values(v, padding_mask)
-            caches.append(lsh_decode.init_cache(
-                qk, v, buckets, padding_mask, total, self._reach(attention), max_length,
-            ))
-            x1 = x1 + tf.cast(f(x2, mask=padding_mask, training=False), self.stream_dtype)
-            x2 = x2 + tf.cast(g(x1, training=False), self.stream_dtype)
+        for index, (f, g) in enumerate(self.blocks):
+            # Block index's weights (the stack's slices with stack_weights).
+            with self.stack.block_scope(index):
+                attention = f.attention
+                qk, v = attention.project(f.norm(x2))
+                buckets, total = attention.hash_buckets(qk)
+                if attention.value_shift:
+                    v = lsh.shifted_values(v, padding_mask)
+                caches.append(lsh_decode.init_cache(
+                    qk, v, buckets, padding_mask, total, self._reach(attention),
+                    max_length,
+                ))
+                x1 = x1 + tf.cast(f(x2, mask=padding_mask, training=False),
+                                  self.stream_dtype)
+                x2 = x2 + tf.cast(g(x1, training=False), self.stream_dtype)
         pick = lambda y: tf.gather(y, last[:, None], axis=1, batch_dims=1)  # noqa: E731
         if history is not None:
             caches.append(history)
@@ -175,22 +180,24 @@ class CachedDecoder:
             caches = caches[:-1]
             history = window[:, 1:]
         x1 = x2 = tf.cast(x, self.stream_dtype)
-        for (f, g), cache, rotation in zip(self.blocks, caches, rotations):
-            attention = f.attention
-            normed = f.norm(x2)
-            qk, v = attention.project(normed)
-            buckets = lsh.hash_vectors(qk, rotation)
-            out, cache = lsh_decode.decode_step(
-                cache, qk[:, :, 0], v[:, :, 0], buckets[..., 0], position,
-                self._reach(attention), attention.sliding_window, in_place=in_place,
-                value_shift=attention.value_shift,
-            )
-            new_caches.append(cache)
-            gate = attention.gate_dense(normed) if attention.use_gate else None
-            attended = attention.attend_output(out[:, :, None], gate)
-            # The block's own dropout is the identity at inference.
-            x1 = x1 + tf.cast(attended, self.stream_dtype)
-            x2 = x2 + tf.cast(g(x1, training=False), self.stream_dtype)
+        for index, ((f, g), cache, rotation) in enumerate(
+                zip(self.blocks, caches, rotations)):
+            with self.stack.block_scope(index):
+                attention = f.attention
+                normed = f.norm(x2)
+                qk, v = attention.project(normed)
+                buckets = lsh.hash_vectors(qk, rotation)
+                out, cache = lsh_decode.decode_step(
+                    cache, qk[:, :, 0], v[:, :, 0], buckets[..., 0], position,
+                    self._reach(attention), attention.sliding_window,
+                    in_place=in_place, value_shift=attention.value_shift,
+                )
+                new_caches.append(cache)
+                gate = attention.gate_dense(normed) if attention.use_gate else None
+                attended = attention.attend_output(out[:, :, None], gate)
+                # The block's own dropout is the identity at inference.
+                x1 = x1 + tf.cast(attended, self.stream_dtype)
+                x2 = x2 + tf.cast(g(x1, training=False), self.stream_dtype)
         if self.convolution is not None:
             new_caches.append(history)
         return self._logits(x1, x2), new_caches

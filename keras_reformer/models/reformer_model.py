@@ -122,6 +122,13 @@ class ReformerModel(TokenIdInputs, keras.Model):
             Defaults to False (the paper's model).
         causal: True for a language model, False for an encoder.
         reversible: False computes the same function with ordinary autodiff.
+        stack_weights: bool. If True, the reversible stack holds each kind
+            of block weight as one `(num_layers, ...)` variable
+            (`ReversibleSequence(stack_weights=True)`): under XLA the
+            compiled step then stops growing with depth (see
+            docs/benchmarks.md, "Stacked weights"). The weight layout
+            differs, so weights saved with one setting do not load into
+            the other. Defaults to False.
         include_head: add the LayerNorm'd vocabulary projection (logits).
         seed: seeds the random parts of the computation: the hash
             rotations and the dropout masks (None: drawn, stored in the
@@ -154,6 +161,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         reversible=True,
         include_head=True,
         seed=None,
+        stack_weights=False,
         dtype=None,
         **kwargs,
     ):
@@ -174,6 +182,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         causal = _flag("causal", causal)
         reversible = _flag("reversible", reversible)
         include_head = _flag("include_head", include_head)
+        stack_weights = _flag("stack_weights", stack_weights)
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
                 f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
@@ -239,7 +248,8 @@ class ReformerModel(TokenIdInputs, keras.Model):
             for i in range(num_layers)
         ]
         y1, y2 = ReversibleSequence(
-            blocks, reversible=reversible, dtype=dtype, name="reversible_stack"
+            blocks, reversible=reversible, stack_weights=stack_weights, dtype=dtype,
+            name="reversible_stack",
         )([x, x], mask=[mask, mask])
         h = keras.layers.Concatenate(dtype=dtype, name="concat_streams")([y1, y2])
         h = LayerNorm(epsilon=1e-6, dtype=dtype, name="final_norm")(h)
@@ -276,6 +286,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
         self.reversible = reversible
         self.include_head = include_head
         self.seed = seed
+        self.stack_weights = stack_weights
 
     def get_config(self):
         return {
@@ -303,6 +314,7 @@ class ReformerModel(TokenIdInputs, keras.Model):
             "reversible": self.reversible,
             "include_head": self.include_head,
             "seed": self.seed,
+            "stack_weights": self.stack_weights,
             # The policy the layers were built with (the argument, or the
             # global policy at construction), so a reload computes alike.
             "dtype": keras.dtype_policies.serialize(

@@ -1,0 +1,299 @@
+"""ReversibleSequence(stack_weights=True): the stack holds (depth, ...) weights.
+
+References are independent of the stacked path: a residual stack written
+out here block by block with ordinary autodiff over each block's own
+variables, the per-block ReformerModel trained from the same initial
+weights, a full pass for cached decoding, and XLA's own HLO for the
+program size.
+"""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_reformer.layers import ChunkedFeedForward, LSHAttention, ReversibleSequence
+from keras_reformer.models import ReformerCausalLM, ReformerModel
+
+FEATURES = 8
+
+
+@keras.saving.register_keras_serializable(package="test_stacked_weights")
+class Attention(keras.layers.Layer):
+    def __init__(self, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.norm = keras.layers.LayerNormalization()
+        self.attention = LSHAttention(2, 4, bucket_size=4, num_hashes=2,
+                                      dropout=0.1, seed=seed)
+
+    def call(self, x, training=None):
+        return self.attention(self.norm(x), training=training, use_causal_mask=True)
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def blocks_of(depth):
+    keras.utils.set_random_seed(0)
+    return [(Attention(seed=i), ChunkedFeedForward(16, chunk_size=4, dropout=0.1, seed=i))
+            for i in range(depth)]
+
+
+def built(stack):
+    stack.build([(None, None, FEATURES)] * 2)
+    return stack
+
+
+def residual_reference(blocks, x, training):
+    """y1 = x1 + f(x2), y2 = x2 + g(y1), block by block, plain autodiff."""
+    y1 = y2 = x
+    for f, g in blocks:
+        y1 = y1 + f(y2, training=training)
+        y2 = y2 + g(y1, training=training)
+    return y1, y2
+
+
+def loss_of(y1, y2):
+    return tf.reduce_sum(y1 ** 2) + 1.5 * tf.reduce_sum(y2)
+
+
+def slot_gradients(stack, grads):
+    """The stacked gradients, by (half, slot)."""
+    by_id = dict(zip([id(v) for v in stack.trainable_variables], grads))
+    return {(name, j): by_id[id(v)] for name, slots in stack._stacked.items()
+            for j, v in enumerate(slots) if v.trainable}
+
+
+@pytest.mark.parametrize("mode, reversible", [
+    ("eager", True), ("graph", True), ("xla", True), ("graph", False)])
+def test_outputs_gradients_and_seed_states_match_per_block_autodiff(mode, reversible):
+    depth = 2
+    reference_blocks = blocks_of(depth)
+    built(ReversibleSequence(reference_blocks, reversible=False))  # builds them
+    stack = built(ReversibleSequence(blocks_of(depth), reversible=reversible,
+                                     stack_weights=True))
+    x = tf.random.normal((2, 12, FEATURES), seed=1)
+    weights = [v for f, g in reference_blocks for v in f.trainable_variables
+               + g.trainable_variables]
+
+    def reference():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = loss_of(*residual_reference(reference_blocks, x, True))
+        return loss, tape.gradient(loss, [x] + weights)
+
+    def stacked():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = loss_of(*stack([x, x], training=True))
+        return loss, tape.gradient(loss, [x] + stack.trainable_variables)
+
+    if mode != "eager":
+        reference = tf.function(reference, jit_compile=mode == "xla")
+        stacked = tf.function(stacked, jit_compile=mode == "xla")
+    for _ in range(2):  # the second call draws from advanced seed states
+        ref_loss, ref_grads = reference()
+        loss, grads = stacked()
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(grads[0], ref_grads[0], rtol=1e-4, atol=1e-4)
+        by_variable = dict(zip([id(v) for v in weights], ref_grads[1:]))
+        for (name, j), grad in slot_gradients(stack, grads[1:]).items():
+            position = 0 if name == "f" else 1
+            expected = np.stack([
+                by_variable[id(block[position].variables[j])]
+                for block in reference_blocks
+            ])
+            scale = np.abs(expected).max() + 1.0
+            np.testing.assert_allclose(grad, expected, atol=2e-5 * scale)
+    # Seed-generator (and hash seed) states: block i's slice is where block
+    # i's own state went.
+    for name, position in (("f", 0), ("g", 1)):
+        for j, variable in enumerate(stack._stacked[name]):
+            if variable.trainable:
+                continue
+            expected = np.stack([block[position].variables[j].numpy()
+                                 for block in reference_blocks])
+            np.testing.assert_array_equal(variable.numpy(), expected)
+
+
+def test_weights_are_the_stacked_variables_only():
+    depth = 4
+    stack = built(ReversibleSequence(blocks_of(depth), stack_weights=True))
+    per_block = built(ReversibleSequence(blocks_of(depth)))
+    assert len(stack.variables) == len(per_block.variables) // depth
+    assert all(v.shape[0] == depth for v in stack.variables)
+    assert stack.count_params() == per_block.count_params()
+    assert len(stack.weights) == len(per_block.weights) // depth
+    # Initialized from the blocks' own values, in layer.variables order.
+    f0 = per_block.blocks[2][0].variables
+    for j, variable in enumerate(stack._stacked["f"]):
+        np.testing.assert_array_equal(variable.numpy()[2], f0[j].numpy())
+
+
+def test_block_scope_reads_block_i_of_the_stack():
+    stack = built(ReversibleSequence(blocks_of(3), stack_weights=True))
+    for variable in stack.trainable_variables:
+        variable.assign(np.random.default_rng(0).normal(size=variable.shape) * 0.3)
+    x = tf.random.normal((1, 8, FEATURES), seed=2)
+    # Reference: a fresh block given block 1's slice as its own weights.
+    keras.utils.set_random_seed(0)
+    fresh = ChunkedFeedForward(16, chunk_size=4, dropout=0.1, seed=1)
+    fresh.build((None, None, FEATURES))
+    for variable, slot in zip(fresh.variables, stack._stacked["g"]):
+        variable.assign(slot.numpy()[1])
+    g1 = stack.blocks[1][1]
+    with stack.block_scope(1):
+        scoped = g1(x)
+    np.testing.assert_allclose(scoped, fresh(x), rtol=1e-5, atol=1e-6)
+    # Outside the scope the block's own (untrained) variables differ.
+    assert np.abs(g1(x).numpy() - scoped.numpy()).max() > 1e-3
+    with pytest.raises(ValueError, match=r"`index` must be in \[0, 3\). Received: index=3"):
+        stack.block_scope(3)
+
+
+def test_inverse_rebuilds_inputs():
+    stack = built(ReversibleSequence(blocks_of(3), stack_weights=True))
+    for variable in stack.trainable_variables:
+        variable.assign(np.random.default_rng(1).normal(size=variable.shape) * 0.2)
+    x1 = tf.random.normal((2, 16, FEATURES), seed=3)
+    x2 = tf.random.normal((2, 16, FEATURES), seed=4)
+    back = stack.inverse(stack([x1, x2]))
+    np.testing.assert_allclose(back[0], x1, atol=1e-4)
+    np.testing.assert_allclose(back[1], x2, atol=1e-4)
+
+
+def test_arguments():
+    with pytest.raises(ValueError, match="cannot be combined with loop_blocks=False"):
+        ReversibleSequence(blocks_of(2), loop_blocks=False, stack_weights=True)
+    different = [(Attention(), ChunkedFeedForward(16, chunk_size=4)),
+                 (Attention(), ChunkedFeedForward(32, chunk_size=4))]
+    with pytest.raises(ValueError, match=r"`stack_weights=True` needs blocks of one "
+                                         r"structure, but block 1's `g`"):
+        ReversibleSequence(different, stack_weights=True)
+    with pytest.raises(ValueError, match=r"`stack_weights` must be True or False. "
+                                         r"Received: stack_weights='yes'"):
+        ReversibleSequence(blocks_of(2), stack_weights="yes")
+    stack = ReversibleSequence(blocks_of(2), stack_weights=True)
+    config = stack.get_config()
+    assert config["stack_weights"] is True
+    again = ReversibleSequence.from_config(config)
+    assert again.stack_weights is True
+
+
+TINY = dict(vocabulary_size=40, num_layers=3, hidden_dim=16, num_heads=2,
+            intermediate_dim=32, feedforward_chunk_size=8, bucket_size=8,
+            max_sequence_length=64, seed=3, dropout=0.1)
+
+
+def model_of(stack_weights, **extra):
+    keras.utils.set_random_seed(7)
+    return ReformerModel(stack_weights=stack_weights, **{**TINY, **extra})
+
+
+def test_fit_matches_per_block_model():
+    """Same initial weights, same batches: same losses and trained weights
+    (under XLA, the path stacking is for; graph mode is checked above)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 40, size=(8, 16)).astype(np.int32)
+    data = ({"token_ids": ids, "padding_mask": np.ones_like(ids)}, np.roll(ids, -1, 1))
+    histories, models = [], []
+    for stack_weights in (False, True):
+        model = model_of(stack_weights, num_layers=2)
+        model.compile(keras.optimizers.Adam(1e-2),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=True)
+        histories.append(model.fit(*data, batch_size=4, epochs=2, shuffle=False,
+                                   verbose=0).history["loss"])
+        models.append(model)
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-4)
+    assert histories[0][-1] < histories[0][0]  # it trained
+    per_block, stacked = (m.get_layer("reversible_stack") for m in models)
+    for (name, j), variable in {
+        (name, j): v for name, slots in stacked._stacked.items()
+        for j, v in enumerate(slots)
+    }.items():
+        position = 0 if name == "f" else 1
+        expected = np.stack([b[position].variables[j].numpy() for b in per_block.blocks])
+        np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_cached_decoding_uses_the_stacked_weights():
+    lm = ReformerCausalLM(model_of(True, dropout=0.0))
+    stack = lm.backbone.get_layer("reversible_stack")
+    # Move the stacked weights away from the blocks' own (initial) values,
+    # so decoding with the blocks' variables would be visibly wrong.
+    rng = np.random.default_rng(4)
+    for variable in stack.trainable_variables:
+        variable.assign(variable.numpy() + rng.normal(size=variable.shape) * 0.2)
+    ids = np.random.default_rng(5).integers(1, 40, size=(2, 40)).astype(np.int32)
+    full = lm.predict({"token_ids": ids, "padding_mask": np.ones_like(ids)}, verbose=0)
+    decoder = lm._decoder()
+    logits, caches = decoder.prompt_pass(tf.constant(ids[:, :10]),
+                                         tf.ones((2, 10), tf.bool), 40)
+    errors = [np.abs(logits.numpy() - full[:, 9]).max()]
+    table = decoder.position_table(40)
+    for position in range(10, 40):
+        logits, caches = decoder.step(tf.constant(ids[:, position]),
+                                      tf.fill([2], position), caches, table)
+        errors.append(np.abs(logits.numpy() - full[:, position]).max())
+    assert max(errors) < 1e-4
+
+
+def test_save_and_reload(tmp_path):
+    model = model_of(True)
+    stack = model.get_layer("reversible_stack")
+    for variable in stack.trainable_variables:
+        variable.assign(np.random.default_rng(6).normal(size=variable.shape) * 0.1)
+    ids = np.random.default_rng(7).integers(1, 40, size=(2, 24)).astype(np.int32)
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    expected = model.predict(inputs, verbose=0)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert again.get_layer("reversible_stack").stack_weights
+    np.testing.assert_allclose(again.predict(inputs, verbose=0), expected, atol=1e-5)
+    model.save_weights(tmp_path / "m.weights.h5")
+    fresh = model_of(True)
+    fresh.load_weights(tmp_path / "m.weights.h5")
+    np.testing.assert_allclose(fresh.predict(inputs, verbose=0), expected, atol=1e-5)
+    # set_num_hashes still reaches the blocks' attention layers.
+    again.set_num_hashes(4)
+    assert all(b[0].attention.num_hashes == 4
+               for b in again.get_layer("reversible_stack").blocks)
+
+
+def hlo_instructions(model, ids):
+    """Instructions of XLA's HLO for one Adam training step of `model`."""
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    inputs = {"token_ids": tf.constant(ids), "padding_mask": tf.ones_like(ids)}
+
+    @tf.function(jit_compile=True)
+    def step(inputs):
+        with tf.GradientTape() as tape:
+            logits = model(inputs, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                inputs["token_ids"], logits, from_logits=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss
+
+    hlo = step.experimental_get_compiler_ir(inputs)(stage="hlo")
+    return len(re.findall(r"^\s+\S+ = ", hlo, flags=re.M))
+
+
+def test_xla_program_does_not_grow_with_depth():
+    ids = np.ones((1, 16), np.int32)
+    sizes = {
+        (stack_weights, depth): hlo_instructions(
+            model_of(stack_weights, num_layers=depth, dropout=0.0), ids)
+        for stack_weights in (False, True) for depth in (2, 4)
+    }
+    print(sizes)
+    per_block = sizes[False, 4] - sizes[False, 2]
+    # Per-block weights add gradient slices and optimizer updates per block;
+    # stacked, two more blocks change nothing but constants.
+    assert per_block > 50
+    assert abs(sizes[True, 4] - sizes[True, 2]) <= 2
