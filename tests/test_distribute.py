@@ -22,7 +22,7 @@ GLOBAL_BATCH, LENGTH, VOCAB, STEPS = 4, 64, 32, 3
 # ----------------------------------------------------------------- the runs
 
 
-def make_model(distribute_module, strategy, jit_compile, initial=None):
+def make_model(distribute_module, strategy, jit_compile, initial=None, stacked=False):
     """A functional model around ReformerModel, compiled and prepared.
 
     The `XlaWitness` layer adds fixed noise from `tf.random.stateless_normal`,
@@ -47,9 +47,10 @@ def make_model(distribute_module, strategy, jit_compile, initial=None):
     with strategy.scope():
         ids = keras.Input((LENGTH,), dtype="int32")
         backbone = kr.models.ReformerModel(
-            vocabulary_size=VOCAB, num_layers=1, hidden_dim=16, num_heads=2,
-            intermediate_dim=32, bucket_size=16, max_sequence_length=LENGTH,
-            dropout=0.0, causal=True, seed=3,
+            vocabulary_size=VOCAB, num_layers=2 if stacked else 1, hidden_dim=16,
+            num_heads=2, intermediate_dim=32, bucket_size=16,
+            max_sequence_length=LENGTH, dropout=0.0, causal=True, seed=3,
+            stack_weights=stacked,
         )
         logits = backbone({"token_ids": ids, "padding_mask": keras.ops.ones_like(ids)})
         model = keras.Model(ids, XlaWitness()(logits))
@@ -85,7 +86,7 @@ def train(model, strategy):
     return losses
 
 
-def run_mirrored(jit_compile):
+def run_mirrored(jit_compile, stacked=False):
     import tensorflow as tf
 
     from keras_reformer import distribute
@@ -98,9 +99,9 @@ def run_mirrored(jit_compile):
     keras.utils.set_random_seed(0)
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     default = tf.distribute.get_strategy()
-    reference = make_model(distribute, default, jit_compile)
+    reference = make_model(distribute, default, jit_compile, stacked=stacked)
     initial = reference.get_weights()
-    model = make_model(distribute, mirrored, jit_compile, initial)
+    model = make_model(distribute, mirrored, jit_compile, initial, stacked=stacked)
     report = {
         "replicas": mirrored.num_replicas_in_sync,
         "copies_per_weight": distribute.replica_copies(model),
@@ -149,6 +150,17 @@ def test_mirrored_fit_with_xla_per_replica_matches_single_device(mirrored_xla):
     np.testing.assert_allclose(r["losses"], r["reference_losses"], rtol=1e-5, atol=1e-5)
     assert r["weights_max_change"] > 1e-3  # training moved the weights ...
     assert r["weights_max_diff"] < 1e-5    # ... the same way on both setups
+    assert r["replicas_identical"] is True
+
+
+def test_mirrored_fit_with_stacked_weights_matches_single_device():
+    """stack_weights=True (2 blocks, one (2, ...) variable per kind of
+    weight) under MirroredStrategy with XLA per replica."""
+    r = run_script("mirrored-xla-stacked")
+    assert r["replicas"] == 2 and r["copies_per_weight"] == 2
+    np.testing.assert_allclose(r["losses"], r["reference_losses"], rtol=1e-5, atol=1e-5)
+    assert r["weights_max_change"] > 1e-3
+    assert r["weights_max_diff"] < 1e-5
     assert r["replicas_identical"] is True
 
 
@@ -258,8 +270,9 @@ def test_batches_done(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     mode = sys.argv[1]
-    if mode in ("mirrored-xla", "mirrored-graph"):
-        result = run_mirrored(jit_compile=mode == "mirrored-xla")
+    if mode in ("mirrored-xla", "mirrored-graph", "mirrored-xla-stacked"):
+        result = run_mirrored(jit_compile=mode != "mirrored-graph",
+                              stacked=mode.endswith("stacked"))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(json.dumps(result))
