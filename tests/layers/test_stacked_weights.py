@@ -14,26 +14,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_reformer.layers import ChunkedFeedForward, LSHAttention, ReversibleSequence
+from keras_reformer.layers import ChunkedFeedForward, ReversibleSequence
 from keras_reformer.models import ReformerCausalLM, ReformerModel
+from tests.layers.test_block_loop import FEATURES, Attention
 
-FEATURES = 8
 
-
-@keras.saving.register_keras_serializable(package="test_stacked_weights")
-class Attention(keras.layers.Layer):
-    def __init__(self, seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = seed
-        self.norm = keras.layers.LayerNormalization()
-        self.attention = LSHAttention(2, 4, bucket_size=4, num_hashes=2,
-                                      dropout=0.1, seed=seed)
-
-    def call(self, x, training=None):
-        return self.attention(self.norm(x), training=training, use_causal_mask=True)
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
+# The loop tests' block; registered so that a stack's config round trip
+# (test_arguments) can rebuild it.
+Attention = keras.saving.register_keras_serializable(package="test_stacked_weights")(
+    Attention)
 
 
 def blocks_of(depth):
