@@ -221,6 +221,28 @@ class BlockLoop:
         }
         return out[1], out[2], states
 
+    def plain(self, x1, x2):
+        """reversible=False over `stacked` variables (only with them): the
+        template block by block with block i's slices, ordinary autodiff
+        through the slices; non-trainable states (seed generators) advance
+        as each block's own would."""
+        values = self._stacked()
+        updates = {"f": [], "g": []}
+        y1, y2 = x1, x2
+        for index in range(self.depth):
+            out, new = self._call("f", [v[index] for v in values["f"]], y2)
+            y1 = y1 + out
+            updates["f"].append(new)
+            out, new = self._call("g", [v[index] for v in values["g"]], y1)
+            y2 = y2 + out
+            updates["g"].append(new)
+        for name, kinds in self.kinds.items():
+            for j, kind in enumerate(kinds):
+                if not kind.trainable:
+                    self.slots[name][j][0].assign(
+                        tf.stack([new[j] for new in updates[name]]))
+        return y1, y2
+
     def _write_states(self, states):
         for name, slots in self.slots.items():
             for j, array in states[name].items():

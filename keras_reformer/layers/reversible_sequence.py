@@ -365,7 +365,7 @@ class ReversibleSequence(keras.layers.Layer):
         x1 = tf.cast(x1, self._stream_dtype)
         x2 = tf.cast(x2, self._stream_dtype)
         if self._stacked is not None and not self.reversible:
-            y1, y2 = self._plain_stacked(x1, x2, kwargs[0])
+            y1, y2 = self._loop(kwargs[0]).plain(x1, x2)
         elif self.reversible and (self._stacked is not None or self._loops()):
             y1, y2 = self._loop(kwargs[0]).forward()(x1, x2)
         elif self.reversible:
@@ -385,31 +385,6 @@ class ReversibleSequence(keras.layers.Layer):
             lambda name, layer, x, kw, dy: self._run_vjp(0, name, layer, x, kw, dy),
             stacked=self._stacked,
         )
-
-    def _plain_stacked(self, x1, x2, kwargs):
-        """reversible=False over stacked weights: block 0's layers, block by
-        block with block i's slices (ordinary autodiff through the slices)."""
-        loop = self._loop(kwargs)
-        values = {
-            name: [tf.convert_to_tensor(v.value) for v in slots]
-            for name, slots in self._stacked.items()
-        }
-        updates = {"f": [], "g": []}
-        y1, y2 = x1, x2
-        for index in range(len(self.f_layers)):
-            out, new = loop._call("f", [v[index] for v in values["f"]], y2)
-            y1 = y1 + out
-            updates["f"].append(new)
-            out, new = loop._call("g", [v[index] for v in values["g"]], y1)
-            y2 = y2 + out
-            updates["g"].append(new)
-        # Seed-generator states (and any other non-trainable state) advance
-        # as they would for each block's own variables.
-        for name, slots in self._stacked.items():
-            for j, variable in enumerate(slots):
-                if not variable.trainable:
-                    variable.assign(tf.stack([new[j] for new in updates[name]]))
-        return y1, y2
 
     def _loops(self):
         """Whether this call runs the blocks as one loop (see `loop_blocks`)."""
