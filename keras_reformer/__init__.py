@@ -1,7 +1,7 @@
 """keras-reformer: the Reformer (Kitaev et al., 2020) as Keras 3 layers.
 
-Public API: `keras_reformer.layers`, `keras_reformer.models`,
-`keras_reformer.samplers`, `keras_reformer.export`, `keras_reformer.data`,
+Public API: `keras_reformer.layers`, `keras_reformer.models` (keras-hub
+models, loaded on first use), `keras_reformer.export`, `keras_reformer.data`,
 `keras_reformer.distribute`.
 """
 
@@ -11,6 +11,5 @@ from keras_reformer import distribute  # noqa: F401
 from keras_reformer import export  # noqa: F401
 from keras_reformer import layers  # noqa: F401
 from keras_reformer import models  # noqa: F401
-from keras_reformer import samplers  # noqa: F401
 
 __version__ = "0.1.0"

@@ -42,8 +42,6 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from keras_reformer.models.reformer_causal_lm import ReformerCausalLM
-from keras_reformer.models.reformer_causal_lm_export import add_generate_endpoints
 from keras_reformer.text import byte_tokenizer
 
 
@@ -65,16 +63,18 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
     """Write `model` as `export_dir/<version>/` for TF Serving.
 
     Args:
-        model: a `ReformerModel` or a `ReformerCausalLM` (any Keras model
-            taking the dict inputs `token_ids`/`padding_mask` works). A
-            `ReformerCausalLM` also gets the `generate` signature.
+        model: a `ReformerCausalLM`, or any Keras model taking the dict
+            inputs `token_ids`/`padding_mask` (e.g. a `ReformerBackbone`,
+            whose output is its hidden states). A `ReformerCausalLM` also
+            gets the `generate` signatures.
         export_dir: the model base path TF Serving is pointed at.
         version: positive int, the version folder.
         text_signature: add the string signatures: `next_token` for a
-            byte-level `ReformerModel` (vocabulary 256), `generate_text` for
-            a `ReformerCausalLM` with a preprocessor.
+            model whose output is logits over bytes (256), `generate_text`
+            for a `ReformerCausalLM` with a preprocessor.
         overwrite: replace an existing version folder.
-        sampler: `ReformerCausalLM` only: a sampler (or its name) for the
+        sampler: `ReformerCausalLM` only: a keras-hub sampler (or its
+            name), drawn statelessly from the request's seed, for the
             extra signatures `generate_sampled` (and `generate_text_sampled`)
             that take a `seed`; None adds only the greedy ones.
 
@@ -89,6 +89,11 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
         raise ValueError(
             f"`version` must be a positive integer. Received: version={version!r}"
         )
+    # Imported here: the models load keras-hub, which exporting a plain
+    # Keras model does not need.
+    from keras_reformer.models.reformer_causal_lm import ReformerCausalLM
+    from keras_reformer.models.reformer_causal_lm_export import add_generate_endpoints
+
     lm = model if isinstance(model, ReformerCausalLM) else None
     if sampler is not None and lm is None:
         raise ValueError(
@@ -100,20 +105,13 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
             "`text_signature=True` with a ReformerCausalLM needs its "
             "preprocessor (strings to ids); this one has preprocessor=None."
         )
-    vocabulary_size = getattr(model, "vocabulary_size", None)
-    if lm is None and text_signature and (
-        vocabulary_size != byte_tokenizer.VOCABULARY_SIZE
-    ):
+    width = tuple(getattr(model, "output_shape", None) or (None,))[-1]
+    if lm is None and text_signature and width != byte_tokenizer.VOCABULARY_SIZE:
         raise ValueError(
-            "`text_signature=True` needs a byte-level model "
-            f"(vocabulary_size={byte_tokenizer.VOCABULARY_SIZE}). Received "
-            f"vocabulary_size={vocabulary_size}"
-        )
-    if lm is None and text_signature and not (getattr(model, "causal", True)
-                               and getattr(model, "include_head", True)):
-        raise ValueError(
-            "`text_signature=True` needs a causal language model with its head "
-            f"(causal={model.causal}, include_head={model.include_head})."
+            "`text_signature=True` needs a ReformerCausalLM, or a model whose "
+            "output is logits over bytes (last dimension "
+            f"{byte_tokenizer.VOCABULARY_SIZE}). Received a model with output "
+            f"width {width}."
         )
     export_dir = os.fspath(export_dir)
     path = os.path.join(export_dir, str(version))

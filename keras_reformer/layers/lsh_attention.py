@@ -10,7 +10,7 @@ from keras_reformer import _checks
 from keras_reformer._compat import get_keras_mask, set_keras_mask
 from keras_reformer._seeds import resolve_seed
 from keras_reformer.layers import _attention_masks as masks
-from keras_reformer.ops import lsh
+from keras_reformer.ops import lsh, lsh_decode
 from keras_reformer.ops.random import deterministic_normal
 
 # When neither `num_buckets`, `max_length` nor a static length is known, the
@@ -458,6 +458,67 @@ class LSHAttention(keras.layers.Layer):
         if gate is not None:
             out = out * gate
         return self.output_dense(out)
+
+    # ------------------------------------------------------ cached decoding
+
+    @property
+    def reach(self):
+        """Earlier keys of its bucket a causal query sees per round."""
+        return self.num_chunks_before * self.bucket_size
+
+    def inference_rotations(self, num_hashes=None):
+        """The hash rotations of inference (from `hash_seed`), one tensor per
+        bucket factor: the same at every decoding step, so draw them once."""
+        num_hashes = self.num_hashes if num_hashes is None else num_hashes
+        return self._rotations(self._factors(), num_hashes, False)
+
+    def init_cache(self, query, padding_mask, max_length):
+        """The decoding cache after a causal pass over `query`.
+
+        Args:
+            query: (B, P, features), the layer's input over the prompts.
+            padding_mask: (B, P) bool, True on the positions to cache.
+            max_length: int, the longest sequence the cache will hold.
+
+        Returns:
+            The cache (`ops.lsh_decode.init_cache`) for `call_with_cache`.
+        """
+        qk, v = self.project(query)
+        buckets, total = self.hash_buckets(qk)
+        if self.value_shift:
+            v = lsh.shifted_values(v, padding_mask)
+        return lsh_decode.init_cache(
+            qk, v, buckets, padding_mask, total, self.reach, max_length
+        )
+
+    def call_with_cache(self, query, cache, position, rotations=None, in_place=False):
+        """Causal attention of one new position per row, from the cache.
+
+        Equals the layer's causal output at `position` over the tokens
+        before it (inference rotations, no dropout).
+
+        Args:
+            query: (B, 1, features), the layer's input at the new position.
+            cache: from `init_cache` or a previous call.
+            position: (B,) int32, the new position of each row.
+            rotations: `inference_rotations()` (drawn here if None).
+            in_place: overwrite the cache's buffers (TensorFlow graph mode
+                only; see `ops.lsh_decode.decode_step`).
+
+        Returns:
+            (output (B, 1, *output_shape), updated cache).
+        """
+        if rotations is None:
+            rotations = self.inference_rotations()
+        qk, v = self.project(query)
+        buckets = lsh.hash_vectors(qk, rotations)
+        out, cache = lsh_decode.decode_step(
+            cache, qk[:, :, 0], v[:, :, 0], buckets[..., 0], position,
+            self.reach, self.sliding_window, in_place=in_place,
+            value_shift=self.value_shift,
+        )
+        gate = self.gate_dense(query) if self.use_gate else None
+        return self.attend_output(out[:, :, None], gate), cache
 
     # ------------------------------------------------------------------ call
 

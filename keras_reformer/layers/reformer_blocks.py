@@ -67,6 +67,20 @@ class AttentionBlock(keras.layers.Layer):
         )
         return self.dropout(x, training=training)
 
+    def init_cache(self, inputs, padding_mask, max_length):
+        """The attention's decoding cache after a causal pass over `inputs`
+        (see `LSHAttention.init_cache`)."""
+        return self.attention.init_cache(self.norm(inputs), padding_mask, max_length)
+
+    def call_with_cache(self, inputs, cache, position, rotations=None, in_place=False):
+        """The block at one new position per row, `(B, 1, d)`, from the cache:
+        what `call` gives there in inference (see
+        `LSHAttention.call_with_cache`). Returns `(output, cache)`."""
+        out, cache = self.attention.call_with_cache(
+            self.norm(inputs), cache, position, rotations, in_place
+        )
+        return out, cache  # the residual dropout is the identity in inference
+
     def compute_output_shape(self, input_shape):
         return input_shape
 

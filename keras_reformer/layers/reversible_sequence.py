@@ -50,6 +50,18 @@ def _check_blocks(blocks):
     return pairs
 
 
+class _SlotBook:
+    """What the stacked slots were made from: per slot, the blocks'
+    variables it stacks. A plain object, out of Keras' variable tracking
+    (which would count the blocks' variables as the stack's own), holding
+    the variables themselves so that their ids cannot be reused while
+    compared."""
+
+    def __init__(self, sources, block_variables):
+        self.sources = sources  # [(block variables, slot variable)]
+        self.block_variables = block_variables
+
+
 def _same_shape(a, b):
     a, b = tuple(a), tuple(b)
     return len(a) == len(b) and all(
@@ -193,6 +205,8 @@ class ReversibleSequence(keras.layers.Layer):
                 )
         # {"f": [...], "g": [...]}: the stacked variables, made in build().
         self._stacked = None
+        self._book = None
+        self._needs_block_values = False
         self.supports_masking = True
 
     @property
@@ -244,38 +258,227 @@ class ReversibleSequence(keras.layers.Layer):
                     out = layer(spec)
                 self._check_block_output(index, name, layer, shape, out)
         if self.stack_weights:
-            self._stacked = self._make_stacked_weights()
+            self._stack_from_blocks()
         self.built = True
 
-    def _make_stacked_weights(self):
-        """One variable per slot of block 0's variables, holding every
-        block's value of it (in `layer.variables` order, which the loop's
-        template maps onto)."""
-        stacked = {}
+    # ------------------------------------------------------ stacked weights
+    #
+    # With `stack_weights=True` the stack's variables are the trained ones
+    # and the blocks' own variables are templates: they give each slot its
+    # shape, dtype, trainability and meaning. Three things keep the two in
+    # step. (1) A change of the blocks' variables (`enable_lora`, which adds
+    # variables; `quantize`, which replaces them) is noticed by comparing
+    # the blocks' variables with those the slots were made from, and the
+    # slots are made again; a slot whose block variables still exist keeps
+    # its (trained) values. (2) `sync_blocks()` writes the stacked values
+    # into the blocks, for work that must read them there (quantizing
+    # computes int8 kernels from the blocks' float kernels). (3) Saving goes
+    # through the blocks, whose own save logic knows what a quantized or
+    # LoRA layer stores: `save_own_variables` syncs the blocks and stores
+    # nothing itself; a load fills the blocks, and the stack takes their
+    # values before it is next used.
+
+    def _block_variables(self):
+        return [
+            [layer.variables for layer in (f, g)] for f, g in self.blocks
+        ]
+
+    def _blocks_changed(self):
+        now = self._block_variables()
+        then = self._book.block_variables
+        return len(now) != len(then) or any(
+            len(a) != len(b) or any(x is not y for x, y in zip(a, b))
+            for block_now, block_then in zip(now, then)
+            for a, b in zip(block_now, block_then)
+        )
+
+    def _stack_from_blocks(self, keep_values=True):
+        """(Re)makes the stacked variables from the blocks' variables.
+
+        A slot whose block variables are those it was made from keeps its
+        variable and values when `keep_values`; every other slot gets a new
+        variable holding the blocks' current values.
+        """
+        reason = _block_loop.why_not_loopable(self.blocks, min_blocks=1)
+        if reason is not None:
+            raise ValueError(
+                "`stack_weights=True` needs blocks of one structure, but "
+                f"{reason} (after a change of the blocks' layers?)."
+            )
+        book = getattr(self, "_book", None)
+        previous = book.sources if (book is not None and keep_values) else []
+        stacked, sources = {}, []
         self._stacked_weight_ids = set()
         for position, name in ((0, "f"), (1, "g")):
             layers = [block[position] for block in self.blocks]
             slots = []
             for j, kind in enumerate(layers[0].variables):
-                values = [layer.variables[j] for layer in layers]
-
-                def initializer(shape, dtype, values=values):
-                    # Eagerly (build may run inside a trace), from the blocks'
-                    # initialized values.
-                    with tf.init_scope():
-                        return tf.stack([tf.convert_to_tensor(v.value) for v in values])
-
-                slots.append(self.add_weight(
-                    name=f"{name}_{j}_{kind.name}",
-                    shape=(len(layers),) + tuple(kind.shape),
-                    dtype=kind.dtype, trainable=kind.trainable,
-                    initializer=initializer, autocast=False,
-                ))
+                values = tuple(layer.variables[j] for layer in layers)
+                slot = next(
+                    (slot for made_from, slot in previous
+                     if all(a is b for a, b in zip(made_from, values))),
+                    None,
+                )
+                if slot is None:
+                    slot = self._new_slot(name, j, kind, values)
+                sources.append((values, slot))
+                slots.append(slot)
                 # Keras counts seed-generator states as variables, not weights.
                 if any(kind is w for w in layers[0].weights):
-                    self._stacked_weight_ids.add(id(slots[-1]))
+                    self._stacked_weight_ids.add(id(slot))
             stacked[name] = slots
-        return stacked
+        kept = {id(slot) for _, slot in sources}
+        for _, slot in (book.sources if book is not None else []):
+            if id(slot) not in kept:
+                self._untrack_variable(slot)
+        self._stacked = stacked
+        self._book = _SlotBook(sources, self._block_variables())
+        self._needs_block_values = False
+        self._sync_trainable()
+
+    def _new_slot(self, name, j, kind, values):
+        def initializer(shape, dtype, values=values):
+            # Eagerly (this may run inside a trace), from the blocks' values.
+            with tf.init_scope():
+                return tf.stack([tf.convert_to_tensor(v.value) for v in values])
+
+        locked = self._tracker.locked
+        self._tracker.unlock()  # the stack may be made again after its build
+        try:
+            with tf.init_scope():
+                slot = self.add_weight(
+                    name=f"{name}_{j}_{kind.name}",
+                    shape=(len(values),) + tuple(kind.shape),
+                    dtype=kind.dtype, trainable=kind.trainable,
+                    initializer=initializer, autocast=False,
+                )
+        finally:
+            if locked:
+                self._tracker.lock()
+        return slot
+
+    def _sync_trainable(self):
+        # A slot is trained exactly when its block variables are (a frozen
+        # layer, LoRA's frozen kernels), whatever `self.trainable` says:
+        # keras-hub's `enable_lora` freezes every layer, this one included,
+        # before it unfreezes the LoRA weights inside the blocks.
+        for name, slots in self._stacked.items():
+            kinds = self.blocks[0][0 if name == "f" else 1].variables
+            for kind, slot in zip(kinds, slots):
+                slot.trainable = bool(kind.trainable)
+
+    def _current_stacked(self):
+        """The stacked variables, made again first if the blocks changed."""
+        if self._stacked is None:
+            return None
+        if self._blocks_changed():
+            current = {id(v) for block in self._block_variables()
+                       for variables in block for v in variables}
+            vanished = [
+                slot.path for made_from, slot in self._book.sources
+                if not all(id(v) in current for v in made_from)
+            ]
+            if vanished:
+                raise ValueError(
+                    "The blocks' layers of this ReversibleSequence("
+                    "stack_weights=True) replaced variables that the stack "
+                    f"holds ({', '.join(vanished[:3])}), without reading the "
+                    "stack's trained values (e.g. `quantize` called on the "
+                    "layers themselves, or through a model that is not a "
+                    "keras_reformer model). Quantize through "
+                    "`ReversibleSequence.quantize`, `ReformerBackbone.quantize` "
+                    "or `ReformerCausalLM.quantize`."
+                )
+            self._stack_from_blocks()
+        elif self._needs_block_values:
+            # Loaded through the blocks (see above): take their values.
+            with tf.init_scope():
+                for name, slots in self._stacked.items():
+                    position = 0 if name == "f" else 1
+                    for j, slot in enumerate(slots):
+                        slot.assign(tf.stack([
+                            tf.convert_to_tensor(block[position].variables[j].value)
+                            for block in self.blocks
+                        ]))
+            self._needs_block_values = False
+        self._sync_trainable()
+        return self._stacked
+
+    def sync_blocks(self):
+        """Writes the stacked weights into the blocks' own variables.
+
+        With `stack_weights=True` the blocks' variables are otherwise not
+        updated by training. After this call, block `i`'s layers hold block
+        `i`'s trained values (until the next training step), e.g. to
+        inspect or reuse a block on its own. Without stacked weights this
+        does nothing.
+        """
+        stacked = self._current_stacked()
+        if stacked is None:
+            return
+        with tf.init_scope():
+            for name, slots in stacked.items():
+                position = 0 if name == "f" else 1
+                for j, slot in enumerate(slots):
+                    value = tf.convert_to_tensor(slot.value)
+                    for index, block in enumerate(self.blocks):
+                        block[position].variables[j].assign(value[index])
+
+    def quantize(self, mode=None, type_check=True, config=None, filters=None):
+        """Quantizes the blocks' layers (what `keras.Model.quantize` does to
+        a model's layers), also with stacked weights.
+
+        With `stack_weights=True`, the blocks first take the stacked (trained)
+        values, their layers are quantized, and the stack is made again from
+        the quantized variables (e.g. int8 kernels and their scales, stacked).
+        `keras.Model.quantize` on a model holding this layer calls the
+        layers inside the blocks directly, past this method: use it on
+        `ReformerBackbone`/`ReformerCausalLM` (which route through here) or
+        call this method. Arguments as in `keras.Model.quantize`.
+        """
+        from keras.src.quantizers.utils import should_quantize_layer
+
+        self.sync_blocks()
+        for f, g in self.blocks:
+            for layer in (f, g):
+                for sub in layer._flatten_layers(include_self=True):
+                    if len(list(sub._flatten_layers())) != 1:
+                        continue
+                    if filters is not None and not should_quantize_layer(sub, filters):
+                        continue
+                    try:
+                        sub.quantize(mode, type_check=type_check, config=config)
+                    except (NotImplementedError, AttributeError):
+                        continue
+        self.restack()
+
+    def restack(self):
+        """Makes the stacked variables again from the blocks' own values.
+
+        For a change of the blocks' layers made after `sync_blocks()`
+        (`quantize` and `enable_lora` of the Reformer models do both).
+        Without stacked weights this does nothing.
+        """
+        if self._stacked is not None:
+            self._stack_from_blocks(keep_values=False)
+
+    def save_own_variables(self, store):
+        if self._stacked is None:
+            return super().save_own_variables(store)
+        # The blocks save the values (see "stacked weights" above).
+        self.sync_blocks()
+
+    def load_own_variables(self, store):
+        if self._stacked is None:
+            return super().load_own_variables(store)
+        if len(store.keys()):
+            raise ValueError(
+                f"Layer {self.name!r} (stack_weights=True) keeps its weights "
+                "in its blocks' entries of a weights file, but the file has "
+                f"{len(store.keys())} entries of its own: it was written by "
+                "another layout of the stack."
+            )
+        self._needs_block_values = True
 
     # Once stacked, the stack's weights are its own variables only: the
     # blocks' (unused) ones would otherwise be trained on no gradient and
@@ -285,14 +488,38 @@ class ReversibleSequence(keras.layers.Layer):
     def variables(self):
         if self._stacked is None:
             return super().variables
+        self._current_stacked()
         return list(self._trainable_variables + self._non_trainable_variables)
 
     @property
     def weights(self):
         if self._stacked is None:
             return super().weights
-        return [v for v in self._trainable_variables + self._non_trainable_variables
-                if id(v) in self._stacked_weight_ids]
+        return [v for v in self.variables if id(v) in self._stacked_weight_ids]
+
+    @property
+    def trainable_variables(self):
+        if self._stacked is None:
+            return super().trainable_variables
+        return [v for v in self.variables if v.trainable]
+
+    @property
+    def trainable_weights(self):
+        if self._stacked is None:
+            return super().trainable_weights
+        return [v for v in self.weights if v.trainable]
+
+    @property
+    def non_trainable_variables(self):
+        if self._stacked is None:
+            return super().non_trainable_variables
+        return [v for v in self.variables if not v.trainable]
+
+    @property
+    def non_trainable_weights(self):
+        if self._stacked is None:
+            return super().non_trainable_weights
+        return [v for v in self.weights if not v.trainable]
 
     def block_scope(self, index):
         """Context in which block `index`'s layers read their stacked weights.
@@ -303,7 +530,8 @@ class ReversibleSequence(keras.layers.Layer):
         `index`. Variable updates inside it are not kept. Without stacked
         weights this does nothing.
         """
-        if self._stacked is None:
+        stacked = self._current_stacked()
+        if stacked is None:
             return contextlib.nullcontext()
         if not 0 <= index < len(self.f_layers):
             raise ValueError(
@@ -312,7 +540,7 @@ class ReversibleSequence(keras.layers.Layer):
         mapping = []
         for position, name in ((0, "f"), (1, "g")):
             layer = self.blocks[index][position]
-            for variable, slot in zip(layer.variables, self._stacked[name]):
+            for variable, slot in zip(layer.variables, stacked[name]):
                 mapping.append((variable, tf.convert_to_tensor(slot.value)[index]))
         return keras.StatelessScope(state_mapping=mapping)
 
@@ -364,9 +592,10 @@ class ReversibleSequence(keras.layers.Layer):
         ]
         x1 = tf.cast(x1, self._stream_dtype)
         x2 = tf.cast(x2, self._stream_dtype)
-        if self._stacked is not None and not self.reversible:
+        stacked = self._current_stacked()
+        if stacked is not None and not self.reversible:
             y1, y2 = self._loop(kwargs[0]).plain(x1, x2)
-        elif self.reversible and (self._stacked is not None or self._loops()):
+        elif self.reversible and (stacked is not None or self._loops()):
             y1, y2 = self._loop(kwargs[0]).forward()(x1, x2)
         elif self.reversible:
             y1, y2 = self._reversible(x1, x2, kwargs)
@@ -383,7 +612,7 @@ class ReversibleSequence(keras.layers.Layer):
             lambda name, layer, x, kw: self._run(0, name, layer, x, kw),
             kwargs,
             lambda name, layer, x, kw, dy: self._run_vjp(0, name, layer, x, kw, dy),
-            stacked=self._stacked,
+            stacked=self._current_stacked(),
         )
 
     def _loops(self):

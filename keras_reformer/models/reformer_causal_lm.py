@@ -1,77 +1,68 @@
-"""ReformerCausalLM: a causal language model task around a ReformerModel backbone."""
-
-import json
-import math
-import random
+"""ReformerCausalLM: a keras-hub `CausalLM` on a `ReformerBackbone`."""
 
 import keras
+import keras_hub
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
-from keras_reformer import samplers as samplers_lib
+from keras_reformer.models._stacks import blocks_in_sync, check_quantization_mode
+from keras_reformer.models._token_id_inputs import TokenIdInputs
+from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_causal_lm_decoder import CachedDecoder
 from keras_reformer.models.reformer_causal_lm_preprocessor import (
     ReformerCausalLMPreprocessor,
 )
-from keras_reformer.models._token_id_inputs import TokenIdInputs
-from keras_reformer.models.reformer_model import ReformerModel
-
-# Prompts are trimmed to their longest row, rounded up to a power of two (at
-# least this), so that a compiled loop serves many prompt lengths: one trace
-# per power of two instead of one per length.
-MIN_PROMPT_BUCKET = 16
-
-
-def _is_strings(x):
-    if isinstance(x, str):
-        return True
-    if isinstance(x, (tf.Tensor, np.ndarray)):
-        return x.dtype in (tf.string, object) or getattr(x.dtype, "kind", "") in "SUO"
-    if isinstance(x, (list, tuple)):
-        return len(x) > 0 and all(isinstance(s, (str, bytes)) for s in x)
-    return False
+from keras_reformer.ops import lsh_decode
+from keras_reformer.ops.recompute import in_xla_context
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerCausalLM(TokenIdInputs, keras.Model):
-    """A causal language model: backbone + LM head + loss + `generate()`.
+class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
+    """A causal language model: a `ReformerBackbone`, an LM head, the loss,
+    and keras-hub's `generate()`.
 
-    The keras-hub task pattern (`CausalLM`): the `ReformerModel` backbone
-    maps `{"token_ids", "padding_mask"}` to hidden states (or logits, if it
-    was built with its head); this task owns the vocabulary projection (the
-    backbone's `logits` layer, or a `Dense` head of its own for a headless
-    backbone), the loss and `compile()` defaults, and `generate()`. With a
-    `preprocessor`, `fit`, `evaluate`, `predict` and `generate` take text.
+    A keras-hub `CausalLM`: with a `preprocessor`, `fit`, `evaluate`,
+    `predict` and `generate` take strings; `generate(inputs, max_length,
+    stop_token_ids="auto", strip_prompt=False)` runs keras-hub's samplers
+    (`compile(sampler=...)`: "greedy", "top_k", "top_p", "random", ... or a
+    `keras_hub.samplers.Sampler`) over `call_with_cache`, compiled as
+    keras-hub compiles it (`tf.function`, with XLA when the model is
+    compiled with `jit_compile=True`). Presets (`save_to_preset`,
+    `from_preset`, also through `keras_hub.models.CausalLM.from_preset`),
+    `enable_lora` and `quantize` work as on any keras-hub task.
 
-    `generate()` runs one compiled function (XLA by default): a pass over
-    the prompts that fills a cache per attention layer, then a
-    `tf.while_loop` that samples one token per step with cached LSH
-    attention. A step costs the same whatever the prompt length (it reads
-    `num_hashes * num_chunks_before * bucket_size` cached keys per layer
-    and head) and gives the same logits as a full pass over the same tokens.
+    Cached decoding: `_build_cache` runs one causal pass over the prompts
+    that fills a cache per attention layer; each `call_with_cache` step then
+    costs the same whatever the length before it (it reads `num_hashes *
+    num_chunks_before * bucket_size` cached keys per layer and head) and
+    gives the same logits as a full pass over the same tokens.
 
     Args:
-        backbone: a causal `ReformerModel`.
+        backbone: a causal `ReformerBackbone`.
         preprocessor: optional `ReformerCausalLMPreprocessor` (text in/out).
 
     Example:
 
-    >>> backbone = kr.models.ReformerModel(258, max_sequence_length=512)
+    >>> backbone = kr.models.ReformerBackbone(258, max_sequence_length=512)
     >>> lm = kr.models.ReformerCausalLM(
     ...     backbone, kr.models.ReformerCausalLMPreprocessor(sequence_length=256))
     >>> lm.fit(tf.data.Dataset.from_tensor_slices(texts).batch(8), epochs=1)
     >>> lm.generate("def main(", max_length=200)
     """
 
+    backbone_cls = ReformerBackbone
+    preprocessor_cls = ReformerCausalLMPreprocessor
+
     def __init__(self, backbone, preprocessor=None, **kwargs):
-        if not isinstance(backbone, ReformerModel):
+        if not isinstance(backbone, ReformerBackbone):
             raise ValueError(
-                "`backbone` must be a keras_reformer ReformerModel. Received: "
+                "`backbone` must be a keras_reformer ReformerBackbone. Received: "
                 f"backbone={type(backbone).__name__}"
             )
         if not backbone.causal:
             raise ValueError(
-                "ReformerCausalLM needs a causal backbone (ReformerModel(..., "
+                "ReformerCausalLM needs a causal backbone (ReformerBackbone(..., "
                 "causal=True)); a bidirectional one sees the tokens it must "
                 "predict. Received a backbone with causal=False."
             )
@@ -85,262 +76,157 @@ class ReformerCausalLM(TokenIdInputs, keras.Model):
             if preprocessor.vocabulary_size > backbone.vocabulary_size:
                 raise ValueError(
                     "The preprocessor emits ids up to "
-                    f"{preprocessor.vocabulary_size - 1} (bytes, start and end "
-                    "tokens); the backbone's vocabulary_size must be at least "
+                    f"{preprocessor.vocabulary_size - 1}; the backbone's "
+                    "vocabulary_size must be at least "
                     f"{preprocessor.vocabulary_size}. Received: "
                     f"vocabulary_size={backbone.vocabulary_size}"
                 )
-        inputs = backbone.input
-        outputs = backbone(inputs)
-        head = None
-        if not backbone.include_head:
-            head = keras.layers.Dense(
-                backbone.vocabulary_size, dtype=backbone.dtype_policy, name="lm_head"
-            )
-            outputs = head(outputs)
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
-        self.lm_head = head
-        self._generate_functions = {}
-        self.compile()
-
-    # ------------------------------------------------------------- compile
+        self.lm_head = keras.layers.Dense(
+            backbone.vocabulary_size, dtype=backbone.dtype_policy, name="lm_head"
+        )
+        # === Functional model ===
+        inputs = backbone.input
+        outputs = self.lm_head(backbone(inputs))
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto",
                 sampler="top_k", **kwargs):
-        """`keras.Model.compile` with language-model defaults.
+        """keras-hub's `CausalLM.compile`, with a from-scratch optimizer.
 
         Args:
-            optimizer: "auto" is Adam(1e-3) with global-norm clipping at 1.0,
-                a from-scratch rate (keras-hub's 2e-5 is a fine-tuning rate
-                for pretrained weights).
+            optimizer: "auto" is Adam(1e-3) with global-norm clipping at 1.0
+                (keras-hub's default, Adam(2e-5), is a fine-tuning rate for
+                pretrained weights).
             loss: "auto" is sparse categorical cross-entropy on logits.
             weighted_metrics: "auto" is sparse categorical accuracy (weighted
                 by the padding mask that the preprocessor gives as
                 `sample_weight`).
-            sampler: the `generate()` sampler: a `Sampler` or one of
-                "greedy", "random", "top_k", "top_p".
+            sampler: the `generate()` sampler: a name or a
+                `keras_hub.samplers.Sampler`.
+            **kwargs: as in `keras.Model.compile` (e.g. `jit_compile`).
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(1e-3, global_clipnorm=1.0)
-        if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        if weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         super().compile(optimizer=optimizer, loss=loss,
-                        weighted_metrics=weighted_metrics, **kwargs)
-        self.sampler = samplers_lib.get(sampler)
+                        weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
 
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        if config is not None:
-            config = dict(config)
-            config["sampler"] = samplers_lib.serialize(self.sampler)
-        return config
-
-    def compile_from_config(self, config):
-        # A .keras file restores the optimizer, loss, metrics and sampler.
-        config = dict(config)
-        sampler = samplers_lib.get(config.pop("sampler", "top_k"))
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config, sampler=sampler)
-        if self.built and self.optimizer is not None:
-            self.optimizer.build(self.trainable_variables)
-
-    # ------------------------------------------------ text in fit/predict
-
-    def _preprocess(self, x, y=None, sample_weight=None, batch_size=None):
-        """Strings (arrays or a tf.data.Dataset) -> a dataset of model inputs."""
-        if self.preprocessor is None:
-            return x, y, sample_weight, batch_size
-        if isinstance(x, tf.data.Dataset):
-            dataset = x
-        elif _is_strings(x):
-            data = tuple(v for v in (x, y, sample_weight) if v is not None)
-            dataset = tf.data.Dataset.from_tensor_slices(
-                data if len(data) > 1 else data[0]
-            ).batch(batch_size or 32)
-        else:
-            return x, y, sample_weight, batch_size
-        dataset = dataset.map(
-            self.preprocessor, num_parallel_calls=tf.data.AUTOTUNE
-        ).prefetch(tf.data.AUTOTUNE)
-        return dataset, None, None, None
-
-    def fit(self, x=None, y=None, batch_size=None, sample_weight=None,
-            validation_data=None, **kwargs):
-        x, y, sample_weight, batch_size = self._preprocess(x, y, sample_weight, batch_size)
-        if validation_data is not None and self.preprocessor is not None:
-            validation_data = self._preprocess(validation_data)[0]
-        return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight,
-                           validation_data=validation_data, **kwargs)
-
-    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        x, y, sample_weight, batch_size = self._preprocess(x, y, sample_weight, batch_size)
-        return super().evaluate(x, y, batch_size=batch_size,
-                                sample_weight=sample_weight, **kwargs)
-
-    def predict(self, x, batch_size=None, **kwargs):
-        x, _, _, batch_size = self._preprocess(x, batch_size=batch_size)
-        return super().predict(x, batch_size=batch_size, **kwargs)
-
-    # ------------------------------------------------------------ generate
+    # ------------------------------------------------------ cached decoding
 
     def _decoder(self):
-        head = self.lm_head or self.backbone.get_layer("logits")
-        return CachedDecoder(self.backbone, head)
+        return CachedDecoder(self.backbone, self.lm_head)
 
-    def _generate_function(self, max_length, sampler, stop_token_ids, jit_compile):
-        # A traced loop bakes in the sampler, the stop tokens and each
-        # layer's current num_hashes; anything else (seed, ids) is an input.
-        decoder = self._decoder()
-        # The seed is an input of the traced loop, not part of its key.
-        described = samplers_lib.serialize(sampler)
-        described["config"] = {
-            k: v for k, v in described.get("config", {}).items() if k != "seed"
-        }
-        key = (
-            max_length, json.dumps(described, sort_keys=True, default=str),
-            tuple(stop_token_ids), bool(jit_compile),
-            tuple(f.attention.num_hashes for f, _ in decoder.blocks),
-        )
-        if key not in self._generate_functions:
-            # Static shapes (XLA): prompts come padded to a power of two, so
-            # retracing is bounded by log2(max_length) shapes per batch size.
-            @tf.function(jit_compile=bool(jit_compile))
-            def run(token_ids, padding_mask, seed):
-                return decoder.generate(
-                    token_ids, padding_mask, seed, max_length=max_length,
-                    sampler=sampler, stop_token_ids=tuple(stop_token_ids),
-                    # Graph mode would copy the caches at every step.
-                    in_place=not jit_compile,
-                )
-
-            self._generate_functions[key] = run
-        return self._generate_functions[key]
-
-    def generate(self, inputs, max_length=None, stop_token_ids="auto",
-                 strip_prompt=False, sampler=None, jit_compile=True):
-        """Continue prompts, with cached decoding in one compiled loop.
-
-        Args:
-            inputs: a string or a list / 1-D tensor of strings (needs a
-                preprocessor), a `tf.data.Dataset` of those (batched), or
-                token ids: `{"token_ids", "padding_mask"}` (right-padded,
-                `(batch, length)` or one `(length,)` row) or just an int
-                array of ids (no padding).
-            max_length: int, total length of each output row (prompt plus
-                generated), at most the backbone's `max_sequence_length`.
-                Default: the preprocessor's `sequence_length`, else the
-                backbone's `max_sequence_length`.
-            stop_token_ids: tokens that end a row (it is kept, what follows
-                is padding); "auto" is the preprocessor's end token (none
-                without a preprocessor); None or () never stops early.
-            strip_prompt: return only the generated part.
-            sampler: overrides the compiled sampler for this call.
-            jit_compile: compile the loop with XLA (default True), or run it
-                as a TensorFlow graph (False: no compilation, the caches are
-                updated in place; a step costs more fixed op overhead).
+    def _build_cache(self, token_ids, padding_mask):
+        """The caches for keras-hub's sampling loop, which starts at the
+        shortest prompt's length `L` and feeds every later position (a
+        longer prompt's own tokens included) through `call_with_cache`: so
+        the caches hold each row's positions before `L - 1` only.
 
         Returns:
-            Strings for string inputs (a str for one prompt, else a list),
-            else a dict of numpy `token_ids` and `padding_mask`
-            `(batch, max_length)` (or `(max_length,)` for one row).
+            (hidden states (B, max_length, 2 * hidden_dim) of that pass,
+             the cache: per block an attention cache, plus the position
+             table and inference rotations every step reads).
         """
-        if isinstance(inputs, tf.data.Dataset):
-            outputs = [
-                self.generate(batch, max_length, stop_token_ids, strip_prompt,
-                              sampler, jit_compile)
-                for batch in inputs
-            ]
-            if outputs and isinstance(outputs[0], dict):
-                return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-            return [s for o in outputs for s in ([o] if isinstance(o, str) else o)]
-
-        limit = self.backbone.max_sequence_length
+        decoder = self._decoder()
+        max_length = token_ids.shape[1]
         if max_length is None:
-            max_length = (self.preprocessor.sequence_length
-                          if self.preprocessor is not None else limit)
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or not (
-            1 <= max_length <= limit
-        ):
-            raise ValueError(
-                "`max_length` must be an integer in [1, max_sequence_length="
-                f"{limit}] (the backbone's position limit). Received: "
-                f"max_length={max_length!r}"
-            )
-        sampler = self.sampler if sampler is None else samplers_lib.get(sampler)
+            max_length = tf.shape(token_ids)[1]
+        mask = tf.cast(padding_mask, tf.bool)
+        start = tf.reduce_min(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1))
+        cached = mask & (tf.range(tf.shape(mask)[1])[None, :] < start - 1)
+        _, hidden, cache = decoder.prompt_pass(token_ids, cached, max_length)
+        cache["table"] = decoder.position_table(max_length)
+        cache["rotations"] = decoder.rotations()
+        if not in_xla_context():
+            # Steps write the caches in place (graph mode): own the buffers.
+            cache = lsh_decode.own(cache)
+        return hidden, cache
 
-        strings = _is_strings(inputs)
-        if strings:
-            if self.preprocessor is None:
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        """One token per row at position `cache_update_index`, from the cache.
+
+        Args:
+            token_ids: (B, 1) int32.
+            cache: from `_build_cache` or a previous call.
+            cache_update_index: int32 scalar, the tokens' position.
+
+        Returns:
+            (logits (B, 1, vocabulary_size), hidden states (B, 1, 2 *
+            hidden_dim), updated cache).
+        """
+        token = tf.cast(token_ids[:, 0], tf.int32)
+        position = tf.fill(tf.shape(token), tf.cast(cache_update_index, tf.int32))
+        decoder = self._decoder()
+        table, rotations = cache["table"], cache["rotations"]
+        logits, hidden, new = decoder.step(
+            token, position, cache, table, rotations, in_place=not in_xla_context() and not tf.executing_eagerly()
+        )
+        new["table"], new["rotations"] = table, rotations
+        return logits[:, None], hidden[:, None], new
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """keras-hub's compilable generation of one batch (see
+        `keras_hub.models.GPT2CausalLM.generate_step`, the same loop)."""
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        hidden_states, cache = self._build_cache(token_ids, padding_mask)
+        index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
+
+        def next(prompt, cache, index):
+            position = index - 1
+            batch_size = ops.shape(prompt)[0]
+            prompt = ops.slice(prompt, [0, position], [batch_size, 1])
+            logits, hidden_states, cache = self.call_with_cache(prompt, cache, position)
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next, prompt=token_ids, cache=cache, index=index,
+            mask=padding_mask, stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states, model=self,
+        )
+        if stop_token_ids is not None:
+            # Everything after a row's first generated stop token is padding.
+            stops = ops.convert_to_tensor(list(stop_token_ids), "int32")
+            is_stop = ops.any(ops.equal(token_ids[..., None], stops), axis=-1)
+            is_stop = ops.logical_and(is_stop, ops.logical_not(padding_mask))
+            ends = ops.cast(is_stop, "int32")
+            after = ops.cumsum(ends, axis=-1) - ends
+            padding_mask = ops.logical_not(ops.cast(after, "bool"))
+        else:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto",
+                 strip_prompt=False):
+        """keras-hub's `CausalLM.generate`, with the prompts checked first.
+
+        Token-id prompts must be right-padded `{"token_ids", "padding_mask"}`
+        (each row at least one real token, ids in `[0, vocabulary_size)`);
+        the padded width is the output length. `max_length` (with a
+        preprocessor) may not exceed the backbone's `max_sequence_length`.
+        """
+        limit = self.backbone.max_sequence_length
+        if self.preprocessor is not None:
+            length = self.preprocessor.sequence_length if max_length is None else max_length
+            if isinstance(length, bool) or not isinstance(length, int) or not (
+                1 <= length <= limit
+            ):
                 raise ValueError(
-                    "generate() got strings but this ReformerCausalLM has no "
-                    "preprocessor; pass token ids ({'token_ids', "
-                    "'padding_mask'}) or give it a ReformerCausalLMPreprocessor."
+                    "`max_length` must be an integer in [1, max_sequence_length="
+                    f"{limit}] (the backbone's position limit). Received: "
+                    f"max_length={max_length!r}"
                 )
-            single = isinstance(inputs, str) or (
-                isinstance(inputs, tf.Tensor) and inputs.shape.rank == 0
-            )
-            packed = self.preprocessor.generate_preprocess(
-                tf.reshape(tf.convert_to_tensor(inputs), [-1]), max_length
-            )
-            ids = packed["token_ids"].numpy()
-            mask = packed["padding_mask"].numpy()
-        else:
-            if isinstance(inputs, dict):
-                ids = np.asarray(inputs["token_ids"])
-                mask = inputs.get("padding_mask")
-                mask = np.ones_like(ids) if mask is None else np.asarray(mask)
-            else:
-                ids = np.asarray(inputs)
-                mask = np.ones_like(ids)
-            single = ids.ndim == 1
-            if single:
-                ids, mask = ids[None], mask[None]
-        ids, mask = self._check_prompts(ids, mask, max_length)
+        if not isinstance(inputs, tf.data.Dataset) and isinstance(inputs, dict):
+            self._check_prompts(inputs, limit)
+        return super().generate(inputs, max_length=max_length,
+                                stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
 
-        if stop_token_ids == "auto":
-            stop_token_ids = (
-                (self.preprocessor.end_token_id,) if self.preprocessor is not None else ()
-            )
-        stop_token_ids = tuple(int(t) for t in (stop_token_ids or ()))
-
-        lengths = mask.sum(axis=1)
-        if lengths.min() >= max_length:
-            out_ids, out_mask = ids[:, :max_length], mask[:, :max_length].astype(bool)
-        else:
-            prompt = min(max_length, max(
-                MIN_PROMPT_BUCKET, 2 ** math.ceil(math.log2(max(1, lengths.max())))
-            ))
-            ids, mask = ids[:, :prompt], mask[:, :prompt]
-            if ids.shape[1] < prompt:
-                pad = [[0, 0], [0, prompt - ids.shape[1]]]
-                ids, mask = np.pad(ids, pad), np.pad(mask, pad)
-            seed = sampler.seed if sampler.seed is not None else random.randint(0, 2**30)
-            run = self._generate_function(max_length, sampler, stop_token_ids, jit_compile)
-            out_ids, out_mask = run(
-                tf.constant(ids, tf.int32), tf.constant(mask, tf.int32),
-                tf.constant([seed, 0], tf.int32),
-            )
-            out_ids, out_mask = out_ids.numpy(), out_mask.numpy()
-
-        if strip_prompt:
-            # Generated tokens start after each row's prompt: shift them left.
-            keep = np.arange(max_length)[None] >= lengths[:, None]
-            out_mask = out_mask & keep
-            order = np.argsort(~out_mask, axis=1, kind="stable")
-            out_ids = np.take_along_axis(np.where(out_mask, out_ids, 0), order, axis=1)
-            out_mask = np.take_along_axis(out_mask, order, axis=1)
-        result = {"token_ids": out_ids.astype(np.int32), "padding_mask": out_mask}
-        if strings:
-            texts = [t.decode("utf-8") for t in
-                     self.preprocessor.generate_postprocess(result).numpy()]
-            return texts[0] if single else texts
-        return {k: v[0] for k, v in result.items()} if single else result
-
-    def _check_prompts(self, ids, mask, max_length):
+    def _check_prompts(self, inputs, limit):
+        ids = np.asarray(inputs["token_ids"])
+        mask = np.asarray(inputs.get("padding_mask", np.ones_like(ids))).astype(bool)
+        if ids.ndim == 1:
+            ids, mask = ids[None], mask[None]
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(
                 "`token_ids` and `padding_mask` must both be (batch, length) "
@@ -349,7 +235,11 @@ class ReformerCausalLM(TokenIdInputs, keras.Model):
             )
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"`token_ids` must be integers. Received dtype={ids.dtype}")
-        mask = mask.astype(bool)
+        if ids.shape[1] > limit:
+            raise ValueError(
+                f"The prompts are {ids.shape[1]} wide, above max_sequence_length="
+                f"{limit} (the padded width is the output length)."
+            )
         lengths = mask.sum(axis=1)
         if (lengths < 1).any():
             raise ValueError(
@@ -368,32 +258,22 @@ class ReformerCausalLM(TokenIdInputs, keras.Model):
                 f"`token_ids` must be in [0, vocabulary_size={vocab}). "
                 f"Received ids from {real.min()} to {real.max()}"
             )
-        if lengths.max() > max_length:
-            raise ValueError(
-                f"A prompt is longer ({lengths.max()} tokens) than "
-                f"max_length={max_length}."
-            )
-        return ids.astype(np.int32), mask.astype(np.int32)
 
-    # -------------------------------------------------------------- config
+    # ---------------------------------------------- LoRA and quantization
 
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "preprocessor": (
-                None if self.preprocessor is None
-                else keras.saving.serialize_keras_object(self.preprocessor)
-            ),
-        }
+    def enable_lora(self, rank, target_layer_names=None):
+        """LoRA fine-tuning: the backbone's `enable_lora` (see
+        `ReformerBackbone.enable_lora`), and the LM head frozen too, so that
+        only the LoRA weights train."""
+        self.backbone.enable_lora(rank, target_layer_names=target_layer_names)
+        self.lm_head.trainable = False
+        self.generate_function = None
+        self.train_function = self.test_function = self.predict_function = None
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        if config.get("preprocessor") is not None:
-            config["preprocessor"] = keras.saving.deserialize_keras_object(
-                config["preprocessor"]
-            )
-        return cls(**config)
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize` (int8, int4, float8), also with stacked
+        weights (see `ReformerBackbone.quantize`)."""
+        check_quantization_mode(mode, config)
+        with blocks_in_sync(self):
+            super().quantize(mode, config=config, filters=filters, **kwargs)
+        self.generate_function = None

@@ -1,59 +1,54 @@
-"""Cached decoding of a causal ReformerModel: prompt pass, one-token steps,
-and the compiled sampling loop behind `ReformerCausalLM.generate()`.
+"""Cached decoding of a `ReformerBackbone`: a prompt pass that fills one cache
+per attention layer, and one-token steps that read and extend them.
 
-At inference a reversible block is just `y1 = x1 + f(x2)`, `y2 = x2 +
-g(y1)`, and everything but attention acts on each position alone. So a
-decode step runs the backbone's own layers on one token per row: the
-embedding, the position table at that row's position, then per block the
-attention block's LayerNorm and a cached LSH attention
-(`ops.lsh_decode`) through the same `LSHAttention`'s projections, hash
-rotations and output projection, then the feed-forward block itself, and at
-the end the final LayerNorm and vocabulary projection.
+At inference a reversible block is `y1 = x1 + f(x2)`, `y2 = x2 + g(y1)`, and
+everything but attention acts on each position alone. So a step runs the
+backbone's own layers on one token per row: the token embedding, the
+position embedding at that row's position, the short convolution over the
+row's last inputs (if any), then per block `AttentionBlock.call_with_cache`
+and the feed-forward block itself (each block under
+`ReversibleSequence.block_scope`, which gives it its stacked weights when
+there are), and at the end the final norm and the task's head. A step costs
+the same whatever the length before it, and its logits equal the full pass
+over the same tokens (tested).
 
-The backbone's layers are found by name (public `Model.get_layer`):
-`token_embedding`, `position_embedding` (if any), `short_convolution` (if
-any: its last `width - 1` inputs per row ride along as the last element of
-the caches), `reversible_stack` (its
-`blocks`, in order), `final_norm`, `logits` (if the backbone has its head).
+`ReformerCausalLM.call_with_cache` drives this from keras-hub's samplers;
+`CachedDecoder.generate` is the same decoding as one `tf.while_loop` with
+stateless sampling, for the exported SavedModel signatures (core TF ops,
+caches updated in place in graph mode).
 """
 
+import keras
 import tensorflow as tf
 
 from keras_reformer.layers.lsh_attention import LSHAttention
-from keras_reformer.ops import lsh, lsh_decode
+from keras_reformer.ops import lsh_decode
 
 
-def _layer(model, name, required=True):
-    try:
-        return model.get_layer(name)
-    except ValueError:
-        if required:
-            raise ValueError(
-                f"Cached decoding needs the backbone layer {name!r} of a "
-                "ReformerModel; this backbone has none. Layers: "
-                f"{[layer.name for layer in model.layers]}"
-            ) from None
-        return None
+def sample_next(sampler, logits, seed):
+    """A keras-hub sampler's next tokens (B,) int32 for `logits` (B, V),
+    drawn from the stateless `seed` (2,) instead of the sampler's own
+    `SeedGenerator` (whose state a served graph must not advance)."""
+    probabilities = sampler.compute_probabilities(logits)
+    mapping = [(state, tf.cast(seed, state.dtype)) for state in sampler.variables]
+    with keras.StatelessScope(state_mapping=mapping):
+        token = sampler.get_next_token(probabilities)
+    return tf.reshape(tf.cast(token, tf.int32), [-1])
 
 
 class CachedDecoder:
-    """Prompt pass, decode step and sampling loop of one causal backbone.
+    """Prompt pass, decode step and served sampling loop of one backbone.
 
     Args:
-        backbone: a causal `ReformerModel`.
-        head: the layer mapping final hidden states to logits: the
-            backbone's `logits` layer, or the task's own head when the
-            backbone was built with `include_head=False`.
+        backbone: a causal `ReformerBackbone` of `LSHAttention` blocks.
+        head: the layer mapping final hidden states to logits (the task's
+            `lm_head`).
     """
 
     def __init__(self, backbone, head):
         self.backbone = backbone
         self.head = head
-        self.embedding = _layer(backbone, "token_embedding")
-        self.position = _layer(backbone, "position_embedding", required=False)
-        self.convolution = _layer(backbone, "short_convolution", required=False)
-        self.stack = _layer(backbone, "reversible_stack")
-        self.final_norm = _layer(backbone, "final_norm")
+        self.stack = backbone.reversible_stack
         self.blocks = self.stack.blocks
         for index, (f, _) in enumerate(self.blocks):
             attention = getattr(f, "attention", None)
@@ -64,8 +59,6 @@ class CachedDecoder:
                     f"{getattr(f, 'causal', None)})."
                 )
 
-    # ------------------------------------------------------------- helpers
-
     @property
     def stream_dtype(self):
         # ReversibleSequence keeps both streams in the variable dtype.
@@ -73,136 +66,120 @@ class CachedDecoder:
 
     def position_table(self, max_length):
         """(max_length, hidden) position embeddings (zeros if there are none)."""
-        hidden = self.embedding.output_dim
-        zeros = tf.zeros([1, max_length, hidden], self.embedding.compute_dtype)
-        if self.position is None:
+        embedding = self.backbone.token_embedding
+        zeros = tf.zeros([1, max_length, embedding.output_dim], embedding.compute_dtype)
+        if self.backbone.position_embedding is None:
             return zeros[0]
-        return self.position(zeros)[0]
-
-    def _reach(self, attention):
-        return attention.num_chunks_before * attention.bucket_size
+        return self.backbone.position_embedding(zeros)[0]
 
     def rotations(self):
-        """Each block's inference hash rotations (a list of tensors per block).
-
-        Computed once before the decode loop: they are the same at every
-        step, and drawing them costs O(num_buckets) per layer.
-        """
+        """Each block's inference hash rotations, drawn once per decoding."""
         rotations = []
         for index, (f, _) in enumerate(self.blocks):
             with self.stack.block_scope(index):
-                rotations.append(f.attention._rotations(
-                    f.attention._factors(), f.attention.num_hashes, False))
+                rotations.append(f.attention.inference_rotations())
         return rotations
 
-    def _logits(self, y1, y2):
-        """Stream outputs at one position per row (B, 1, H) -> (B, V) float32."""
+    def _hidden(self, y1, y2):
+        """The two streams (B, L, H) -> final hidden states (B, L, 2H)."""
         h = tf.concat([tf.cast(y1, self.stack.compute_dtype),
                        tf.cast(y2, self.stack.compute_dtype)], axis=-1)
-        return tf.cast(self.head(self.final_norm(h))[:, 0], tf.float32)
+        return self.backbone.final_norm(h)
+
+    def _logits(self, hidden):
+        """Final hidden states (B, 1, 2H) -> logits (B, V) float32."""
+        return tf.cast(self.head(hidden)[:, 0], tf.float32)
 
     # ----------------------------------------------------------- the passes
 
     def prompt_pass(self, token_ids, padding_mask, max_length):
-        """Full causal pass over the prompts; fills one cache per block.
+        """Full causal pass over the prompts; fills the caches.
 
         Args:
             token_ids: (B, P) int32, right-padded prompts.
-            padding_mask: (B, P) bool, True on real tokens (each row >= 1).
+            padding_mask: (B, P) bool, True on the positions to cache (may
+                be none at all in a row).
             max_length: int (an int32 scalar tensor outside XLA), the longest
                 sequence the caches must hold.
 
         Returns:
-            (logits (B, V) float32 after each row's last real token,
-             caches: a list with one `lsh_decode` cache per block, then,
-             with a short convolution, its inputs at each row's last
-             `width - 1` positions (B, width - 1, hidden), oldest first).
+            (logits (B, V) float32 after each row's last cached token,
+             final hidden states (B, P, 2H),
+             caches: a dict with "blocks" (one attention cache per block)
+             and, with a short convolution, "history": its inputs at each
+             row's last `width - 1` cached positions (B, width - 1, hidden),
+             oldest first).
         """
+        backbone = self.backbone
         prompt = tf.shape(token_ids)[1]
-        x = self.embedding(token_ids)
+        x = backbone.token_embedding(token_ids)
         x = x + tf.cast(self.position_table(max_length)[None, :prompt], x.dtype)
         last = tf.reduce_sum(tf.cast(padding_mask, tf.int32), axis=1) - 1
-        history = None
-        if self.convolution is not None:
+        caches = {}
+        if backbone.short_convolution is not None:
             x = x * tf.cast(padding_mask, x.dtype)[..., None]
-            history = self._history(x, last)
-            x = x + self.convolution(x)
+            caches["history"] = self._history(x, last)
+            x = x + backbone.short_convolution(x)
         x1 = x2 = tf.cast(x, self.stream_dtype)
-        caches = []
+        blocks = []
         for index, (f, g) in enumerate(self.blocks):
-            # Block index's weights (the stack's slices with stack_weights).
             with self.stack.block_scope(index):
-                attention = f.attention
-                qk, v = attention.project(f.norm(x2))
-                buckets, total = attention.hash_buckets(qk)
-                if attention.value_shift:
-                    v = lsh.shifted_values(v, padding_mask)
-                caches.append(lsh_decode.init_cache(
-                    qk, v, buckets, padding_mask, total, self._reach(attention),
-                    max_length,
-                ))
+                blocks.append(f.init_cache(x2, padding_mask, max_length))
                 x1 = x1 + tf.cast(f(x2, mask=padding_mask, training=False),
                                   self.stream_dtype)
                 x2 = x2 + tf.cast(g(x1, training=False), self.stream_dtype)
-        pick = lambda y: tf.gather(y, last[:, None], axis=1, batch_dims=1)  # noqa: E731
-        if history is not None:
-            caches.append(history)
-        return self._logits(pick(x1), pick(x2)), caches
+        caches["blocks"] = blocks
+        hidden = self._hidden(x1, x2)
+        at = tf.maximum(last, 0)[:, None]
+        logits = self._logits(tf.gather(hidden, at, axis=1, batch_dims=1))
+        return logits, hidden, caches
 
     def _history(self, x, last):
         """x at positions last - width + 2 .. last of each row (zeros before 0)."""
-        keep = self.convolution.width - 1
+        keep = self.backbone.short_convolution.width - 1
         # keep zero rows in front, so that position p is row p + keep.
         padded = tf.pad(x, [[0, 0], [keep, 0], [0, 0]])
         at = last[:, None] + 1 + tf.range(keep)[None, :]
         return tf.gather(padded, at, axis=1, batch_dims=1)
 
     def step(self, token, position, caches, table, rotations=None, in_place=False):
-        """One token per row at its position -> (logits (B, V), new caches).
+        """One token per row at its position -> (logits (B, V), hidden (B, 2H),
+        new caches).
 
         Args:
             token: (B,) int32.
-            position: (B,) int32, < the caches' max_length.
+            position: (B,) int32, < the caches' max_length; every earlier
+                position of the row is in the caches.
             caches: from `prompt_pass` or a previous step.
             table: `position_table(max_length)`.
             rotations: `rotations()` (default: drawn again in this step).
             in_place: overwrite the caches (graph mode, owned caches; see
-                `lsh_decode.decode_step`).
+                `ops.lsh_decode.decode_step`).
         """
+        backbone = self.backbone
         if rotations is None:
             rotations = self.rotations()
-        x = self.embedding(token[:, None])
+        x = backbone.token_embedding(token[:, None])
         x = x + tf.cast(tf.gather(table, position)[:, None], x.dtype)
-        new_caches = []
-        if self.convolution is not None:
-            window = tf.concat([tf.cast(caches[-1], x.dtype), x], axis=1)
-            x = x + self.convolution.last_position(window)[:, None]
-            caches = caches[:-1]
-            history = window[:, 1:]
+        new_caches = {}
+        if backbone.short_convolution is not None:
+            window = tf.concat([tf.cast(caches["history"], x.dtype), x], axis=1)
+            x = x + backbone.short_convolution.last_position(window)[:, None]
+            new_caches["history"] = window[:, 1:]
         x1 = x2 = tf.cast(x, self.stream_dtype)
+        blocks = []
         for index, ((f, g), cache, rotation) in enumerate(
-                zip(self.blocks, caches, rotations)):
+                zip(self.blocks, caches["blocks"], rotations)):
             with self.stack.block_scope(index):
-                attention = f.attention
-                normed = f.norm(x2)
-                qk, v = attention.project(normed)
-                buckets = lsh.hash_vectors(qk, rotation)
-                out, cache = lsh_decode.decode_step(
-                    cache, qk[:, :, 0], v[:, :, 0], buckets[..., 0], position,
-                    self._reach(attention), attention.sliding_window,
-                    in_place=in_place, value_shift=attention.value_shift,
-                )
-                new_caches.append(cache)
-                gate = attention.gate_dense(normed) if attention.use_gate else None
-                attended = attention.attend_output(out[:, :, None], gate)
-                # The block's own dropout is the identity at inference.
-                x1 = x1 + tf.cast(attended, self.stream_dtype)
+                out, cache = f.call_with_cache(x2, cache, position, rotation, in_place)
+                blocks.append(cache)
+                x1 = x1 + tf.cast(out, self.stream_dtype)
                 x2 = x2 + tf.cast(g(x1, training=False), self.stream_dtype)
-        if self.convolution is not None:
-            new_caches.append(history)
-        return self._logits(x1, x2), new_caches
+        new_caches["blocks"] = blocks
+        hidden = self._hidden(x1, x2)
+        return self._logits(hidden), hidden[:, 0], new_caches
 
-    # ------------------------------------------------------------- the loop
+    # ----------------------------------------------------- the served loop
 
     def generate(self, token_ids, padding_mask, seed, *, max_length, sampler,
                  stop_token_ids, in_place=False):
@@ -214,10 +191,11 @@ class CachedDecoder:
 
         Args:
             token_ids: (B, P) int32; padding_mask: (B, P) bool/int, P <= max_length.
-            seed: (2,) int32, the sampler's stateless seed (step folded in).
+            seed: (2,) int32, the sampling seed (the step is folded in).
             max_length: int, the total length of the output rows (an int32
                 scalar tensor is allowed outside XLA).
-            sampler: a `Sampler`.
+            sampler: a keras-hub `Sampler` (drawn statelessly, see
+                `sample_next`).
             stop_token_ids: tuple of ints (may be empty).
             in_place: update the caches and outputs in place: for TensorFlow
                 graph mode, where each step would otherwise copy them whole
@@ -233,7 +211,7 @@ class CachedDecoder:
         token_ids = tf.where(mask, tf.cast(token_ids, tf.int32), 0)
         prompt = tf.shape(token_ids)[1]
         batch = tf.shape(token_ids)[0]
-        logits, caches = self.prompt_pass(token_ids, mask, max_length)
+        logits, _, caches = self.prompt_pass(token_ids, mask, max_length)
         table = self.position_table(max_length)
         rotations = self.rotations()
         tail = [[0, 0], [0, max_length - prompt]]
@@ -249,7 +227,9 @@ class CachedDecoder:
 
         def emit(step, logits, position, done, ids, out_mask):
             """Sample each row's next token and write it at its position."""
-            token = sampler(logits, tf.random.experimental.stateless_fold_in(seed, step))
+            token = sample_next(
+                sampler, logits, tf.random.experimental.stateless_fold_in(seed, step)
+            )
             active = tf.logical_not(done)
             # Finished rows keep running in the batch, writing at a clamped
             # position that is never read again.
@@ -274,9 +254,7 @@ class CachedDecoder:
 
         # The first token comes from the prompt pass; each loop iteration
         # runs one cached step on the token before and samples the next, so
-        # no step is spent on the last token (and no `tf.cond` is needed to
-        # skip it: under XLA a conditional around the step made it copy the
-        # caches at every step).
+        # no step is spent on the last token.
         token, at, position, done, ids, out_mask = emit(
             0, logits, position, done, ids, out_mask
         )
@@ -285,7 +263,7 @@ class CachedDecoder:
             return tf.reduce_any(tf.logical_not(done))
 
         def body(step, token, at, position, done, ids, out_mask, caches):
-            logits, caches = self.step(token, at, caches, table, rotations, in_place)
+            logits, _, caches = self.step(token, at, caches, table, rotations, in_place)
             token, at, position, done, ids, out_mask = emit(
                 step, logits, position, done, ids, out_mask
             )

@@ -14,9 +14,9 @@ empty prompt, ids outside `[0, vocabulary_size)`, `max_length` outside
 `[1, max_sequence_length]` or below a prompt's length.
 """
 
+import keras_hub
 import tensorflow as tf
 
-from keras_reformer import samplers as samplers_lib
 from keras_reformer.text import byte_tokenizer
 
 IDS = tf.TensorSpec([None, None], tf.int32, name="token_ids")
@@ -88,6 +88,17 @@ def _pack_text(lm, text, max_length):
     return ragged.to_tensor(0), tf.ones_like(ragged).to_tensor(0)
 
 
+def _unpack_text(lm, out):
+    """Generated ids -> strings, as `generate_postprocess` gives them
+    (padding and special tokens dropped, bytes decoded), in core TF ops."""
+    pre = lm.preprocessor
+    ids = out["token_ids"]
+    keep = tf.cast(out["padding_mask"], tf.bool)
+    for special in (pre.start_token_id, pre.end_token_id):
+        keep = keep & (ids != special)
+    return byte_tokenizer.detokenize(tf.ragged.boolean_mask(ids, keep))
+
+
 def add_generate_endpoints(archive, lm, text=False, sampler=None):
     """Adds `generate` (and `generate_sampled`, `generate_text`,
     `generate_text_sampled`) to a `keras.export.ExportArchive` tracking `lm`.
@@ -96,10 +107,11 @@ def add_generate_endpoints(archive, lm, text=False, sampler=None):
         archive: the `ExportArchive`.
         lm: a `ReformerCausalLM`.
         text: add the string signatures (needs `lm.preprocessor`).
-        sampler: None, or a sampler (or name) for the `*_sampled` signatures,
-            which take a `seed`; `generate` and `generate_text` are greedy.
+        sampler: None, or a keras-hub sampler (or name) for the `*_sampled`
+            signatures, which take a `seed` (the sampler draws from it,
+            statelessly); `generate` and `generate_text` are greedy.
     """
-    greedy = samplers_lib.GreedySampler()
+    greedy = keras_hub.samplers.GreedySampler()
     zero = tf.constant(0)
 
     def generate(token_ids, padding_mask, max_length):
@@ -108,7 +120,7 @@ def add_generate_endpoints(archive, lm, text=False, sampler=None):
     archive.add_endpoint("generate", generate,
                          input_signature=[IDS, MASK, MAX_LENGTH])
     if sampler is not None:
-        sampler = samplers_lib.get(sampler)
+        sampler = keras_hub.samplers.get(sampler)
 
         def generate_sampled(token_ids, padding_mask, max_length, seed):
             return _generate(lm, token_ids, padding_mask, max_length, sampler, seed)
@@ -121,7 +133,7 @@ def add_generate_endpoints(archive, lm, text=False, sampler=None):
     def to_text(text, max_length, sampler, seed):
         ids, mask = _pack_text(lm, text, max_length)
         out = _generate(lm, ids, mask, max_length, sampler, seed)
-        return {"text": lm.preprocessor.generate_postprocess(out)}
+        return {"text": _unpack_text(lm, out)}
 
     def generate_text(text, max_length):
         return to_text(text, max_length, greedy, zero)

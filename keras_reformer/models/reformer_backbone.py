@@ -1,9 +1,8 @@
-"""ReformerModel: token ids -> logits (or hidden states), a functional keras.Model."""
-
+"""ReformerBackbone: token ids -> hidden states, a keras-hub `Backbone`."""
 
 import keras
+import keras_hub
 import numpy as np
-import tensorflow as tf
 
 from keras_reformer import _checks
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
@@ -18,6 +17,7 @@ from keras_reformer.layers.sinusoidal_position_embedding import (
 )
 from keras_reformer.layers.token_id_check import TokenIdCheck
 from keras_reformer.models._token_id_inputs import TokenIdInputs
+from keras_reformer.models._stacks import blocks_in_sync, check_quantization_mode
 
 POSITION_EMBEDDINGS = ("axial", "sinusoidal", None)
 
@@ -45,47 +45,43 @@ def _rate(name, value):
     return float(value)
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, seed=(0, 0)):
-    """Draws one token per row of `logits` `(batch, vocabulary)`.
-
-    `temperature=0` is argmax; otherwise a draw from
-    `softmax(logits / temperature)`, restricted to the `top_k` largest
-    logits if given (ties with the k-th are kept). `seed` is a stateless
-    seed pair: the same pair, the same draw. Returns int32 numpy `(batch,)`.
-    """
-    logits = tf.cast(logits, tf.float32)
-    if temperature == 0:
-        return np.asarray(tf.argmax(logits, axis=-1, output_type=tf.int32))
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
-        logits = tf.where(logits < kth, tf.constant(-np.inf, logits.dtype), logits)
-    return np.asarray(
-        tf.random.stateless_categorical(logits, 1, seed=seed, dtype=tf.int32)[:, 0]
-    )
-
-
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerModel(TokenIdInputs, keras.Model):
-    """The Reformer: LSH attention in a reversible stack with chunked FFNs.
+class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
+    """The Reformer network: LSH attention in a reversible stack with chunked FFNs.
 
-    A functional model (built in `__init__`, as keras-hub builds backbones):
+    A keras-hub `Backbone`, functional (built in `__init__`):
 
         token ids (+ padding mask) -> Embedding -> + position embedding
         [-> + ShortConvolution] -> [x, x] -> ReversibleSequence of num_layers x
            (LayerNorm -> LSHAttention, LayerNorm -> ChunkedFeedForward)
-        -> concat(y1, y2) -> LayerNorm -> Dense(vocabulary_size)
+        -> concat(y1, y2) -> LayerNorm
+
+    `ReformerCausalLM` puts the vocabulary head, the loss and `generate()`
+    on top of it. Everything keras-hub does with a backbone works on it:
+    `from_preset` / `save_to_preset`, `enable_lora(rank)` (which reaches the
+    attention's shared-QK and value projections, also with stacked weights
+    and inside the reversible recomputation) and `quantize(mode)`.
+    (The calibrated modes "gptq" and "awq" are refused: they run a model's
+    blocks one after another, which a reversible stack's (f, g) pairs on
+    two streams are not.) `keras_reformer.models.ReformerModel` is this
+    class under the name the library has always used.
+
+    The layers are attributes: `token_embedding`, `position_embedding`
+    (None without one), `short_convolution` (None without one),
+    `embedding_dropout`, `reversible_stack` (its `blocks` are the
+    `(AttentionBlock, FeedForwardBlock)` pairs), `final_norm`.
 
     Inputs are a dict: `"token_ids"` (int32, `(batch, length)`, any length up
     to `max_sequence_length`) and `"padding_mask"` (`(batch, length)`, 1 for
     real tokens, 0 for padding). A token id outside `[0, vocabulary_size)`
     is an error naming it, also under XLA: `fit`, `evaluate`, `predict` and
     `*_on_batch` check their inputs before the compiled step (arrays at
-    once, datasets batch by batch in tf.data). Output: logits `(batch, length,
-    vocabulary_size)`, or with `include_head=False` the final hidden states
-    `(batch, length, 2 * hidden_dim)` for a head of your own, e.g.
+    once, datasets batch by batch in tf.data). Output: the final hidden
+    states `(batch, length, 2 * hidden_dim)` (the two reversible streams,
+    concatenated and normalized), for `ReformerCausalLM` or a head of your
+    own, e.g.
 
-        encoder = ReformerModel(vocab, causal=False, include_head=False)
+        encoder = ReformerBackbone(vocab, causal=False)
         pooled = keras.layers.GlobalAveragePooling1D()(encoder.output)
         classifier = keras.Model(encoder.input, keras.layers.Dense(2)(pooled))
 
@@ -129,7 +125,6 @@ class ReformerModel(TokenIdInputs, keras.Model):
             docs/benchmarks.md, "Stacked weights"). The weight layout
             differs, so weights saved with one setting do not load into
             the other. Defaults to False.
-        include_head: add the LayerNorm'd vocabulary projection (logits).
         seed: seeds the random parts of the computation: the hash
             rotations and the dropout masks (None: drawn, stored in the
             config). The initial weights follow Keras' global seed, as for
@@ -159,7 +154,6 @@ class ReformerModel(TokenIdInputs, keras.Model):
         value_shift=False,
         causal=True,
         reversible=True,
-        include_head=True,
         seed=None,
         stack_weights=False,
         dtype=None,
@@ -181,7 +175,6 @@ class ReformerModel(TokenIdInputs, keras.Model):
         _rate("attention_dropout", attention_dropout)
         causal = _flag("causal", causal)
         reversible = _flag("reversible", reversible)
-        include_head = _flag("include_head", include_head)
         stack_weights = _flag("stack_weights", stack_weights)
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
@@ -190,40 +183,42 @@ class ReformerModel(TokenIdInputs, keras.Model):
             )
         seed = resolve_seed(seed)
 
-        token_ids = keras.Input((None,), dtype="int32", name="token_ids")
-        padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
-        ids = TokenIdCheck(vocabulary_size, dtype=dtype, name="token_id_check")(
-            token_ids
-        )
-        x = keras.layers.Embedding(
-            vocabulary_size, hidden_dim, dtype=dtype, name="token_embedding",
-            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
-        )(ids)
-        if position_embedding == "axial":
-            x = x + AxialPositionEmbedding(
-                max_sequence_length, axial_shape=axial_shape, dtype=dtype,
-                name="position_embedding",
-            )(x)
-        elif position_embedding == "sinusoidal":
-            x = x + SinusoidalPositionEmbedding(
-                max_sequence_length, dtype=dtype, name="position_embedding"
-            )(x)
-        mask = keras.ops.cast(padding_mask, "bool")
-        if short_convolution is not None:
-            x = x + ShortConvolution(
-                short_convolution, causal=causal, dtype=dtype, name="short_convolution"
-            )(x, mask=mask)
-        x = keras.layers.Dropout(dropout, seed=seed, dtype=dtype,
-                                 name="embedding_dropout")(x)
-        # The bucket count comes from max_sequence_length, never from a
-        # batch's (padded) length: padding must not change real outputs,
-        # and cached decoding needs a count that does not grow with the text.
         value_shift = _flag("value_shift", value_shift)
         if value_shift and not causal:
             raise ValueError(
                 "`value_shift=True` needs `causal=True` (a key brings the value of "
                 f"the next position). Received: value_shift=True, causal={causal}"
             )
+
+        # === Layers ===
+        self.token_id_check = TokenIdCheck(
+            vocabulary_size, dtype=dtype, name="token_id_check"
+        )
+        self.token_embedding = keras.layers.Embedding(
+            vocabulary_size, hidden_dim, dtype=dtype, name="token_embedding",
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+        self.position_embedding = None
+        if position_embedding == "axial":
+            self.position_embedding = AxialPositionEmbedding(
+                max_sequence_length, axial_shape=axial_shape, dtype=dtype,
+                name="position_embedding",
+            )
+        elif position_embedding == "sinusoidal":
+            self.position_embedding = SinusoidalPositionEmbedding(
+                max_sequence_length, dtype=dtype, name="position_embedding"
+            )
+        self.short_convolution = None
+        if short_convolution is not None:
+            self.short_convolution = ShortConvolution(
+                short_convolution, causal=causal, dtype=dtype, name="short_convolution"
+            )
+        self.embedding_dropout = keras.layers.Dropout(
+            dropout, seed=seed, dtype=dtype, name="embedding_dropout"
+        )
+        # The bucket count comes from max_sequence_length, never from a
+        # batch's (padded) length: padding must not change real outputs,
+        # and cached decoding needs a count that does not grow with the text.
         attention_kwargs = dict(bucket_size=bucket_size, num_hashes=num_hashes,
                                 num_buckets=num_buckets,
                                 max_length=max_sequence_length)
@@ -235,7 +230,8 @@ class ReformerModel(TokenIdInputs, keras.Model):
             (
                 AttentionBlock(
                     num_heads, key_dim, causal=causal, dropout=dropout,
-                    attention_dropout=attention_dropout, seed=(seed + 10 * i + 1) % SEED_LIMIT,
+                    attention_dropout=attention_dropout,
+                    seed=(seed + 10 * i + 1) % SEED_LIMIT,
                     attention_kwargs=attention_kwargs, dtype=dtype,
                     name=f"attention_block_{i}",
                 ),
@@ -247,23 +243,33 @@ class ReformerModel(TokenIdInputs, keras.Model):
             )
             for i in range(num_layers)
         ]
-        y1, y2 = ReversibleSequence(
+        self.reversible_stack = ReversibleSequence(
             blocks, reversible=reversible, stack_weights=stack_weights, dtype=dtype,
             name="reversible_stack",
-        )([x, x], mask=[mask, mask])
-        h = keras.layers.Concatenate(dtype=dtype, name="concat_streams")([y1, y2])
-        h = LayerNorm(epsilon=1e-6, dtype=dtype, name="final_norm")(h)
-        outputs = h
-        if include_head:
-            outputs = keras.layers.Dense(
-                vocabulary_size, dtype=dtype, name="logits"
-            )(h)
+        )
+        self.concat_streams = keras.layers.Concatenate(dtype=dtype, name="concat_streams")
+        self.final_norm = LayerNorm(epsilon=1e-6, dtype=dtype, name="final_norm")
+
+        # === Functional model ===
+        token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
+        x = self.token_embedding(self.token_id_check(token_ids))
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x)
+        mask = keras.ops.cast(padding_mask, "bool")
+        if self.short_convolution is not None:
+            x = x + self.short_convolution(x, mask=mask)
+        x = self.embedding_dropout(x)
+        y1, y2 = self.reversible_stack([x, x], mask=[mask, mask])
+        outputs = self.final_norm(self.concat_streams([y1, y2]))
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
             outputs=outputs,
             dtype=dtype,
             **kwargs,
         )
+
+        # === Config ===
         self.vocabulary_size = vocabulary_size
         self.num_layers = num_layers
         self.hidden_dim = hidden_dim
@@ -279,19 +285,19 @@ class ReformerModel(TokenIdInputs, keras.Model):
         self.attention_dropout = attention_dropout
         self.max_sequence_length = max_sequence_length
         self.axial_shape = axial_shape
-        self.position_embedding = position_embedding
-        self.short_convolution = short_convolution
+        self.position_embedding_type = position_embedding
+        self.short_convolution_width = short_convolution
         self.value_shift = value_shift
         self.causal = causal
         self.reversible = reversible
-        self.include_head = include_head
         self.seed = seed
         self.stack_weights = stack_weights
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
+        # Backbone's: name, trainable and the dtype policy (a policy map
+        # naming the quantized layers, so that a quantized model reloads).
+        config = super().get_config()
+        config.update({
             "vocabulary_size": self.vocabulary_size,
             "num_layers": self.num_layers,
             "hidden_dim": self.hidden_dim,
@@ -307,24 +313,40 @@ class ReformerModel(TokenIdInputs, keras.Model):
             "attention_dropout": self.attention_dropout,
             "max_sequence_length": self.max_sequence_length,
             "axial_shape": self.axial_shape,
-            "position_embedding": self.position_embedding,
-            "short_convolution": self.short_convolution,
+            "position_embedding": self.position_embedding_type,
+            "short_convolution": self.short_convolution_width,
             "value_shift": self.value_shift,
             "causal": self.causal,
             "reversible": self.reversible,
-            "include_head": self.include_head,
             "seed": self.seed,
             "stack_weights": self.stack_weights,
-            # The policy the layers were built with (the argument, or the
-            # global policy at construction), so a reload computes alike.
-            "dtype": keras.dtype_policies.serialize(
-                self.get_layer("token_embedding").dtype_policy
-            ),
-        }
+        })
+        return config
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    # ---------------------------------------- keras-hub: LoRA, quantization
+
+    def default_lora_layer_names(self):
+        """The layers `enable_lora(rank)` targets by default: keras-hub's
+        names, and the attention's shared-QK (`"qk"`) and value projections."""
+        return ["qk"] + list(super().default_lora_layer_names())
+
+    def enable_lora(self, rank, target_layer_names=None):
+        """keras-hub's `Backbone.enable_lora`: freezes every weight and adds
+        rank-`rank` LoRA weights to the target layers (by default the
+        attention's `qk` and `value` projections of every block). With
+        stacked weights the stack then holds the LoRA weights too, one
+        `(num_layers, ...)` variable each, and trains them; the stacked
+        kernels keep their trained values."""
+        with blocks_in_sync(self):
+            super().enable_lora(rank, target_layer_names=target_layer_names)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize`, also with stacked weights: the stack's
+        blocks are quantized from their trained values (see
+        `ReversibleSequence.quantize`)."""
+        check_quantization_mode(mode, config)
+        with blocks_in_sync(self):
+            super().quantize(mode, config=config, filters=filters, **kwargs)
 
     def set_num_hashes(self, num_hashes):
         """Change the hash rounds of every attention layer (no retraining).
@@ -334,92 +356,12 @@ class ReformerModel(TokenIdInputs, keras.Model):
         compiled predict/evaluate/train functions are retraced.
         """
         _positive("num_hashes", num_hashes)
-        for layer in self._flatten_layers():
-            if isinstance(layer, AttentionBlock):
-                layer.attention.num_hashes = num_hashes
-                layer.attention_kwargs["num_hashes"] = num_hashes
+        for f, _ in self.reversible_stack.blocks:
+            f.attention.num_hashes = num_hashes
+            f.attention_kwargs["num_hashes"] = num_hashes
         self.num_hashes = num_hashes
         # Traced functions baked the old value in.
-        self._generate_fn = None
         self.predict_function = self.test_function = self.train_function = None
 
-    # -------------------------------------------------------------- generate
-
-    def _logits_fn(self):
-        if getattr(self, "_generate_fn", None) is None:
-            spec = tf.TensorSpec([None, None], tf.int32)
-
-            @tf.function(input_signature=[spec, spec])
-            def logits(ids, mask):
-                out = self({"token_ids": ids, "padding_mask": mask}, training=False)
-                lengths = tf.reduce_sum(mask, axis=1)
-                last = tf.gather(out, lengths - 1, axis=1, batch_dims=1)
-                return tf.cast(last, tf.float32)
-
-            self._generate_fn = logits
-        return self._generate_fn
-
-    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None,
-                 seed=None, end_token_id=None):
-        """Sample continuations of `prompt_ids` (causal models only).
-
-        Each step runs the model on the whole prefix (there is no cache):
-        generating `n` tokens after a prompt of `p` costs `n` forward passes,
-        over `p, p + 1, ..., p + n - 1` tokens, i.e. O(n * (p + n))
-        token-positions of work (each pass is linear in its length, LSH
-        attention being O(length * num_hashes * bucket_size)). The pass is
-        one `tf.function` with a dynamic length: traced once, not per step.
-        All prompts of a batch have the same length (no left padding).
-        For long prompts use `keras_reformer.models.ReformerCausalLM`, whose
-        `generate()` runs one compiled loop with a per-layer LSH cache.
-
-        Args:
-            prompt_ids: `(batch, length)` ints, or one list of ints.
-            max_new_tokens: tokens to add.
-            temperature: 0 for greedy (argmax) decoding, else the softmax
-                temperature.
-            top_k: sample among the `top_k` most likely tokens only.
-            seed: int; the same seed gives the same samples.
-            end_token_id: stop a sequence once it produced this token (the
-                rest of its row is filled with it); stop when all have.
-
-        Returns:
-            int32 numpy array `(batch, length + generated)`.
-        """
-        if not self.causal or not self.include_head:
-            raise ValueError(
-                "generate() needs a causal model with its head "
-                f"(causal={self.causal}, include_head={self.include_head})."
-            )
-        ids = np.asarray(prompt_ids, dtype=np.int32)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.shape[1] < 1:
-            raise ValueError(
-                "`prompt_ids` must be (batch, length) with length >= 1. "
-                f"Received shape: {ids.shape}"
-            )
-        _positive("max_new_tokens", max_new_tokens)
-        if temperature < 0:
-            raise ValueError(
-                f"`temperature` must be >= 0. Received: temperature={temperature!r}"
-            )
-        _positive("top_k", top_k, allow_none=True)
-        if ids.shape[1] + max_new_tokens > self.max_sequence_length:
-            raise ValueError(
-                f"Prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} "
-                f"exceeds max_sequence_length={self.max_sequence_length}."
-            )
-        seed = resolve_seed(seed)
-        logits_fn = self._logits_fn()
-        done = np.zeros(len(ids), bool)
-        for step in range(max_new_tokens):
-            logits = logits_fn(ids, np.ones_like(ids))
-            nxt = sample_next_token(logits, temperature, top_k, seed=[seed, step])
-            if end_token_id is not None:
-                nxt = np.where(done, end_token_id, nxt)
-                done |= nxt == end_token_id
-            ids = np.concatenate([ids, nxt[:, None].astype(np.int32)], axis=1)
-            if end_token_id is not None and done.all():
-                break
-        return ids
+# The name the library has always used for the backbone.
+ReformerModel = ReformerBackbone
