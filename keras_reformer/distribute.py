@@ -41,7 +41,7 @@ import keras
 import tensorflow as tf
 
 from keras_reformer import _multiworker_fix, _spec_build
-from keras_reformer.models._token_id_inputs import (
+from keras_reformer.data._token_id_inputs import (
     STEP_CHECKS_IDS,
     check_step_inputs,
     step_vocabulary_size,

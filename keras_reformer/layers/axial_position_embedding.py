@@ -127,6 +127,15 @@ class AxialPositionEmbedding(keras.layers.Layer):
             length, self.axial_shape[1], tf.shape(inputs), self.compute_dtype,
         )
 
+    def embedding_at(self, positions):
+        """The embeddings of the given positions (any int32 shape), e.g. one
+        per row in cached decoding: `positions.shape + (features,)`, in the
+        compute dtype."""
+        width = self.axial_shape[1]
+        out = tf.concat([tf.gather(self.first, positions // width),
+                         tf.gather(self.second, positions % width)], axis=-1)
+        return tf.cast(out, self.compute_dtype)
+
     def compute_output_shape(self, input_shape):
         return input_shape
 

@@ -52,17 +52,22 @@ class SinusoidalPositionEmbedding(keras.layers.Layer):
             inputs, self.max_sequence_length,
             f"exceeds max_sequence_length={self.max_sequence_length}.",
         )
-        width = inputs.shape[-1]
-        positions = tf.cast(tf.range(length), tf.float32)[:, None]
+        table = self.embedding_at(tf.range(length), inputs.shape[-1])
+        return tf.broadcast_to(table[None], tf.shape(inputs))
+
+    def embedding_at(self, positions, features):
+        """The embeddings of the given positions (any int32 shape), e.g. one
+        per row in cached decoding: `positions.shape + (features,)`, in the
+        compute dtype."""
         rates = tf.pow(
             self.max_wavelength,
-            -tf.cast(tf.range(0, width, 2), tf.float32) / float(width),
+            -tf.cast(tf.range(0, features, 2), tf.float32) / float(features),
         )
-        angles = positions * rates[None, :]
-        # Interleaves sin and cos: (length, width / 2, 2) -> (length, width).
-        table = tf.reshape(tf.stack([tf.sin(angles), tf.cos(angles)], -1),
-                           [length, -1])[:, :width]
-        return tf.broadcast_to(tf.cast(table, self.compute_dtype)[None], tf.shape(inputs))
+        angles = tf.cast(positions, tf.float32)[..., None] * rates
+        # Interleaves sin and cos: (..., features / 2, 2) -> (..., features).
+        table = tf.stack([tf.sin(angles), tf.cos(angles)], -1)
+        table = tf.reshape(table, tf.concat([tf.shape(positions), [-1]], 0))
+        return tf.cast(table[..., :features], self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -16,7 +16,7 @@ from keras_reformer.layers.sinusoidal_position_embedding import (
     SinusoidalPositionEmbedding,
 )
 from keras_reformer.layers.token_id_check import TokenIdCheck
-from keras_reformer.models._token_id_inputs import TokenIdInputs
+from keras_reformer.data._token_id_inputs import TokenIdInputs
 from keras_reformer.models._stacks import blocks_in_sync, check_quantization_mode
 
 POSITION_EMBEDDINGS = ("axial", "sinusoidal", None)

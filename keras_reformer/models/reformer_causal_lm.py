@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_reformer.models._stacks import blocks_in_sync, check_quantization_mode
-from keras_reformer.models._token_id_inputs import TokenIdInputs
+from keras_reformer.data._token_id_inputs import TokenIdInputs
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_causal_lm_decoder import CachedDecoder
 from keras_reformer.models.reformer_causal_lm_preprocessor import (
@@ -113,6 +113,21 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         super().compile(optimizer=optimizer, loss=loss,
                         weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
 
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None and getattr(self, "sampler", None) is not None:
+            config = dict(config, sampler=keras_hub.samplers.serialize(self.sampler))
+        return config
+
+    def compile_from_config(self, config):
+        # A .keras file restores the optimizer, loss, metrics and sampler.
+        config = dict(config)
+        sampler = keras_hub.samplers.get(config.pop("sampler", "top_k"))
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config, sampler=sampler)
+        if self.built and self.optimizer is not None:
+            self.optimizer.build(self.trainable_variables)
+
     # ------------------------------------------------------ cached decoding
 
     def _decoder(self):
@@ -126,8 +141,9 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
 
         Returns:
             (hidden states (B, max_length, 2 * hidden_dim) of that pass,
-             the cache: per block an attention cache, plus the position
-             table and inference rotations every step reads).
+             the cache: per block an attention cache, and the short
+             convolution's last inputs if there is one; every tensor is
+             batch-major, as keras-hub's samplers require).
         """
         decoder = self._decoder()
         max_length = token_ids.shape[1]
@@ -137,8 +153,6 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         start = tf.reduce_min(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1))
         cached = mask & (tf.range(tf.shape(mask)[1])[None, :] < start - 1)
         _, hidden, cache = decoder.prompt_pass(token_ids, cached, max_length)
-        cache["table"] = decoder.position_table(max_length)
-        cache["rotations"] = decoder.rotations()
         if not in_xla_context():
             # Steps write the caches in place (graph mode): own the buffers.
             cache = lsh_decode.own(cache)
@@ -158,13 +172,14 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         """
         token = tf.cast(token_ids[:, 0], tf.int32)
         position = tf.fill(tf.shape(token), tf.cast(cache_update_index, tf.int32))
-        decoder = self._decoder()
-        table, rotations = cache["table"], cache["rotations"]
-        logits, hidden, new = decoder.step(
-            token, position, cache, table, rotations, in_place=not in_xla_context() and not tf.executing_eagerly()
+        # keras-hub's samplers treat every cache tensor as batch-major (beam
+        # search repeats and reorders them by row), so what is the same for
+        # every row (hash rotations, position embeddings) is made per step.
+        logits, hidden, cache = self._decoder().step(
+            token, position, cache,
+            in_place=not in_xla_context() and not tf.executing_eagerly(),
         )
-        new["table"], new["rotations"] = table, rotations
-        return logits[:, None], hidden[:, None], new
+        return logits[:, None], hidden[:, None], cache
 
     def generate_step(self, inputs, stop_token_ids=None):
         """keras-hub's compilable generation of one batch (see

@@ -22,6 +22,9 @@ import keras
 import tensorflow as tf
 
 from keras_reformer.layers.lsh_attention import LSHAttention
+from keras_reformer.layers.sinusoidal_position_embedding import (
+    SinusoidalPositionEmbedding,
+)
 from keras_reformer.ops import lsh_decode
 
 
@@ -64,13 +67,16 @@ class CachedDecoder:
         # ReversibleSequence keeps both streams in the variable dtype.
         return self.stack.variable_dtype
 
-    def position_table(self, max_length):
-        """(max_length, hidden) position embeddings (zeros if there are none)."""
+    def _positions(self, positions):
+        """Position embeddings of `positions` (any shape): `shape + (hidden,)`."""
         embedding = self.backbone.token_embedding
-        zeros = tf.zeros([1, max_length, embedding.output_dim], embedding.compute_dtype)
-        if self.backbone.position_embedding is None:
-            return zeros[0]
-        return self.backbone.position_embedding(zeros)[0]
+        layer = self.backbone.position_embedding
+        if layer is None:
+            return tf.zeros(tf.concat([tf.shape(positions), [embedding.output_dim]], 0),
+                            embedding.compute_dtype)
+        if isinstance(layer, SinusoidalPositionEmbedding):
+            return layer.embedding_at(positions, embedding.output_dim)
+        return layer.embedding_at(positions)
 
     def rotations(self):
         """Each block's inference hash rotations, drawn once per decoding."""
@@ -113,7 +119,7 @@ class CachedDecoder:
         backbone = self.backbone
         prompt = tf.shape(token_ids)[1]
         x = backbone.token_embedding(token_ids)
-        x = x + tf.cast(self.position_table(max_length)[None, :prompt], x.dtype)
+        x = x + tf.cast(self._positions(tf.range(prompt))[None], x.dtype)
         last = tf.reduce_sum(tf.cast(padding_mask, tf.int32), axis=1) - 1
         caches = {}
         if backbone.short_convolution is not None:
@@ -142,7 +148,7 @@ class CachedDecoder:
         at = last[:, None] + 1 + tf.range(keep)[None, :]
         return tf.gather(padded, at, axis=1, batch_dims=1)
 
-    def step(self, token, position, caches, table, rotations=None, in_place=False):
+    def step(self, token, position, caches, rotations=None, in_place=False):
         """One token per row at its position -> (logits (B, V), hidden (B, 2H),
         new caches).
 
@@ -151,7 +157,6 @@ class CachedDecoder:
             position: (B,) int32, < the caches' max_length; every earlier
                 position of the row is in the caches.
             caches: from `prompt_pass` or a previous step.
-            table: `position_table(max_length)`.
             rotations: `rotations()` (default: drawn again in this step).
             in_place: overwrite the caches (graph mode, owned caches; see
                 `ops.lsh_decode.decode_step`).
@@ -160,7 +165,7 @@ class CachedDecoder:
         if rotations is None:
             rotations = self.rotations()
         x = backbone.token_embedding(token[:, None])
-        x = x + tf.cast(tf.gather(table, position)[:, None], x.dtype)
+        x = x + tf.cast(self._positions(position)[:, None], x.dtype)
         new_caches = {}
         if backbone.short_convolution is not None:
             window = tf.concat([tf.cast(caches["history"], x.dtype), x], axis=1)
@@ -212,7 +217,6 @@ class CachedDecoder:
         prompt = tf.shape(token_ids)[1]
         batch = tf.shape(token_ids)[0]
         logits, _, caches = self.prompt_pass(token_ids, mask, max_length)
-        table = self.position_table(max_length)
         rotations = self.rotations()
         tail = [[0, 0], [0, max_length - prompt]]
         ids = tf.pad(token_ids, tail)
@@ -263,7 +267,7 @@ class CachedDecoder:
             return tf.reduce_any(tf.logical_not(done))
 
         def body(step, token, at, position, done, ids, out_mask, caches):
-            logits, _, caches = self.step(token, at, caches, table, rotations, in_place)
+            logits, _, caches = self.step(token, at, caches, rotations, in_place)
             token, at, position, done, ids, out_mask = emit(
                 step, logits, position, done, ids, out_mask
             )

@@ -1,46 +1,76 @@
-"""ReformerCausalLMPreprocessor: strings -> byte ids for a causal LM, in tf.data."""
+"""ReformerCausalLMPreprocessor: strings -> byte ids for a causal LM, on
+keras-hub's `CausalLMPreprocessor`."""
 
 import keras
+import numpy as np
 import tensorflow as tf
+from keras_hub.models import CausalLMPreprocessor
+from keras_hub.src.utils.preset_utils import PREPROCESSOR_CONFIG_FILE
+from keras_hub.src.utils.preset_utils import KerasPresetLoader
+from keras_hub.src.utils.tensor_utils import preprocessing_function
+from keras_hub.src.utils.tensor_utils import strip_to_ragged
+from keras_hub.tokenizers import Tokenizer
 
-from keras_reformer.text import byte_tokenizer
+from keras_reformer.models.reformer_backbone import ReformerBackbone
+from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
+from keras_reformer.models.reformer_tokenizer import check_strings
+from keras_reformer.models.reformer_tokenizer import local_without_backbone
 
-START_TOKEN_ID = byte_tokenizer.VOCABULARY_SIZE  # 256
-END_TOKEN_ID = byte_tokenizer.VOCABULARY_SIZE + 1  # 257
-PAD_TOKEN_ID = 0  # padding is told apart by `padding_mask`, not by its id
+
+def _positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return int(value)
 
 
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return value
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+    return bool(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerCausalLMPreprocessor(keras.layers.Layer):
-    """Byte-level preprocessing for `ReformerCausalLM` (keras-hub's
-    `CausalLMPreprocessor` shape).
+class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
+    """Byte-level preprocessing for `ReformerCausalLM`: keras-hub's
+    `CausalLMPreprocessor` with a `ReformerTokenizer`.
 
     Token ids are the UTF-8 bytes of the text (0..255), plus a start token
     (256) and an end token (257): a backbone needs `vocabulary_size >= 258`
-    (`preprocessor.vocabulary_size`). Only core TensorFlow ops are used
-    (`DecodeRaw`, `ReduceJoin`, `StringLength`, ragged tensors), so it runs in
-    `tf.data` and anything exported with it loads in stock TensorFlow and TF
-    Serving.
+    (`preprocessor.vocabulary_size`).
 
-    Called on strings (a batch, or one string per element in an unbatched
-    `tf.data` pipeline) it packs `[start] + bytes + [end]` into
-    `sequence_length + 1` ids and returns keras-hub's training triple:
+    Called on strings (one string, or a 1-D batch; in `tf.data` either an
+    unbatched or a batched pipeline) it tokenizes, packs
+    `[start] + bytes + [end]` into `sequence_length + 1` ids (the bytes are
+    cut so that the special tokens always fit; then right padding with id 0)
+    and returns keras-hub's training triple `(x, y, sample_weight)`:
     `x = {"token_ids", "padding_mask"}` (the first `sequence_length` ids),
-    `y` (the next ids) and `sample_weight` (the padding mask of `y`, float32). Padding masks are
-    int32 (the backbone's input dtype).
-    `generate_preprocess` packs prompts (start token, no end token) and
-    `generate_postprocess` turns generated ids back into strings.
+    `y` (the next ids) and `sample_weight` (the padding mask of `y`). Both
+    padding masks are bool, as keras-hub emits them.
+
+    `generate_preprocess(x, sequence_length)` packs prompts (start token,
+    no end token) and `generate_postprocess` turns `{"token_ids",
+    "padding_mask"}` back into text, dropping padding (by the mask) and the
+    special tokens.
+
+    Eager calls run keras-hub's Python path (backend tensors out, python
+    strings from `generate_postprocess`); inside `tf.function` and
+    `tf.data` the TensorFlow path runs, with core TensorFlow ops only for a
+    `ReformerTokenizer`: tokenizing, packing and `generate_postprocess`
+    (`DecodeRaw`, `ReduceJoin`, `UnicodeTranscode`, ragged tensors), so a
+    graph exported with them loads in stock TensorFlow and TF Serving.
 
     Args:
-        sequence_length: int, the packed length of training examples.
+        tokenizer: a `ReformerTokenizer` (or another keras-hub `Tokenizer`
+            with `start_token_id`, `end_token_id` and `pad_token_id`).
+            None makes a `ReformerTokenizer()`.
+        sequence_length: int, the packed length of training examples and
+            the default length of `generate_preprocess`.
         add_start_token: bool, prepend the start token.
-        add_end_token: bool, append the end token (when it fits).
+        add_end_token: bool, append the end token (in training examples).
 
     Example:
 
@@ -48,125 +78,156 @@ class ReformerCausalLMPreprocessor(keras.layers.Layer):
     >>> x, y, w = pre(["abc"])
     >>> x["token_ids"].numpy()
     array([[256,  97,  98,  99, 257,   0,   0,   0]], dtype=int32)
+    >>> x["padding_mask"].numpy()
+    array([[ True,  True,  True,  True,  True, False, False, False]])
+    >>> y.numpy()
+    array([[ 97,  98,  99, 257,   0,   0,   0,   0]], dtype=int32)
+    >>> prompt = pre.generate_preprocess(["abc"], sequence_length=6)
+    >>> prompt["token_ids"].numpy()
+    array([[256,  97,  98,  99,   0,   0]], dtype=int32)
+    >>> pre.generate_postprocess(prompt)
+    ['abc']
+    >>> dataset = tf.data.Dataset.from_tensor_slices(["abc", "de"])
+    >>> dataset = dataset.batch(2).map(pre)
     """
 
-    def __init__(self, sequence_length=1024, add_start_token=True,
-                 add_end_token=True, **kwargs):
-        super().__init__(**kwargs)
-        self.sequence_length = _positive("sequence_length", sequence_length)
-        self.add_start_token = bool(add_start_token)
-        self.add_end_token = bool(add_end_token)
-        self.start_token_id = START_TOKEN_ID
-        self.end_token_id = END_TOKEN_ID
-        self.pad_token_id = PAD_TOKEN_ID
-        self.built = True
+    backbone_cls = ReformerBackbone
+    tokenizer_cls = ReformerTokenizer
+
+    def __init__(
+        self,
+        tokenizer=None,
+        sequence_length=1024,
+        add_start_token=True,
+        add_end_token=True,
+        **kwargs,
+    ):
+        if tokenizer is None:
+            tokenizer = ReformerTokenizer()
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(
+                "`tokenizer` must be None or a keras-hub Tokenizer such as "
+                "`ReformerTokenizer()` (`sequence_length` is the second "
+                f"argument). Received: tokenizer={tokenizer!r}"
+            )
+        for name in ("start_token_id", "end_token_id", "pad_token_id"):
+            if getattr(tokenizer, name, None) is None:
+                raise ValueError(
+                    f"`tokenizer` must define `{name}`. Received: "
+                    f"tokenizer={tokenizer!r} with {name}=None"
+                )
+        super().__init__(
+            tokenizer=tokenizer,
+            sequence_length=_positive_int("sequence_length", sequence_length),
+            add_start_token=_flag("add_start_token", add_start_token),
+            add_end_token=_flag("add_end_token", add_end_token),
+            **kwargs,
+        )
+
+    # keras-hub's setter, plus the check (keras-hub's tests set it).
+    @CausalLMPreprocessor.sequence_length.setter
+    def sequence_length(self, value):
+        CausalLMPreprocessor.sequence_length.fset(
+            self, _positive_int("sequence_length", value)
+        )
+
+    # ---------------------------------------------------- read-only ids
+
+    @property
+    def start_token_id(self):
+        """The id prepended to every sequence (the tokenizer's)."""
+        return self.tokenizer.start_token_id
+
+    @property
+    def end_token_id(self):
+        """The id appended to training sequences (the tokenizer's)."""
+        return self.tokenizer.end_token_id
+
+    @property
+    def pad_token_id(self):
+        """The id of padding; padding is told apart by the padding mask."""
+        return self.tokenizer.pad_token_id
 
     @property
     def vocabulary_size(self):
-        """Ids this preprocessor may emit: 256 bytes + start + end."""
-        return byte_tokenizer.VOCABULARY_SIZE + 2
+        """Ids this preprocessor may emit (258 for a `ReformerTokenizer`)."""
+        return self.tokenizer.vocabulary_size()
 
-    def __call__(self, x, *args, **kwargs):
-        # Keras only accepts tensors as positional arguments; take python
-        # strings and lists of them as well.
-        if not isinstance(x, (tf.Tensor, tf.RaggedTensor)):
-            x = tf.convert_to_tensor(x)
-        return super().__call__(x, *args, **kwargs)
-
-    # ----------------------------------------------------------- packing
-
-    def _tokenize(self, strings):
-        """Strings (scalar or (B,)) -> (ragged (B, None) int32, was_scalar)."""
-        strings = tf.convert_to_tensor(strings)
-        if strings.dtype != tf.string:
-            raise ValueError(
-                "ReformerCausalLMPreprocessor takes strings. Received a tensor "
-                f"of dtype {strings.dtype.name}; pass token ids to the model "
-                "directly instead."
-            )
-        scalar = strings.shape.rank == 0
-        if scalar:
-            strings = strings[None]
-        elif strings.shape.rank != 1:
-            raise ValueError(
-                "Expected a string or a 1-D batch of strings. Received shape "
-                f"{tuple(strings.shape)}"
-            )
-        return byte_tokenizer.tokenize(strings), scalar
-
-    def _pack(self, ragged, length, add_start, add_end):
-        """Ragged ids -> dense (B, length) ids and bool mask, right-padded.
-
-        The content is cut first, so that the special tokens always fit
-        (as keras-hub's StartEndPacker does).
-        """
-        room = length - int(add_start) - int(add_end)
-        if room < 0:
-            raise ValueError(
-                f"`sequence_length` {length} leaves no room for the special "
-                "tokens."
-            )
-        ragged = ragged[:, :room]
-        rows = ragged.nrows()
-        parts = []
-        if add_start:
-            parts.append(tf.fill([rows, 1], self.start_token_id))
-        parts.append(ragged)
-        if add_end:
-            parts.append(tf.fill([rows, 1], self.end_token_id))
-        packed = tf.concat(parts, axis=1) if len(parts) > 1 else ragged
-        ids = packed.to_tensor(default_value=self.pad_token_id, shape=[None, length])
-        mask = tf.ones_like(packed, tf.bool).to_tensor(
-            default_value=False, shape=[None, length]
-        )
-        return ids, mask
+    # ------------------------------------------------------------ calls
 
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
         if y is not None or sample_weight is not None:
             raise ValueError(
                 "ReformerCausalLMPreprocessor makes the labels itself (the "
-                "next bytes); pass only strings. Received y or sample_weight."
+                "next tokens); pass only strings. Received: "
+                f"y={y!r}, sample_weight={sample_weight!r}"
             )
-        length = sequence_length or self.sequence_length
-        ragged, scalar = self._tokenize(x)
-        ids, mask = self._pack(ragged, length + 1, self.add_start_token,
-                               self.add_end_token)
-        # int32 padding mask: the dtype of the backbone's input.
-        x = {"token_ids": ids[:, :-1],
-             "padding_mask": tf.cast(mask[:, :-1], tf.int32)}
-        y, sample_weight = ids[:, 1:], tf.cast(mask[:, 1:], tf.float32)
-        if scalar:
-            x = {k: v[0] for k, v in x.items()}
-            y, sample_weight = y[0], sample_weight[0]
-        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+        check_strings("x", x, max_rank=1)
+        sequence_length = _positive_int(
+            "sequence_length", sequence_length, allow_none=True
+        )
+        return super().call(x, sequence_length=sequence_length)
 
     def generate_preprocess(self, x, sequence_length=None):
-        """Prompts -> {"token_ids", "padding_mask"} (B, sequence_length),
-        with the start token and without the end token."""
-        length = sequence_length or self.sequence_length
-        ragged, scalar = self._tokenize(x)
-        ids, mask = self._pack(ragged, length, self.add_start_token, False)
-        out = {"token_ids": ids, "padding_mask": tf.cast(mask, tf.int32)}
-        return {k: v[0] for k, v in out.items()} if scalar else out
+        """Prompts -> `{"token_ids", "padding_mask"}` of
+        `sequence_length` (default: the layer's) columns: start token and
+        bytes, no end token, right padding."""
+        check_strings("x", x, max_rank=1)
+        sequence_length = _positive_int(
+            "sequence_length", sequence_length, allow_none=True
+        )
+        return super().generate_preprocess(x, sequence_length=sequence_length)
 
     def generate_postprocess(self, x):
-        """{"token_ids", "padding_mask"} -> strings: padding and special
-        tokens dropped, bytes decoded (invalid UTF-8 replaced)."""
-        ids = tf.convert_to_tensor(x["token_ids"], tf.int32)
-        mask = tf.cast(x["padding_mask"], tf.bool)
-        scalar = ids.shape.rank == 1
-        if scalar:
-            ids, mask = ids[None], mask[None]
-        keep = mask & (ids != self.start_token_id) & (ids != self.end_token_id)
-        ragged = tf.ragged.boolean_mask(ids, keep)
-        strings = byte_tokenizer.detokenize(ragged)
-        return strings[0] if scalar else strings
+        """`{"token_ids", "padding_mask"}` (one row or a batch) -> text, with
+        padding (by the mask) and the special tokens dropped; invalid UTF-8
+        becomes U+FFFD. Python strings eagerly, a tf.string tensor inside
+        `tf.function` / `tf.data`."""
+        if not isinstance(x, dict) or not {"token_ids", "padding_mask"} <= set(x):
+            raise ValueError(
+                "`x` must be a dict with 'token_ids' and 'padding_mask'. "
+                f"Received: x={x!r}"
+            )
+        return super().generate_postprocess(x)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            sequence_length=self.sequence_length,
-            add_start_token=self.add_start_token,
-            add_end_token=self.add_end_token,
+    def _generate_postprocess_python(self, x):
+        # keras-hub's Python path indexes with a NumPy mask as given, so an
+        # int mask would pick positions instead of masking.
+        mask = x["padding_mask"]
+        if keras.ops.is_tensor(mask):
+            mask = keras.ops.convert_to_numpy(mask)
+        x = {**x, "padding_mask": np.asarray(mask).astype(bool)}
+        return super()._generate_postprocess_python(x)
+
+    @preprocessing_function
+    def _generate_postprocess_tf(self, x):
+        # The base converts to NumPy first, which a traced graph cannot do;
+        # these are the same steps on tensors, with core ops only.
+        if not self.built:
+            self.build(None)
+        token_ids = tf.convert_to_tensor(x["token_ids"])
+        padding_mask = tf.convert_to_tensor(x["padding_mask"])
+        ragged = strip_to_ragged(
+            token_ids, padding_mask, self.tokenizer.special_token_ids
         )
-        return config
+        return self.tokenizer.detokenize(ragged)
+
+    # ---------------------------------------------------------- presets
+
+    @classmethod
+    def from_preset(cls, preset, config_file=PREPROCESSOR_CONFIG_FILE, **kwargs):
+        """Loads a preprocessor from a keras-hub preset.
+
+        A full preset (with the backbone's `config.json`) loads the keras-hub
+        way. A local directory written by `preprocessor.save_to_preset`
+        alone (no backbone) loads from its preprocessor config.
+
+        Args:
+            preset: a preset handle or a local directory.
+            config_file: the preprocessor config in the preset.
+            **kwargs: overrides of the saved config (e.g. `sequence_length`).
+        """
+        if local_without_backbone(preset, config_file):
+            loader = KerasPresetLoader(preset, config=None)
+            return loader.load_preprocessor(cls, config_file, **kwargs)
+        return super().from_preset(preset, config_file=config_file, **kwargs)

@@ -1,15 +1,16 @@
-"""ReformerCausalLM: cached decoding against full passes, generate(), text, saving."""
+"""ReformerCausalLM: cached decoding against full passes, keras-hub's generate()
+and samplers, text in and out, saving."""
 
 import keras
+import keras_hub
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_reformer import samplers
 from keras_reformer.models import (
+    ReformerBackbone,
     ReformerCausalLM,
     ReformerCausalLMPreprocessor,
-    ReformerModel,
 )
 
 TINY = dict(vocabulary_size=40, num_layers=2, hidden_dim=32, num_heads=2,
@@ -23,13 +24,20 @@ def ids_of(shape, seed=0, vocab=40):
 
 
 def full_logits(lm, ids):
-    """The reference: one full pass over the whole rows (no padding)."""
-    return lm.predict({"token_ids": ids, "padding_mask": np.ones_like(ids)}, verbose=0)
+    """The reference: one full pass over the whole rows (no padding), called
+    directly (a `predict` of a model compiled with XLA would compile anew for
+    every length)."""
+    return np.asarray(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)},
+                         training=False))
+
+
+def make_lm(**kwargs):
+    return ReformerCausalLM(ReformerBackbone(**{**TINY, **kwargs}))
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return ReformerCausalLM(ReformerModel(num_hashes=2, **TINY))
+    return make_lm(num_hashes=2)
 
 
 def cached_errors(lm, ids, lengths):
@@ -42,17 +50,16 @@ def cached_errors(lm, ids, lengths):
     decoder = lm._decoder()
     prompt = max(lengths)
     mask = np.arange(prompt)[None] < np.asarray(lengths)[:, None]
-    logits, caches = decoder.prompt_pass(
+    logits, _, caches = decoder.prompt_pass(
         tf.constant(np.where(mask, ids[:, :prompt], 0)), tf.constant(mask), LENGTH
     )
     rows = np.arange(len(ids))
     errors = [np.abs(logits.numpy()[b] - full[b, lengths[b] - 1]).max() for b in rows]
-    table = decoder.position_table(LENGTH)
     position = np.array(lengths)
     while position.min() < LENGTH:
         at = np.minimum(position, LENGTH - 1)
-        logits, caches = decoder.step(
-            tf.constant(ids[rows, at]), tf.constant(at, tf.int32), caches, table
+        logits, _, caches = decoder.step(
+            tf.constant(ids[rows, at]), tf.constant(at, tf.int32), caches
         )
         errors += [np.abs(logits.numpy()[b] - full[b, position[b]]).max()
                    for b in rows if position[b] < LENGTH]
@@ -66,14 +73,13 @@ def cached_errors(lm, ids, lengths):
         (1, [21, 21], {}),
         (2, [21, 9], {}),
         (4, [17, 5], {}),
-        (4, [17, 17], {}),
         # 2 buckets over 70 tokens: every bucket outgrows its cached window.
         (2, [12, 3], {"num_buckets": 2}),
-        # A headless backbone: the task's own vocabulary projection.
-        (2, [21, 9], {"include_head": False}),
+        # Stacked weights: each block reads its slices of the stack's variables.
+        (2, [21, 9], {"stack_weights": True}),
         # A short convolution: its window reaches back into the prompt, and
         # before position 0 in a 2-token prompt.
-        (2, [21, 2], {"short_convolution": 4}),
+        (2, [21, 2], {"short_convolution": 4, "position_embedding": "sinusoidal"}),
         (1, [1, 9], {"short_convolution": 1}),
         # Shifted values: the new token's value goes to the key before it.
         (2, [21, 9], {"value_shift": True}),
@@ -83,7 +89,7 @@ def cached_errors(lm, ids, lengths):
     ],
 )
 def test_cached_logits_equal_full_pass(rounds, lengths, extra):
-    lm = ReformerCausalLM(ReformerModel(num_hashes=rounds, **{**TINY, **extra}))
+    lm = make_lm(num_hashes=rounds, **extra)
     ids = ids_of((2, LENGTH), seed=rounds)
     error, count = cached_errors(lm, ids, lengths)
     assert count == 2 * LENGTH - sum(lengths) + 2
@@ -102,149 +108,117 @@ def greedy_reference(lm, prompts, max_length):
     return np.array(rows)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_greedy_generate_equals_stepwise_argmax(lm, jit_compile):
-    ids = ids_of((3, 19), seed=5)
-    lengths = [19, 6, 11]
-    mask = (np.arange(19)[None] < np.array(lengths)[:, None]).astype(np.int32)
-    out = lm.generate({"token_ids": ids * mask, "padding_mask": mask},
-                      max_length=40, sampler="greedy", jit_compile=jit_compile)
-    expected = greedy_reference(lm, [ids[b, :n] for b, n in enumerate(lengths)], 40)
+def padded(ids, lengths, width):
+    mask = (np.arange(width)[None] < np.array(lengths)[:, None]).astype(np.int32)
+    ids = np.pad(ids, [[0, 0], [0, width - ids.shape[1]]])[:, :width]
+    return {"token_ids": ids * mask, "padding_mask": mask}
+
+
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("extra", [{}, {"short_convolution": 3, "value_shift": True,
+                                        "position_embedding": "sinusoidal"}])
+def test_keras_hub_generate_equals_stepwise_argmax(jit_compile, extra):
+    lm = make_lm(num_hashes=2, **extra)
+    lm.compile(sampler="greedy", jit_compile=jit_compile)
+    ids = ids_of((2, 12), seed=8)
+    lengths = [12, 3]  # the loop starts at the shorter prompt
+    out = lm.generate(padded(ids, lengths, 26), stop_token_ids=None)
+    expected = greedy_reference(lm, [ids[b, :n] for b, n in enumerate(lengths)], 26)
     np.testing.assert_array_equal(out["token_ids"], expected)
     assert out["padding_mask"].all()
 
 
 def test_stop_token_ends_each_row_alone(lm):
-    ids = ids_of((2, 10), seed=6)
-    free = lm.generate(ids, max_length=36, sampler="greedy", jit_compile=False)
+    lm.compile(sampler="greedy")
+    ids = padded(ids_of((2, 10), seed=2), [10, 6], 36)
+    free = lm.generate(ids, stop_token_ids=None)
     stop = int(free["token_ids"][0, 13])  # row 0's 4th generated token
-    out = lm.generate(ids, max_length=36, sampler="greedy", stop_token_ids=(stop,),
-                      jit_compile=False)
-    for b in range(2):
-        generated = free["token_ids"][b, 10:]
+    out = lm.generate(ids, stop_token_ids=(stop,))
+    for b, length in enumerate([10, 6]):
+        generated = free["token_ids"][b, length:]
         hits = np.flatnonzero(generated == stop)
-        end = 36 if hits.size == 0 else 10 + hits[0] + 1
+        end = length + (hits[0] + 1 if hits.size else generated.size)
         np.testing.assert_array_equal(out["token_ids"][b, :end], free["token_ids"][b, :end])
         assert out["padding_mask"][b, :end].all() and not out["padding_mask"][b, end:].any()
-        assert (out["token_ids"][b, end:] == 0).all()
-    assert not out["padding_mask"][0].all()  # row 0 did stop
+    stripped = lm.generate(ids, stop_token_ids=(stop,), strip_prompt=True)
+    n = int(out["padding_mask"][0].sum()) - 10
+    np.testing.assert_array_equal(stripped["token_ids"][0, :n], out["token_ids"][0, 10:10 + n])
 
 
-@pytest.mark.parametrize(
-    "sampler",
-    [samplers.RandomSampler(temperature=0.8, seed=11),
-     samplers.TopKSampler(k=5, seed=11),
-     samplers.TopPSampler(p=0.9, seed=11)],
-    ids=["random", "top_k", "top_p"],
-)
-def test_seeded_sampling_is_reproducible(lm, sampler):
-    ids = ids_of((2, 8), seed=7)
-    first = lm.generate(ids, max_length=40, sampler=sampler, jit_compile=False)
-    again = lm.generate(ids, max_length=40, sampler=sampler, jit_compile=False)
-    np.testing.assert_array_equal(first["token_ids"], again["token_ids"])
-    other = sampler.__class__.from_config({**sampler.get_config(), "seed": 12})
-    changed = lm.generate(ids, max_length=40, sampler=other, jit_compile=False)
-    assert (changed["token_ids"] != first["token_ids"]).any()
-    # Only the allowed tokens are ever drawn: top-k=1 is greedy.
-    if isinstance(sampler, samplers.TopKSampler):
-        greedy = lm.generate(ids, max_length=40, sampler="greedy", jit_compile=False)
-        top1 = lm.generate(ids, max_length=40, jit_compile=False,
-                           sampler=samplers.TopKSampler(k=1, seed=3))
-        np.testing.assert_array_equal(top1["token_ids"], greedy["token_ids"])
+@pytest.mark.parametrize("name", ["top_k", "top_p", "random", "greedy", "beam"])
+def test_keras_hub_samplers_by_name(lm, name):
+    lm.compile(sampler=name)
+    out = lm.generate(padded(ids_of((2, 5), seed=4), [5, 5], 20), stop_token_ids=None)
+    assert out["token_ids"].shape == (2, 20)
+    assert (out["token_ids"] >= 0).all() and (out["token_ids"] < 40).all()
 
 
-def test_samplers_restrict_the_draw():
-    # 1000 rows of the same distribution: top-k and top-p never leave their set.
-    probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
-    logits = tf.math.log(tf.constant(np.tile(probs, (1000, 1))))
-    seed = tf.constant([1, 2])
-    assert set(samplers.TopKSampler(k=2)(logits, seed).numpy()) == {0, 1}
-    # p=0.6: 0.5 alone is short of it, so token 1 joins; 2 and 3 never.
-    assert set(samplers.TopPSampler(p=0.6)(logits, seed).numpy()) == {0, 1}
-    assert set(samplers.TopPSampler(p=0.4)(logits, seed).numpy()) == {0}
-    assert set(samplers.GreedySampler()(logits, seed).numpy()) == {0}
-    for name in ("greedy", "random", "top_k", "top_p"):
-        sampler = samplers.get(name)
-        assert samplers.get(samplers.serialize(sampler)).get_config() == sampler.get_config()
+def test_seeded_samplers_are_reproducible_and_top_1_is_greedy(lm):
+    ids = padded(ids_of((2, 6), seed=5), [6, 4], 30)
+
+    def run(sampler):
+        lm.compile(sampler=sampler)
+        return lm.generate(ids, stop_token_ids=None)["token_ids"]
+
+    first = run(keras_hub.samplers.TopKSampler(k=5, seed=11))
+    again = run(keras_hub.samplers.TopKSampler(k=5, seed=11))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, run(keras_hub.samplers.TopKSampler(k=5, seed=12)))
+    np.testing.assert_array_equal(
+        run(keras_hub.samplers.TopKSampler(k=1, seed=3)), run("greedy")
+    )
 
 
-def test_bad_arguments_are_clear_errors(lm):
-    with pytest.raises(ValueError, match=r"max_length.*max_sequence_length=128.*200"):
-        lm.generate(ids_of((1, 4)), max_length=200)
-    for p in (0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=r"`p` must be a number in \(0, 1\]"):
-            samplers.TopPSampler(p=p)
-    with pytest.raises(ValueError, match="`k` must be a positive integer"):
-        samplers.TopKSampler(k=0)
-    with pytest.raises(ValueError, match="`temperature` must be a number > 0"):
-        samplers.RandomSampler(temperature=0)
-    with pytest.raises(ValueError, match="Unknown sampler name"):
-        samplers.get("beam")
-    with pytest.raises(ValueError, match="causal backbone.*causal=False"):
-        ReformerCausalLM(ReformerModel(**{**TINY, "causal": False}))
-    with pytest.raises(ValueError, match="no preprocessor"):
-        lm.generate("hello", max_length=20)
+def test_bad_prompts_are_clear_errors(lm):
     with pytest.raises(ValueError, match="right padding"):
         lm.generate({"token_ids": ids_of((1, 4)), "padding_mask": [[0, 1, 1, 1]]},
-                    max_length=20)
-    with pytest.raises(ValueError, match=r"vocabulary_size=40"):
-        lm.generate(np.array([[1, 2, 45]]), max_length=20)
-    with pytest.raises(ValueError, match="vocabulary_size must be at least 258"):
-        ReformerCausalLM(lm.backbone, ReformerCausalLMPreprocessor(16))
+                    stop_token_ids=None)
+    with pytest.raises(ValueError, match="vocabulary_size=40"):
+        lm.generate({"token_ids": np.array([[1, 2, 45]]),
+                     "padding_mask": np.ones((1, 3), np.int32)}, stop_token_ids=None)
+    with pytest.raises(ValueError, match="at least one real token"):
+        lm.generate({"token_ids": np.zeros((1, 4), np.int32),
+                     "padding_mask": np.zeros((1, 4), np.int32)}, stop_token_ids=None)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        lm.generate({"token_ids": ids_of((1, 130)),
+                     "padding_mask": np.ones((1, 130), np.int32)}, stop_token_ids=None)
+    with pytest.raises(ValueError, match="preprocessor"):
+        lm.generate("hello")  # strings without a preprocessor
+    with pytest.raises(ValueError, match="backbone"):
+        ReformerCausalLM(keras.Model())
 
 
 # ----------------------------------------------------------------- text
 
 
-def test_preprocessor_packs_bytes_and_shifts_labels():
-    pre = ReformerCausalLMPreprocessor(sequence_length=6)
-    x, y, w = pre(["ab", "héllo"])
-    expected = np.array([[256, 97, 98, 257, 0, 0, 0],
-                         [256] + list("héllo".encode()[:5]) + [257]])
-    np.testing.assert_array_equal(x["token_ids"], expected[:, :-1])
-    np.testing.assert_array_equal(y, expected[:, 1:])
-    np.testing.assert_array_equal(x["padding_mask"], [[1, 1, 1, 1, 0, 0], [1] * 6])
-    np.testing.assert_array_equal(w, [[1, 1, 1, 0, 0, 0], [1] * 6])
-    prompt = pre.generate_preprocess(["def main("], sequence_length=12)
-    assert prompt["padding_mask"].numpy().sum() == 10  # start + 9 bytes, no end
-    assert pre.generate_postprocess(prompt).numpy()[0] == b"def main("
-
-
-def test_preprocessor_graph_uses_core_tf_ops_only():
-    pre = ReformerCausalLMPreprocessor(sequence_length=16)
-    graph = tf.function(pre).get_concrete_function(
-        tf.TensorSpec([None], tf.string)).graph
-    post = tf.function(pre.generate_postprocess).get_concrete_function(
-        {"token_ids": tf.TensorSpec([None, 16], tf.int32),
-         "padding_mask": tf.TensorSpec([None, 16], tf.int32)}).graph
-    types = {op.type for g in (graph, post) for op in g.get_operations()}
-    # Ops of extension libraries (tensorflow_text) are not in tf.raw_ops.
-    assert all(hasattr(tf.raw_ops, t) for t in types), sorted(
-        t for t in types if not hasattr(tf.raw_ops, t))
+def text_lm(sequence_length=32, **kwargs):
+    backbone = ReformerBackbone(**{**TINY, "vocabulary_size": 258, "num_layers": 1,
+                                   **kwargs})
+    return ReformerCausalLM(backbone,
+                            ReformerCausalLMPreprocessor(sequence_length=sequence_length))
 
 
 def test_fit_on_strings_and_generate_text():
-    backbone = ReformerModel(**{**TINY, "vocabulary_size": 258, "num_layers": 1})
-    lm = ReformerCausalLM(backbone, ReformerCausalLMPreprocessor(sequence_length=32))
+    lm = text_lm()
     texts = ["def main():\n    return 0\n", "def add(a, b):\n    return a + b\n"] * 4
     history = lm.fit(tf.data.Dataset.from_tensor_slices(texts).batch(4), epochs=2,
                      verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     lm.fit(texts, batch_size=8, epochs=1, verbose=0)  # strings without tf.data
     lm.compile(sampler="greedy")
-    out = lm.generate("def main(", max_length=48, jit_compile=False)
+    out = lm.generate("def main(", max_length=48)
     assert isinstance(out, str) and out.startswith("def main(")
-    both = lm.generate(["def main(", "x"], max_length=48, jit_compile=False)
+    both = lm.generate(["def main(", "x"], max_length=48)
     assert both[0] == out and both[1].startswith("x")
-    only_new = lm.generate("def main(", max_length=48, strip_prompt=True,
-                           jit_compile=False)
+    only_new = lm.generate("def main(", max_length=48, strip_prompt=True)
     assert out == "def main(" + only_new
+    with pytest.raises(ValueError, match="max_length"):
+        lm.generate("x", max_length=129)
 
 
 def test_keras_file_round_trip(tmp_path):
-    backbone = ReformerModel(**{**TINY, "vocabulary_size": 258, "num_layers": 1})
-    lm = ReformerCausalLM(backbone, ReformerCausalLMPreprocessor(sequence_length=24))
-    lm.compile(sampler=samplers.TopPSampler(p=0.5, seed=4))
+    lm = text_lm(24)
+    lm.compile(sampler=keras_hub.samplers.TopPSampler(p=0.5, seed=4))
     path = str(tmp_path / "lm.keras")
     lm.save(path)
     loaded = keras.saving.load_model(path)
@@ -256,15 +230,20 @@ def test_keras_file_round_trip(tmp_path):
                                loaded.predict(["abc def"], verbose=0), atol=1e-6)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("value_shift", [False, True])
-def test_generate_with_short_convolution_equals_stepwise_argmax(jit_compile, value_shift):
-    lm = ReformerCausalLM(ReformerModel(num_hashes=2, short_convolution=3,
-                                        value_shift=value_shift, **TINY))
-    ids = ids_of((2, 12), seed=8)
-    lengths = [12, 1]
-    mask = (np.arange(12)[None] < np.array(lengths)[:, None]).astype(np.int32)
-    out = lm.generate({"token_ids": ids * mask, "padding_mask": mask},
-                      max_length=22, sampler="greedy", jit_compile=jit_compile)
-    expected = greedy_reference(lm, [ids[b, :n] for b, n in enumerate(lengths)], 22)
-    np.testing.assert_array_equal(out["token_ids"], expected)
+@pytest.mark.parametrize("stack_weights", [False, True])
+def test_preset_round_trip_and_keras_hub_finds_the_class(tmp_path, stack_weights):
+    lm = text_lm(24, stack_weights=stack_weights)
+    lm.fit(["hello world, hello keras"] * 4, batch_size=4, epochs=1, verbose=0)
+    preset = str(tmp_path / "preset")
+    lm.save_to_preset(preset)
+    want = lm.predict(["hello"], verbose=0)
+    for loader in (ReformerCausalLM, keras_hub.models.CausalLM):
+        loaded = loader.from_preset(preset)
+        assert type(loaded) is ReformerCausalLM
+        assert loaded.backbone.get_config() == lm.backbone.get_config()
+        np.testing.assert_allclose(loaded.predict(["hello"], verbose=0), want, atol=1e-6)
+    backbone = keras_hub.models.Backbone.from_preset(preset)
+    assert type(backbone) is ReformerBackbone
+    pre = keras_hub.models.CausalLMPreprocessor.from_preset(preset)
+    assert type(pre) is ReformerCausalLMPreprocessor
+    assert pre.get_config() == lm.preprocessor.get_config()

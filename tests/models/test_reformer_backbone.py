@@ -1,4 +1,5 @@
-"""ReformerModel against a hand-wired reference, causality, saving, generate()."""
+"""ReformerBackbone and its LM head against a hand-wired reference, causality,
+padding, saving, configs."""
 
 import os
 import subprocess
@@ -10,12 +11,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_reformer.models import ReformerModel
+from keras_reformer.models import ReformerBackbone, ReformerCausalLM, ReformerModel
 from tests.layers.test_short_convolution import reference as window_reference
 
 SMALL = dict(vocabulary_size=40, num_layers=2, hidden_dim=16, num_heads=2,
              intermediate_dim=32, feedforward_chunk_size=8, bucket_size=8,
              num_hashes=2, max_sequence_length=128, seed=3)
+
+
+def language_model(**kwargs):
+    """The backbone with its head: logits out."""
+    return ReformerCausalLM(ReformerBackbone(**kwargs))
 
 
 def batch(ids):
@@ -44,13 +50,13 @@ def gelu(x):
 
 
 def positions(model, length, width):
-    if model.position_embedding == "axial":
-        layer = model.get_layer("position_embedding")
+    if model.position_embedding_type == "axial":
+        layer = model.position_embedding
         l2 = layer.axial_shape[1]
         first, second = np.asarray(layer.first), np.asarray(layer.second)
         return np.stack([np.concatenate([first[p // l2], second[p % l2]])
                          for p in range(length)])
-    if model.position_embedding == "sinusoidal":
+    if model.position_embedding_type == "sinusoidal":
         table = np.zeros((length, width))
         for p in range(length):
             for i in range(0, width, 2):
@@ -62,34 +68,35 @@ def positions(model, length, width):
 
 def short_convolution(model, x):
     """The model's ShortConvolution by the layer tests' explicit windows."""
-    layer = model.get_layer("short_convolution")
+    layer = model.short_convolution
     return window_reference(x, np.asarray(layer.kernel), np.asarray(layer.bias),
                             model.causal, np.ones(x.shape[:2]))
 
 
-def hand_wired(model, inputs):
+def hand_wired(lm, inputs):
     """The model's math written out by hand from its sublayers' weights.
 
     Only LSH attention is called as a layer (it has its own brute-force
     reference tests); embeddings, norms, the FFN, the reversible residuals
     and the head are NumPy.
     """
+    model = lm.backbone
     ids = inputs["token_ids"]
     mask = tf.constant(inputs["padding_mask"] > 0)
-    table = np.asarray(model.get_layer("token_embedding").embeddings)
+    table = np.asarray(model.token_embedding.embeddings)
     x = table[ids] + positions(model, ids.shape[1], table.shape[1])
-    if model.short_convolution:
+    if model.short_convolution is not None:
         x = x + short_convolution(model, x * inputs["padding_mask"][..., None])
     y1 = y2 = x
-    for f, g in model.get_layer("reversible_stack").blocks:
+    for f, g in model.reversible_stack.blocks:
         attention_in = tf.constant(layer_norm(y2, f.norm), tf.float32)
         y1 = y1 + np.asarray(f.attention(attention_in, query_mask=mask,
                                          use_causal_mask=model.causal, training=False))
         ffn = g.feed_forward
         h = gelu(dense(layer_norm(y1, g.norm), ffn.intermediate_dense))
         y2 = y2 + dense(h, ffn.output_dense)
-    h = layer_norm(np.concatenate([y1, y2], -1), model.get_layer("final_norm"))
-    return dense(h, model.get_layer("logits")) if model.include_head else h
+    h = layer_norm(np.concatenate([y1, y2], -1), model.final_norm)
+    return dense(h, lm.lm_head)
 
 
 @pytest.mark.parametrize("causal,position,width", [
@@ -97,8 +104,16 @@ def hand_wired(model, inputs):
     (True, "axial", 3), (False, "sinusoidal", 4), (False, None, 1),
 ])
 def test_matches_hand_wired_reference(causal, position, width):
-    model = ReformerModel(**SMALL, causal=causal, position_embedding=position,
-                          short_convolution=width, dropout=0.1, attention_dropout=0.1)
+    if causal:
+        model = language_model(**SMALL, position_embedding=position,
+                               short_convolution=width, dropout=0.1, attention_dropout=0.1)
+    else:  # an encoder with a head of its own
+        backbone = ReformerBackbone(**SMALL, causal=False, position_embedding=position,
+                                    short_convolution=width, dropout=0.1,
+                                    attention_dropout=0.1)
+        head = keras.layers.Dense(40, name="lm_head")
+        model = keras.Model(backbone.input, head(backbone.output))
+        model.backbone, model.lm_head = backbone, head
     ids = random_ids((2, 45))
     ids[1, 30:] = 0  # padding
     inputs = batch(ids)
@@ -110,7 +125,7 @@ def test_matches_hand_wired_reference(causal, position, width):
 
 @pytest.mark.parametrize("width", [None, 4])
 def test_causal_logits_never_depend_on_later_tokens(width):
-    model = ReformerModel(**SMALL, short_convolution=width)
+    model = language_model(**SMALL, short_convolution=width)
     ids = random_ids((1, 100))
     base = np.asarray(model(batch(ids)))
     rng = np.random.default_rng(1)
@@ -124,7 +139,7 @@ def test_causal_logits_never_depend_on_later_tokens(width):
 
 @pytest.mark.parametrize("width", [None, 3])
 def test_variable_lengths_and_padding_in_one_model(width):
-    model = ReformerModel(**{**SMALL, "num_buckets": 4}, short_convolution=width)
+    model = language_model(**{**SMALL, "num_buckets": 4}, short_convolution=width)
     long = random_ids((2, 60))
     short = long[:, :37]
     padded = np.concatenate([short, np.zeros((2, 23), np.int32)], axis=1)
@@ -136,7 +151,7 @@ def test_variable_lengths_and_padding_in_one_model(width):
 
 def test_fit_with_jit_lowers_loss():
     keras.utils.set_random_seed(0)
-    model = ReformerModel(**{**SMALL, "num_layers": 1})  # one layer: faster XLA compile
+    model = language_model(**{**SMALL, "num_layers": 1})  # one layer: faster XLA compile
     model.compile(keras.optimizers.Adam(1e-2),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=True)
@@ -149,7 +164,7 @@ def test_fit_with_jit_lowers_loss():
 
 
 def test_encoder_feeds_a_functional_classifier(tmp_path):
-    encoder = ReformerModel(**SMALL, causal=False, include_head=False)
+    encoder = ReformerBackbone(**SMALL, causal=False)
     assert encoder.output.shape[-1] == 2 * SMALL["hidden_dim"]
     pooled = keras.layers.GlobalAveragePooling1D()(encoder.output)
     classifier = keras.Model(encoder.input, keras.layers.Dense(2)(pooled))
@@ -165,15 +180,16 @@ def test_encoder_feeds_a_functional_classifier(tmp_path):
 
 
 def test_config_round_trip():
-    model = ReformerModel(**SMALL, axial_shape=(8, 16), causal=False, reversible=False,
-                          short_convolution=2, num_chunks_before=2)
+    model = ReformerBackbone(**SMALL, axial_shape=(8, 16), causal=False, reversible=False,
+                             short_convolution=2, num_chunks_before=2)
+    assert ReformerModel is ReformerBackbone
     config = model.get_config()
     assert config["short_convolution"] == 2
     assert config["num_chunks_before"] == 2
     # It reaches every attention layer (not only the config).
-    attention = model.get_layer("reversible_stack").blocks[0][0].attention
+    attention = model.reversible_stack.blocks[0][0].attention
     assert attention.num_chunks_before == 2
-    clone = ReformerModel.from_config(config)
+    clone = ReformerBackbone.from_config(config)
     assert clone.get_config() == config
     for key in ("vocabulary_size", "num_layers", "hidden_dim", "num_heads", "key_dim",
                 "intermediate_dim", "feedforward_chunk_size", "bucket_size",
@@ -183,7 +199,7 @@ def test_config_round_trip():
 
 
 def test_keras_file_round_trip_in_fresh_process(tmp_path):
-    model = ReformerModel(**SMALL, dropout=0.1)
+    model = language_model(**SMALL, dropout=0.1)
     ids = random_ids((2, 50))
     path = os.path.join(tmp_path, "m.keras")
     model.save(path)
@@ -191,7 +207,7 @@ def test_keras_file_round_trip_in_fresh_process(tmp_path):
     np.save(os.path.join(tmp_path, "ids.npy"), ids)
     code = textwrap.dedent(f"""
         import numpy as np, keras
-        import keras_reformer  # registers the classes
+        import keras_reformer.models  # registers the model classes
         model = keras.saving.load_model({path!r}, safe_mode=True)
         ids = np.load({os.path.join(tmp_path, 'ids.npy')!r})
         out = model.predict({{"token_ids": ids, "padding_mask": np.ones_like(ids)}}, verbose=0)
@@ -202,37 +218,8 @@ def test_keras_file_round_trip_in_fresh_process(tmp_path):
     np.testing.assert_array_equal(np.load(os.path.join(tmp_path, "out.npy")), want)
 
 
-def test_generate_greedy_equals_argmax_by_hand():
-    model = ReformerModel(**SMALL)
-    prompt = random_ids((2, 6))
-    got = model.generate(prompt, 5, temperature=0)
-    ids = prompt
-    for _ in range(5):
-        logits = np.asarray(model(batch(ids)))[:, -1]
-        ids = np.concatenate([ids, logits.argmax(-1)[:, None].astype(np.int32)], 1)
-    np.testing.assert_array_equal(got, ids)
-
-
-def test_generate_sampling_is_seeded_and_stops_at_end_token():
-    model = ReformerModel(**SMALL)
-    prompt = random_ids((3, 4))
-    a = model.generate(prompt, 6, temperature=1.0, top_k=5, seed=7)
-    b = model.generate(prompt, 6, temperature=1.0, top_k=5, seed=7)
-    c = model.generate(prompt, 6, temperature=1.0, seed=8)
-    np.testing.assert_array_equal(a, b)
-    assert a.shape == (3, 10) and not np.array_equal(a, c)
-    # top_k=1 is greedy.
-    np.testing.assert_array_equal(
-        model.generate(prompt, 3, top_k=1, seed=1), model.generate(prompt, 3, temperature=0)
-    )
-    greedy = model.generate(prompt[:1], 6, temperature=0)
-    end = int(greedy[0, 5])  # the second generated token
-    stopped = model.generate(prompt[:1], 6, temperature=0, end_token_id=end)
-    assert stopped.shape[1] <= 6 and stopped[0, -1] == end
-
-
 def test_bad_inputs_fail_clearly():
-    model = ReformerModel(**SMALL)
+    model = ReformerBackbone(**SMALL)
     ids = random_ids((1, 10))
     ids[0, 3] = 40
     # Arrays are checked before the (possibly XLA) step: a ValueError.
@@ -240,21 +227,19 @@ def test_bad_inputs_fail_clearly():
         model.predict(batch(ids), verbose=0)
     with pytest.raises(ValueError, match="exceeds"):
         model(batch(random_ids((1, 129))))
-    with pytest.raises(ValueError, match="max_sequence_length"):
-        model.generate(random_ids((1, 120)), 20)
-    encoder = ReformerModel(**SMALL, causal=False)
+    encoder = ReformerBackbone(**SMALL, causal=False)
     with pytest.raises(ValueError, match="causal"):
-        encoder.generate(random_ids((1, 5)), 2)
+        ReformerCausalLM(encoder)
 
 
 @pytest.mark.parametrize("position", ["axial", "sinusoidal"])
 def test_too_long_inputs_fail_at_run_time_with_dynamic_shapes(position):
-    model = ReformerModel(**SMALL, position_embedding=position)
+    model = ReformerBackbone(**SMALL, position_embedding=position)
     spec = tf.TensorSpec([None, None], tf.int32)
     fn = tf.function(lambda ids, mask: model({"token_ids": ids, "padding_mask": mask}),
                      input_signature=[spec, spec])
     ok = random_ids((1, 128))
-    assert fn(ok, np.ones_like(ok)).shape == (1, 128, 40)
+    assert fn(ok, np.ones_like(ok)).shape == (1, 128, 2 * SMALL["hidden_dim"])
     long = random_ids((1, 129))
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_sequence_length=128"):
         fn(long, np.ones_like(long))
@@ -276,11 +261,11 @@ def test_too_long_inputs_fail_at_run_time_with_dynamic_shapes(position):
 )
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        ReformerModel(**{**SMALL, **kwargs})
+        ReformerBackbone(**{**SMALL, **kwargs})
 
 
 def test_num_hashes_can_be_raised_for_evaluation():
-    model = ReformerModel(**SMALL)
+    model = ReformerBackbone(**SMALL)
     ids = batch(random_ids((1, 80)))
     before = np.asarray(model(ids))
     model.set_num_hashes(6)
@@ -292,8 +277,8 @@ def test_reversible_gradients_equal_plain_autodiff_with_dropout():
     # Training mode: dropout masks and fresh LSH rotations must be replayed
     # exactly when the reversible stack recomputes its blocks.
     config = dict(SMALL, dropout=0.2, attention_dropout=0.2)
-    reversible = ReformerModel(**config, reversible=True)
-    plain = ReformerModel(**config, reversible=False)
+    reversible = language_model(**config, reversible=True)
+    plain = language_model(**config, reversible=False)
     plain.set_weights(reversible.get_weights())
     ids = random_ids((2, 40))
     ids[1, 33:] = 0
@@ -319,31 +304,8 @@ def test_reversible_gradients_equal_plain_autodiff_with_dropout():
     assert abs(float(loss_fn(labels, reversible(inputs))) - float(loss_a)) > 1e-4
 
 
-def test_sampling_follows_softmax_with_temperature_and_top_k():
-    from keras_reformer.models.reformer_model import sample_next_token
-
-    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
-    draws = 20000
-    rows = np.repeat(logits, draws, axis=0)
-
-    def frequencies(**kwargs):
-        tokens = sample_next_token(rows, seed=[1, 2], **kwargs)
-        return np.bincount(tokens, minlength=4) / draws
-
-    np.testing.assert_allclose(frequencies(temperature=1.0), [0.1, 0.2, 0.3, 0.4],
-                               atol=0.015)
-    sharp = np.array([0.1, 0.2, 0.3, 0.4]) ** 2
-    np.testing.assert_allclose(frequencies(temperature=0.5), sharp / sharp.sum(),
-                               atol=0.015)
-    np.testing.assert_allclose(frequencies(temperature=1.0, top_k=2),
-                               [0, 0, 3 / 7, 4 / 7], atol=0.015)
-    np.testing.assert_array_equal(sample_next_token(rows[:3], temperature=0), [3, 3, 3])
-    np.testing.assert_array_equal(sample_next_token(rows[:50], seed=[5, 0]),
-                                  sample_next_token(rows[:50], seed=[5, 0]))
-
-
 def test_set_num_hashes_reaches_predict_and_config():
-    model = ReformerModel(**SMALL)
+    model = ReformerBackbone(**SMALL)
     inputs = batch(random_ids((1, 80)))
     before = model.predict(inputs, verbose=0)
     model.set_num_hashes(6)
@@ -351,17 +313,17 @@ def test_set_num_hashes_reaches_predict_and_config():
     np.testing.assert_allclose(after, np.asarray(model(inputs)), atol=1e-5)
     assert np.abs(before - after).max() > 1e-6
     assert model.get_config()["num_hashes"] == 6
-    clone = ReformerModel.from_config(model.get_config())
+    clone = ReformerBackbone.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     np.testing.assert_allclose(np.asarray(clone(inputs)), after, atol=1e-5)
 
 
 def test_dtype_policy_is_in_the_config():
-    model = ReformerModel(**SMALL, dtype="mixed_bfloat16")
-    clone = ReformerModel.from_config(model.get_config())
+    model = language_model(**SMALL, dtype="mixed_bfloat16")
+    clone = ReformerCausalLM.from_config(model.get_config())
     for m in (model, clone):
-        assert m.get_layer("reversible_stack").dtype_policy.name == "mixed_bfloat16"
-        assert m.get_layer("logits").compute_dtype == "bfloat16"
+        assert m.backbone.reversible_stack.dtype_policy.name == "mixed_bfloat16"
+        assert m.lm_head.compute_dtype == "bfloat16"
     out = clone(batch(random_ids((1, 20))))
     assert out.shape == (1, 20, 40)
 
@@ -371,7 +333,7 @@ def test_global_seed_gives_the_same_weights_and_seed_the_same_outputs():
     # `seed` the computation's randomness (hash rotations).
     def build(global_seed, seed):
         keras.utils.set_random_seed(global_seed)
-        return ReformerModel(**{**SMALL, "seed": seed})
+        return ReformerBackbone(**{**SMALL, "seed": seed})
 
     a, b, c = build(5, 3), build(5, 3), build(6, 3)
     for wa, wb in zip(a.get_weights(), b.get_weights()):

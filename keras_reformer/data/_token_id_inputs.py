@@ -30,7 +30,7 @@ from keras_reformer.data._batch_shape import relax_batch_size
 from keras_reformer.data._elements import map_elements
 from keras_reformer.data.token_ids import check_element, token_id_path
 from keras_reformer.layers.token_id_check import TokenIdCheck
-from keras_reformer.models._replica_id_check import assert_token_ids_in_sync
+from keras_reformer.data._replica_id_check import assert_token_ids_in_sync
 
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
@@ -118,7 +118,12 @@ class TokenIdInputs:
             self._checked(validation[0])
         elif validation is not None:
             arguments["validation_data"] = self._evaluation_data(validation)
-        return super().fit(*bound.args[1:], **bound.kwargs)
+        # By keyword: a base class (keras-hub's tasks) may order `fit`'s
+        # parameters otherwise than `keras.Model.fit`.
+        arguments = dict(arguments)
+        del arguments["self"]
+        arguments.update(arguments.pop("kwargs", {}))
+        return super().fit(**arguments)
 
     def _evaluation_data(self, x):
         x = self._checked(x)

@@ -1,0 +1,302 @@
+"""ReformerTokenizer: UTF-8 bytes plus start and end tokens, on keras-hub's
+`ByteTokenizer`."""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras_hub.src.utils.preset_utils import CONFIG_FILE
+from keras_hub.src.utils.preset_utils import TOKENIZER_CONFIG_FILE
+from keras_hub.src.utils.preset_utils import KerasPresetLoader
+from keras_hub.src.utils.tensor_utils import canonicalize_python_token_inputs
+from keras_hub.src.utils.tensor_utils import preprocessing_function
+from keras_hub.tokenizers import ByteTokenizer
+
+from keras_reformer.models.reformer_backbone import ReformerBackbone
+from keras_reformer.text import byte_tokenizer
+
+START_TOKEN = "<s>"
+END_TOKEN = "</s>"
+START_TOKEN_ID = byte_tokenizer.VOCABULARY_SIZE  # 256
+END_TOKEN_ID = byte_tokenizer.VOCABULARY_SIZE + 1  # 257
+# 0 is also the byte "\x00": padding is told apart by the padding mask.
+PAD_TOKEN_ID = 0
+
+# `ByteTokenizer` options that `ReformerTokenizer` fixes (see the class doc).
+_FIXED = {
+    "lowercase": False,
+    "normalization_form": None,
+    "errors": "replace",
+    "replacement_char": 0xFFFD,
+}
+
+
+def _describe(value):
+    """A short description of a bad argument for an error message."""
+    if isinstance(value, (tf.Tensor, tf.RaggedTensor, np.ndarray)):
+        kind = type(value).__name__
+        return f"<{kind} dtype={value.dtype.name} shape={tuple(value.shape)}>"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _leaves(value):
+    """The elements of a (nested) python list or tuple."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
+
+
+def _depth(value):
+    """How deeply python lists/tuples nest (the rank of a string list)."""
+    depth = 0
+    while isinstance(value, (list, tuple)):
+        depth += 1
+        if not value:
+            break
+        value = value[0]
+    return depth
+
+
+def check_strings(name, value, max_rank=None):
+    """Raises a TypeError unless `value` holds strings, and a ValueError if
+    its rank is above `max_rank`. Returns the rank (None if unknown)."""
+    if isinstance(value, (str, bytes, np.str_, np.bytes_)):
+        return 0
+    if isinstance(value, (tf.Tensor, tf.RaggedTensor)):
+        ok, rank = value.dtype == tf.string, value.shape.rank
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind == "O":
+            ok = all(isinstance(v, (str, bytes)) for v in value.ravel())
+        else:
+            ok = value.dtype.kind in "SU"
+        rank = value.ndim
+    elif isinstance(value, (list, tuple)):
+        ok = all(isinstance(v, (str, bytes, np.str_, np.bytes_))
+                 for v in _leaves(value))
+        rank = _depth(value)
+    else:
+        ok, rank = False, None
+    if not ok:
+        raise TypeError(
+            f"`{name}` must be a string or strings (python, NumPy or "
+            f"tf.string). Received: {name}={_describe(value)}"
+        )
+    if max_rank is not None and rank is not None and rank > max_rank:
+        raise ValueError(
+            f"`{name}` must be a string or a 1-D batch of strings (rank <= "
+            f"{max_rank}). Received rank {rank}: {name}={_describe(value)}"
+        )
+    return rank
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReformerTokenizer(ByteTokenizer):
+    """The byte tokenizer of Reformer language models.
+
+    Token ids are the UTF-8 bytes of the text (0..255, exactly
+    `list(s.encode("utf-8"))`, with no case folding or normalization), plus
+    two special tokens: `start_token` `"<s>"` (id 256) and `end_token`
+    `"</s>"` (id 257). `vocabulary_size()` is 258. `pad_token_id` is 0,
+    which is also the byte `"\\x00"`: padding is told apart by a padding
+    mask, not by its id.
+
+    It is keras-hub's `ByteTokenizer` with these changes:
+
+    - `tokenize` never lowercases or normalizes, and in a `tf.function` or
+      `tf.data` pipeline it splits with core TensorFlow ops only
+      (`DecodeRaw`, `ReduceJoin`, `StringLength`), so an exported graph
+      loads in stock TensorFlow and TF Serving without TF Text.
+    - `detokenize` drops the special tokens and keeps byte 0 (the base drops
+      every 0, taking it for padding). Invalid UTF-8 becomes U+FFFD.
+    - Special tokens are declared as keras-hub declares them, so
+      `special_token_ids` is `[256, 257]` and a `CausalLMPreprocessor`
+      strips them in `generate_postprocess`.
+
+    Eager calls run keras-hub's pure Python path (python lists for ragged
+    output, backend tensors for dense output); inside `tf.function` and
+    `tf.data` the TensorFlow path runs. Both give the same ids.
+
+    Args:
+        sequence_length: int or None. If set, outputs are dense, cut or
+            padded with 0 to this length.
+        dtype: integer dtype of the token ids. Defaults to `"int32"`.
+
+    Example:
+
+    >>> tokenizer = ReformerTokenizer()
+    >>> tokenizer("héllo")
+    array([104, 195, 169, 108, 108, 111], dtype=int32)
+    >>> tokenizer.detokenize([256, 104, 105, 257])
+    'hi'
+    >>> tokenizer.vocabulary_size(), sorted(tokenizer.special_token_ids)
+    (258, [256, 257])
+    """
+
+    # keras-hub's preset loader picks a tokenizer for a backbone by this.
+    backbone_cls = ReformerBackbone
+
+    def __init__(self, sequence_length=None, dtype="int32", **kwargs):
+        for name in _FIXED:
+            if name in kwargs and kwargs[name] != _FIXED[name]:
+                raise ValueError(
+                    f"`ReformerTokenizer` fixes `{name}` to {_FIXED[name]!r} "
+                    "(token ids are the exact UTF-8 bytes). Received: "
+                    f"{name}={kwargs[name]!r}"
+                )
+            kwargs.pop(name, None)
+        if sequence_length is not None and (
+            isinstance(sequence_length, bool)
+            or not isinstance(sequence_length, (int, np.integer))
+            or sequence_length < 1
+        ):
+            raise ValueError(
+                "`sequence_length` must be None or a positive integer. "
+                f"Received: sequence_length={sequence_length!r}"
+            )
+        self._add_special_token(START_TOKEN, "start_token")
+        self._add_special_token(END_TOKEN, "end_token")
+        self.pad_token_id = PAD_TOKEN_ID
+        super().__init__(
+            sequence_length=sequence_length, dtype=dtype, **_FIXED, **kwargs
+        )
+
+    # ------------------------------------------------------- vocabulary
+
+    def vocabulary_size(self):
+        """256 bytes, the start token and the end token: 258."""
+        return END_TOKEN_ID + 1
+
+    def get_vocabulary(self):
+        """A dict from token to id, as `ByteTokenizer.get_vocabulary`
+        gives it (one-character strings for the bytes), plus the special
+        tokens."""
+        vocabulary = {chr(i): i for i in range(byte_tokenizer.VOCABULARY_SIZE)}
+        vocabulary[START_TOKEN] = START_TOKEN_ID
+        vocabulary[END_TOKEN] = END_TOKEN_ID
+        return vocabulary
+
+    def id_to_token(self, id):
+        if id == START_TOKEN_ID:
+            return START_TOKEN
+        if id == END_TOKEN_ID:
+            return END_TOKEN
+        return super().id_to_token(id)
+
+    def token_to_id(self, token):
+        if token == START_TOKEN:
+            return START_TOKEN_ID
+        if token == END_TOKEN:
+            return END_TOKEN_ID
+        if not isinstance(token, str) or len(token) != 1 or ord(token) > 255:
+            raise ValueError(
+                "A token is one character with code point < 256 (a byte), "
+                f"{START_TOKEN!r} or {END_TOKEN!r}. Received: token={token!r}"
+            )
+        return ord(token)
+
+    # ------------------------------------------------- tokenize / detokenize
+
+    def tokenize(self, inputs):
+        check_strings("inputs", inputs)
+        return super().tokenize(inputs)
+
+    @preprocessing_function
+    def _tokenize_tf(self, inputs):
+        # Replaces the base's `tf.strings.bytes_split` (one string per byte)
+        # with the core-op split of `keras_reformer.text`.
+        tokens = byte_tokenizer.tokenize(inputs)
+        tokens = tf.cast(tokens, self.compute_dtype)
+        if self.sequence_length:
+            if isinstance(tokens, tf.RaggedTensor):
+                shape = tokens.shape.as_list()
+                shape[-1] = self.sequence_length
+                tokens = tokens.to_tensor(shape=shape)
+            else:
+                tokens = tokens[: self.sequence_length]
+                tokens = tf.pad(
+                    tokens, [[0, self.sequence_length - tf.shape(tokens)[0]]]
+                )
+                tokens = tf.ensure_shape(tokens, [self.sequence_length])
+        return tokens
+
+    @preprocessing_function
+    def _detokenize_tf(self, inputs):
+        ids = inputs
+        if not isinstance(ids, tf.RaggedTensor):
+            ids = tf.convert_to_tensor(ids)
+        unbatched = ids.shape.rank == 1
+        if unbatched:
+            ids = ids[None]
+        if isinstance(ids, tf.Tensor):
+            ids = tf.RaggedTensor.from_tensor(ids)
+        ids = tf.ragged.boolean_mask(
+            ids, (ids != START_TOKEN_ID) & (ids != END_TOKEN_ID)
+        )
+        strings = byte_tokenizer.detokenize(ids)
+        return strings[0] if unbatched else strings
+
+    def _detokenize_python(self, inputs):
+        # The base drops every 0 and decodes; here 0 is a byte and the
+        # special tokens are dropped instead.
+        rows, batched = canonicalize_python_token_inputs(inputs)
+        outputs = []
+        for row in rows:
+            row = [i for i in row if i not in (START_TOKEN_ID, END_TOKEN_ID)]
+            bad = [i for i in row if not 0 <= i < byte_tokenizer.VOCABULARY_SIZE]
+            if bad:
+                raise ValueError(
+                    "Token ids must be bytes (0..255) or the special tokens "
+                    f"{START_TOKEN_ID} and {END_TOKEN_ID}. Received: {bad[:10]}"
+                )
+            outputs.append(bytes(row).decode("utf-8", errors="replace"))
+        return outputs if batched else outputs[0]
+
+    def get_config(self):
+        config = super().get_config()
+        for name in _FIXED:
+            config.pop(name, None)
+        return config
+
+    # -------------------------------------------------------------- presets
+
+    # Bytes need no vocabulary file: nothing to save or load.
+    def save_assets(self, dir_path):
+        pass
+
+    def load_preset_assets(self, preset):
+        pass
+
+    @classmethod
+    def from_preset(cls, preset, config_file=TOKENIZER_CONFIG_FILE, **kwargs):
+        """Loads a tokenizer from a keras-hub preset.
+
+        A full preset (with the backbone's `config.json`) loads the keras-hub
+        way. A local directory written by `tokenizer.save_to_preset` alone
+        (no backbone) loads from its tokenizer config.
+        """
+        if local_without_backbone(preset, config_file):
+            return KerasPresetLoader(preset, config=None).load_tokenizer(
+                cls, config_file, **kwargs
+            )
+        return super().from_preset(preset, config_file=config_file, **kwargs)
+
+
+def local_without_backbone(preset, config_file):
+    """Whether `preset` is a local directory that a layer's
+    `save_to_preset` wrote without a backbone: keras-hub's loaders need the
+    backbone's `config.json` to pick a class, so such a directory is read
+    from `config_file` directly."""
+    if not (isinstance(preset, str) and os.path.isdir(preset)):
+        return False
+    if os.path.exists(os.path.join(preset, CONFIG_FILE)):
+        return False
+    if not os.path.exists(os.path.join(preset, config_file)):
+        raise ValueError(
+            f"Preset directory {preset!r} has neither {CONFIG_FILE} nor "
+            f"{config_file}. Received: preset={preset!r}"
+        )
+    return True
