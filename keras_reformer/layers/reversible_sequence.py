@@ -50,6 +50,16 @@ def _check_blocks(blocks):
     return pairs
 
 
+def _slot_name(half, j, kind, layer):
+    """`f.attention.qk.kernel`: the half and the variable's path inside the
+    block (variable names may not hold "/"); `f_3_kernel` without a path."""
+    path = getattr(kind, "path", None) or ""
+    prefix = (getattr(layer, "path", None) or layer.name) + "/"
+    if prefix in path:
+        return f"{half}." + path.split(prefix, 1)[1].replace("/", ".")
+    return f"{half}_{j}_{kind.name}"
+
+
 class _SlotBook:
     """What the stacked slots were made from: per slot, the blocks'
     variables it stacks. A plain object, out of Keras' variable tracking
@@ -347,7 +357,7 @@ class ReversibleSequence(keras.layers.Layer):
         try:
             with tf.init_scope():
                 slot = self.add_weight(
-                    name=f"{name}_{j}_{kind.name}",
+                    name=_slot_name(name, j, kind, self.blocks[0][0 if name == "f" else 1]),
                     shape=(len(values),) + tuple(kind.shape),
                     dtype=kind.dtype, trainable=kind.trainable,
                     initializer=initializer, autocast=False,
