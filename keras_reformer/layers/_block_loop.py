@@ -147,13 +147,17 @@ class BlockLoop:
         mapping = list(zip(template.variables, values))
         kwargs = self.kwargs[name == "g"]
         with keras.StatelessScope(state_mapping=mapping) as scope:
+            given = [scope.get_current_value(v) for v in template.variables]
             if dy is None:
                 out = self.run(name, template, x, kwargs)
             else:
                 out = self.run_vjp(name, template, x, kwargs, dy)
+        # None where the call assigned nothing: frozen or quantized weights
+        # (non-trainable, like seed states) are then not written back.
         updated = [
-            tf.convert_to_tensor(scope.get_current_value(v))
-            for v in template.variables
+            None if scope.get_current_value(v) is before
+            else tf.convert_to_tensor(scope.get_current_value(v))
+            for v, before in zip(template.variables, given)
         ]
         return out, updated
 
@@ -199,14 +203,26 @@ class BlockLoop:
             for name in ("f", "g")
         }
 
+        # Which of them the blocks assign, found when the body is traced.
+        written = {"f": set(), "g": set()}
+
+        def keep(name, arrays, new, i):
+            kept = []
+            for array, j in zip(arrays, changing[name]):
+                if new[j] is not None:
+                    written[name].add(j)
+                    array = array.write(i, new[j])
+                kept.append(array)
+            return kept
+
         def body(i, y1, y2, *flat):
             f_arrays, g_arrays = _unflat(flat, arrays)
             f_out, f_new = self._call("f", [s.read(i) for s in stacked["f"]], y2)
             y1 = y1 + f_out
             g_out, g_new = self._call("g", [s.read(i) for s in stacked["g"]], y1)
             y2 = y2 + g_out
-            f_arrays = [a.write(i, f_new[j]) for a, j in zip(f_arrays, changing["f"])]
-            g_arrays = [a.write(i, g_new[j]) for a, j in zip(g_arrays, changing["g"])]
+            f_arrays = keep("f", f_arrays, f_new, i)
+            g_arrays = keep("g", g_arrays, g_new, i)
             return (i + 1, y1, y2, *f_arrays, *g_arrays)
 
         out = tf.while_loop(
@@ -216,7 +232,7 @@ class BlockLoop:
         )
         f_arrays, g_arrays = _unflat(out[3:], arrays)
         states = {
-            name: dict(zip(changing[name], new))
+            name: {j: a for j, a in zip(changing[name], new) if j in written[name]}
             for name, new in (("f", f_arrays), ("g", g_arrays))
         }
         return out[1], out[2], states
@@ -238,9 +254,9 @@ class BlockLoop:
             updates["g"].append(new)
         for name, kinds in self.kinds.items():
             for j, kind in enumerate(kinds):
-                if not kind.trainable:
-                    self.slots[name][j][0].assign(
-                        tf.stack([new[j] for new in updates[name]]))
+                news = [new[j] for new in updates[name]]
+                if not kind.trainable and all(n is not None for n in news):
+                    self.slots[name][j][0].assign(tf.stack(news))
         return y1, y2
 
     def _write_states(self, states):
