@@ -12,6 +12,17 @@ from keras_reformer._seeds import fresh_initializer, resolve_seed
 from keras_reformer.ops import chunked
 
 
+def _differentiated(variable):
+    """Whether the slices' gradient is taken for `variable`."""
+    return (
+        variable.trainable
+        and "float" in str(variable.dtype)
+        # Not a gradient but a new value (float8 statistics): see
+        # `ChunkedFeedForward._per_call_statistics`.
+        and not getattr(variable, "overwrite_with_gradient", False)
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class ChunkedFeedForward(keras.layers.Layer):
     """Position-wise feed-forward network, computed over slices of the sequence.
@@ -29,6 +40,24 @@ class ChunkedFeedForward(keras.layers.Layer):
     layer; the padding never leaks into outputs or gradients. With
     `chunk_size=None` the layer is the plain unchunked network (ordinary
     autodiff), e.g. for short sequences or comparisons.
+
+    Every slice goes through the two `keras.layers.Dense` sublayers
+    (`intermediate_dense`, `output_dense`) themselves, so what their `call`
+    does applies slice by slice: after `quantize("int8")` or
+    `quantize("int4")` (on the layer or on a model holding it) the slices
+    compute with the quantized kernels and their scales, and with
+    `enable_lora(rank)` on a sublayer, with its frozen kernel plus the LoRA
+    update. The gradients summed over the slices are those of the trainable
+    floating weights (biases, LoRA weights, unfrozen float kernels); frozen
+    and integer kernels get none.
+
+    After `quantize("float8")`, the Dense layers keep scaling statistics
+    that their gradient overwrites (one new value per call). Those cannot
+    be split into slices, so in training (`training=True`, also in
+    `value_and_vjp`) the layer runs the plain unchunked network on the whole
+    sequence, exactly as `Dense -> activation -> Dense` would. Out of
+    training it computes slice by slice with the current statistics and
+    leaves them unchanged (no gradient reaches them).
 
     Dropout masks come from the layer's `SeedGenerator`: one seed per call,
     one stateless mask per slice derived from it, so the backward pass (and a
@@ -148,19 +177,50 @@ class ChunkedFeedForward(keras.layers.Layer):
         self.output_dense.build(input_shape[:-1] + (self.intermediate_dim,))
         self.built = True
 
-    def _params(self):
-        """The weights as tensors in the variable dtype (LoRA etc. included)."""
+    def _weights(self):
+        """The two Dense layers' variables, each read once, as tensors.
+
+        Returns `(trained, params, fixed)`: the trainable floating variables
+        (their gradients are summed over the slices), their values `params`
+        in the variable dtype, and `(variable, value)` pairs for every other
+        variable (integer or frozen kernels, quantization scales, float8
+        statistics). Read here, outside `ops.chunked`'s custom gradient, so
+        that no variable is read inside it; through `Variable.value`, so that
+        a caller's `keras.StatelessScope` (a reversible stack's block
+        weights) decides what they hold.
+        """
+        trained, params, fixed = [], [], []
         # Float32 weights under mixed precision: the slices' gradients are
         # summed into them, which float16 would do poorly.
         with AutocastScope(None):
-            params = [self.intermediate_dense.kernel, self.output_dense.kernel]
-            if self.use_bias:
-                params += [self.intermediate_dense.bias, self.output_dense.bias]
-            # A tensor, never a variable, goes into the custom gradient.
-            return [
-                ops.copy(p.value if isinstance(p, keras.Variable) else p)
-                for p in params
-            ]
+            for dense in (self.intermediate_dense, self.output_dense):
+                for variable in dense.variables:
+                    # A tensor, never a variable, goes into the custom gradient.
+                    value = ops.copy(variable.value)
+                    if _differentiated(variable):
+                        trained.append(variable)
+                        params.append(value)
+                    else:
+                        fixed.append((variable, value))
+        return trained, params, fixed
+
+    def _per_call_statistics(self):
+        """Whether a Dense's variables are overwritten with their gradient.
+
+        Float8 quantization keeps scaling statistics that way: the gradient
+        of one call is their new value, which a sum over slices is not.
+        """
+        return any(
+            getattr(variable, "overwrite_with_gradient", False)
+            for dense in (self.intermediate_dense, self.output_dense)
+            for variable in dense.variables
+        )
+
+    def _unsliced(self, training):
+        """Whether this call runs the plain network on the whole sequence."""
+        return self.chunk_size is None or (
+            bool(training) and self._per_call_statistics()
+        )
 
     def _check_inputs(self, x):
         if len(x.shape) != 3 or x.shape[-1] != self._input_dim:
@@ -170,47 +230,54 @@ class ChunkedFeedForward(keras.layers.Layer):
                 f"shape={tuple(x.shape)}"
             )
 
-    def _slice_fn(self, training):
+    def _slice_fn(self, training, trained, fixed):
         """The network on one slice, `fn(xs, params, index)` for `ops.chunked`.
 
-        Draws this call's dropout seed (one per call), so the forward pass
-        and `value_and_vjp` each call it once, as `call` does.
+        The slice goes through the Dense layers themselves, so whatever
+        their `call` does (quantized kernels, LoRA) applies; a
+        `keras.StatelessScope` makes them compute with `params` (the values
+        of the `trained` variables) and the `fixed` values instead of
+        reading their variables. Draws this call's dropout seed (one per
+        call), so the forward pass and `value_and_vjp` each call it once, as
+        `call` does.
         """
         rate = self.dropout if training else 0.0
         seed = self.seed_generator.next() if rate > 0 else None
-        dtype = self.compute_dtype
-        use_bias = self.use_bias
         activation = self.activation
+        intermediate, output = self.intermediate_dense, self.output_dense
+        training = bool(training)
 
         def ffn(xs, params, index):
             # (B, C, D) -> (B, C, F) -> (B, C, D_out), in the compute dtype.
-            params = [ops.cast(p, dtype) for p in params]
-            w1, w2 = params[0], params[1]
-            h = ops.matmul(xs, w1)
-            if use_bias:
-                h = h + params[2]
-            h = activation(h)
-            if rate > 0:
-                h = chunked.dropout(h, rate, chunked.slice_seed(seed, index))
-            y = ops.matmul(h, w2)
-            if use_bias:
-                y = y + params[3]
-            return y
+            # Each slice maps its own `params` (the backward's per-slice
+            # copies), so the scope is made here, not once outside.
+            mapping = list(zip(trained, params)) + fixed
+            with keras.StatelessScope(
+                state_mapping=mapping, initialize_variables=False
+            ):
+                h = activation(intermediate(xs, training=training))
+                if rate > 0:
+                    h = chunked.dropout(h, rate, chunked.slice_seed(seed, index))
+                return output(h, training=training)
 
         return ffn
+
+    def _plain(self, x, training):
+        rate = self.dropout if training else 0.0
+        seed = self.seed_generator.next() if rate > 0 else None
+        h = self.activation(self.intermediate_dense(x, training=training))
+        if rate > 0:
+            h = chunked.dropout(h, rate, chunked.slice_seed(seed, 0))
+        return self.output_dense(h, training=training)
 
     def call(self, inputs, training=None):
         x = inputs
         self._check_inputs(x)
-        if self.chunk_size is None:
-            rate = self.dropout if training else 0.0
-            seed = self.seed_generator.next() if rate > 0 else None
-            h = self.activation(self.intermediate_dense(x))
-            if rate > 0:
-                h = chunked.dropout(h, rate, chunked.slice_seed(seed, 0))
-            return self.output_dense(h)
+        if self._unsliced(training):
+            return self._plain(x, training)
+        trained, params, fixed = self._weights()
         return chunked.chunked_map(
-            self._slice_fn(training), x, self._params(), self.chunk_size
+            self._slice_fn(training, trained, fixed), x, params, self.chunk_size
         )
 
     def value_and_vjp(self, inputs, dy, training=None):
@@ -234,15 +301,15 @@ class ChunkedFeedForward(keras.layers.Layer):
             `(outputs, targets, target_grads)`: the output as `call` returns
             it, and two lists of tensors and their gradients.
         """
-        if self.chunk_size is None:
+        if self._unsliced(training):
             # Nothing to fuse: ordinary autodiff through the caller's tape.
             outputs = self(inputs, training=training)
             return outputs, [outputs], [ops.cast(dy, outputs.dtype)]
         # What Keras' __call__ would do to the inputs (autocast).
         x = ops.cast(inputs, self.compute_dtype)
         self._check_inputs(x)
-        fn = self._slice_fn(training)
-        params = self._params()
+        trained, params, fixed = self._weights()
+        fn = self._slice_fn(training, trained, fixed)
         outputs, dx, dparams = chunked.chunked_value_and_vjp(
             fn, x, ops.cast(dy, self.compute_dtype), params, self.chunk_size
         )
