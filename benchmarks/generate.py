@@ -1,19 +1,30 @@
-"""Generation speed: cached decoding (ReformerCausalLM.generate) vs the
-uncached loop (ReformerModel.generate, a full pass per token).
+"""Generation speed: keras-hub's `generate()` on a ReformerCausalLM (cached
+decoding) vs the uncached loop (a full forward pass per token).
 
-Setup (issue 13): one causal ReformerModel for all points (2 layers, d_model
-256, 4 heads x 64, bucket 64, 2 hashes, byte vocabulary), its
+Setup (issue 13): one causal ReformerCausalLM for all points (a
+ReformerBackbone of 2 layers, d_model 256, 4 heads x 64, bucket 64, 2
+hashes, byte vocabulary with start and end tokens: 258), its
 `max_sequence_length` the longest prompt plus the new tokens, so every
-prompt length sees the same bucket count. Batch 1, greedy. Each point runs
-in a fresh process.
+prompt length sees the same bucket count. Batch 1, greedy
+(`lm.compile(sampler="greedy")`), no stop tokens. Each point runs in a
+fresh process.
 
-- cached: `ReformerCausalLM.generate(..., jit_compile=True)`, one compiled
-  loop. Two timed runs after a warm-up (compilation): `max_length = prompt +
-  1` (the prompt pass and one token) and `prompt + new_tokens`; the
-  difference over `new_tokens - 1` is the per-token decode time, which
-  should not grow with the prompt (issue: at 16K <= 1.5x that at 512).
-- uncached: `ReformerModel.generate`, `--uncached-tokens` tokens (each a full
-  pass over the prefix, so a few are enough), per-token = total / tokens.
+- cached: keras-hub's `ReformerCausalLM.generate` compiled with XLA
+  (`lm.compile(sampler="greedy", jit_compile=True)`: keras-hub wraps its
+  generate step in `tf.function(jit_compile=True)`), one compiled loop.
+  Prompts are right-padded `{"token_ids", "padding_mask"}` whose width is
+  the output length. Two timed runs after a warm-up (compilation):
+  width `prompt + 1` (the prompt pass and one token) and `prompt +
+  new_tokens`; the difference over `new_tokens - 1` is the per-token decode
+  time, which should not grow with the prompt (issue: at 16K <= 1.5x that
+  at 512).
+- cached_graph: the same `generate()` compiled without XLA
+  (`jit_compile=False`: a TensorFlow graph loop, whose steps write the
+  caches in place), timed the same way.
+- uncached: a full forward pass of the LM over the padded sequence per
+  token (one traced `tf.function`, greedy), `--uncached-tokens` tokens
+  (each a pass over the whole prefix, so a few are enough), per-token =
+  total / tokens.
 - torch: the PyTorch Reformer (HF transformers) `generate(use_cache=True)`,
   same shape and bucket count, timed the same way
   (benchmarks/peers/hf_generate.py, in the peer's venv: run
@@ -24,10 +35,12 @@ the median (min, max) of each and the cached / torch ratio of the medians:
 the machines are shared, only ratios from one run count.
 
     python benchmarks/generate.py                       # 512, 4K, 16K
+    python benchmarks/generate.py --smoke               # tiny model, short prompts
     python benchmarks/generate.py --prompts 64 128 --new-tokens 8 --tiny   # smoke
-    python benchmarks/generate.py --kinds cached torch uncached --rounds 3
+    python benchmarks/generate.py --kinds cached cached_graph torch uncached --rounds 3
 
-Writes benchmarks/results/generate.csv and docs/generate_benchmark.png.
+Writes benchmarks/results/generate.csv and docs/generate_benchmark.png
+(with --smoke: the git-ignored tmp_generate_smoke.csv, no figure).
 """
 
 import argparse
@@ -43,14 +56,27 @@ TINY = dict(num_layers=1, hidden_dim=32, num_heads=2, bucket_size=8, num_hashes=
 
 
 def build(max_length, tiny):
+    """The benchmark's ReformerCausalLM (no preprocessor: token ids in and out)."""
     import keras_reformer as kr
 
     shape = TINY if tiny else FULL
-    backbone = kr.models.ReformerModel(
+    backbone = kr.models.ReformerBackbone(
         258, max_sequence_length=max_length, seed=0,
         feedforward_chunk_size=shape["bucket_size"] * 2, **shape,
     )
-    return backbone, kr.models.ReformerCausalLM(backbone)
+    return kr.models.ReformerCausalLM(backbone)
+
+
+def padded_prompt(ids, width):
+    """keras-hub's token-id prompt: right-padded to `width`, the output length."""
+    import numpy as np
+
+    batch, prompt = ids.shape
+    token_ids = np.zeros((batch, width), np.int32)
+    token_ids[:, :prompt] = ids
+    padding_mask = np.zeros((batch, width), bool)
+    padding_mask[:, :prompt] = True
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
 
 
 def timed(fn, repeats):
@@ -66,28 +92,49 @@ def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny):
     import numpy as np
     import tensorflow as tf
 
-    backbone, lm = build(max_length, tiny)
+    lm = build(max_length, tiny)
     ids = np.random.default_rng(0).integers(0, 256, size=(1, prompt)).astype(np.int32)
     record = dict(kind=kind, prompt=prompt, max_sequence_length=max_length,
                   device="GPU" if tf.config.list_physical_devices("GPU") else "CPU")
-    if kind == "cached":
+    if kind in ("cached", "cached_graph"):
+        jit = kind == "cached"
+        lm.compile(sampler="greedy", jit_compile=jit)
+
         def run(total):
-            return lambda: lm.generate(ids, max_length=total, sampler="greedy",
-                                       stop_token_ids=None, jit_compile=True)
+            inputs = padded_prompt(ids, total)
+            return lambda: lm.generate(inputs, stop_token_ids=None)
 
         short, long = run(prompt + 1), run(prompt + new_tokens)
-        short(), long()  # compile both
+        out = short()
+        long()  # compile both
+        # The prompt comes back unchanged, and the new token is a real one.
+        assert (out["token_ids"][:, :prompt] == ids).all() and out["padding_mask"].all()
         t_short, t_long = timed(short, repeats), timed(long, repeats)
         per_token = (t_long - t_short) / (new_tokens - 1)
         record.update(new_tokens=new_tokens, seconds=t_long, prompt_ms=1e3 * t_short,
                       per_token_ms=1e3 * per_token, tokens_per_s=1.0 / per_token,
-                      jit=True)
+                      jit=jit)
     else:
-        def run():
-            backbone.generate(ids, max_new_tokens=uncached_tokens, temperature=0)
+        width = prompt + uncached_tokens
 
-        backbone.generate(ids, max_new_tokens=1, temperature=0)  # trace
-        seconds = timed(run, repeats)
+        @tf.function
+        def next_token(token_ids, padding_mask, index):
+            logits = lm({"token_ids": token_ids, "padding_mask": padding_mask},
+                        training=False)
+            return tf.argmax(logits[0, index - 1], output_type=tf.int32)
+
+        def run(tokens):
+            inputs = padded_prompt(ids, width)
+            token_ids = tf.constant(inputs["token_ids"])
+            padding_mask = tf.constant(inputs["padding_mask"], tf.int32)
+            for index in range(prompt, prompt + tokens):
+                token = next_token(token_ids, padding_mask, tf.constant(index))
+                token_ids = tf.tensor_scatter_nd_update(token_ids, [[0, index]], [token])
+                padding_mask = tf.tensor_scatter_nd_update(padding_mask, [[0, index]], [1])
+            return token_ids
+
+        run(1)  # trace
+        seconds = timed(lambda: run(uncached_tokens), repeats)
         record.update(new_tokens=uncached_tokens, seconds=seconds,
                       per_token_ms=1e3 * seconds / uncached_tokens,
                       tokens_per_s=uncached_tokens / seconds, jit=False)
@@ -139,7 +186,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind in ("cached", "uncached", "torch"):
+    for kind in ("cached", "cached_graph", "uncached", "torch"):
         points = sorted((r["prompt"], r["tokens_per_s"]) for r in rows
                         if r.get("kind") == kind and r.get("status") == "ok")
         if points:
@@ -148,7 +195,8 @@ def plot(rows, path):
     ax.set_yscale("log")
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("generated tokens / s (batch 1)")
-    ax.set_title("Generation, batch 1: cached, uncached, PyTorch peer")
+    ax.set_title("Generation, batch 1: keras-hub generate (cached), uncached, "
+                 "PyTorch peer", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -162,16 +210,28 @@ def main():
     parser.add_argument("--uncached-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--kinds", nargs="+", default=["cached", "uncached"],
-                        choices=["cached", "uncached", "torch"],
-                        help="torch: the PyTorch peer (bash benchmarks/peers/setup.sh)")
+                        choices=["cached", "cached_graph", "uncached", "torch"],
+                        help="cached: keras-hub generate() under XLA; cached_graph: "
+                             "the same without XLA; torch: the PyTorch peer (bash "
+                             "benchmarks/peers/setup.sh)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the kinds' processes this many times per "
                              "prompt; the summary gives medians")
     parser.add_argument("--tiny", action="store_true",
                         help="a 1-layer width-32 model (smoke runs only)")
-    parser.add_argument("--csv", default="generate.csv")
+    parser.add_argument("--csv", default=None,
+                        help="results file in benchmarks/results (default "
+                             "generate.csv; --smoke: tmp_generate_smoke.csv, git-ignored)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a minute: --tiny, prompts 32 and 64, 8 new tokens, "
+                             "2 uncached tokens, no figure")
     parser.add_argument("--point", nargs="+")
     args = parser.parse_args()
+    if args.smoke:
+        args.tiny, args.prompts, args.new_tokens = True, [32, 64], 8
+        args.uncached_tokens = 2
+    if args.csv is None:
+        args.csv = "tmp_generate_smoke.csv" if args.smoke else "generate.csv"
     if args.point:
         kind, prompt, new, uncached, max_length, repeats, tiny = args.point
         point(kind, int(prompt), int(new), int(uncached), int(max_length),
@@ -209,7 +269,7 @@ def main():
     path = _common.write_csv(args.csv, rows)
     _common.progress(f"wrote {path}")
     ok = [dict(r, status="ok") for r in summary]  # medians over the rounds
-    if ok:
+    if ok and not args.smoke:
         os.makedirs(_common.DOCS, exist_ok=True)
         name = "generate_benchmark.png" if args.csv == "generate.csv" else (
             os.path.splitext(args.csv)[0] + ".png")

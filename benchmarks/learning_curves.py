@@ -52,11 +52,11 @@ fresh process, one after the other.
                                           # one figure from earlier runs' CSVs
 
 `--short-convolution W` adds a causal convolution of width W over the
-embeddings to every model (ReformerModel's `short_convolution`; the same
+embeddings to every model (ReformerBackbone's `short_convolution`; the same
 `ShortConvolution` layer in `mha`). `--hidden-dim` sets d_model (FFN
 4 x d_model, 4 heads).
 `--num-buckets N` gives the `lsh` kinds N buckets per round instead of
-ReformerModel's rule (2 x length / 64); the bucket size (64, the chunk of
+ReformerBackbone's rule (2 x length / 64); the bucket size (64, the chunk of
 the windows) stays, so a causal query still sees up to 64 earlier keys of
 its own bucket: fewer buckets make a target more likely to share the
 query's bucket and shorten how far back those 64 keys reach.
@@ -172,7 +172,7 @@ def build(kind, length, width, hidden, buckets=0, seed=0, chunks_before=1):
         return keras.Model(tokens, keras.layers.Dense(256)(norm(x)))
     # lsh1_wide: 2 chunks, and each chunk's window is itself + the other.
     wide = kind == "lsh1_wide"
-    backbone = kr.models.ReformerModel(
+    backbone = kr.models.ReformerBackbone(
         256, num_layers=LAYERS, hidden_dim=d_model, num_heads=HEADS,
         intermediate_dim=ffn, num_hashes=int(kind[3]),
         bucket_size=length // 2 if wide else 64, num_buckets=2 if wide else (buckets or None),
@@ -181,8 +181,11 @@ def build(kind, length, width, hidden, buckets=0, seed=0, chunks_before=1):
         num_chunks_before=chunks_before,
         short_convolution=width or None, value_shift="_shift" in kind,
     )
+    # The LM (logits) behind a wrapper taking the token ids alone: the
+    # training windows are never padded.
+    lm = kr.models.ReformerCausalLM(backbone)
     tokens = keras.Input((length,), dtype="int32")
-    return keras.Model(tokens, backbone(
+    return keras.Model(tokens, lm(
         {"token_ids": tokens, "padding_mask": keras.ops.ones_like(tokens)}))
 
 
@@ -219,7 +222,7 @@ def point(kind, length, batch, steps, evals, val_batches, learning_rate, width, 
     by_rounds = {}
     if kind.startswith("lsh"):
         backbone = next(layer for layer in model.layers
-                        if isinstance(layer, kr.models.ReformerModel))
+                        if isinstance(layer, kr.models.ReformerCausalLM)).backbone
         for rounds in eval_hashes:
             backbone.set_num_hashes(rounds)
             model.test_function = None
@@ -277,7 +280,7 @@ def main():
     parser.add_argument("--short-convolution", type=int, default=0)
     parser.add_argument("--hidden-dim", type=int, default=256)
     parser.add_argument("--num-buckets", type=int, default=0,
-                        help="buckets per round of the lsh kinds (0: ReformerModel's "
+                        help="buckets per round of the lsh kinds (0: ReformerBackbone's "
                              "rule, 2 x length / 64)")
     parser.add_argument("--chunks-before", type=int, default=1,
                         help="num_chunks_before of the lsh kinds (a causal query sees "

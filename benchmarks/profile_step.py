@@ -1,6 +1,6 @@
 """Where a training step's time goes: TensorFlow's profiler, ops by category.
 
-The reference model of benchmarks/train_step.py (causal ReformerModel, 2
+The reference model of benchmarks/train_step.py (causal ReformerCausalLM, 2
 layers, d_model 256, 4 heads x 64, FFN 1024, bucket 64, 2 hashes, batch 1,
 Adam) at `--length` (default 16K), graph mode unless `--jit`. After two
 warm-up steps, `--steps` steps run under `tf.profiler.experimental`; the

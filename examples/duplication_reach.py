@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras_reformer as kr  # noqa: E402
 from duplication_task import (  # noqa: E402
-    accuracy, add_model_arguments, held_out_data, make_model,
+    accuracy, add_model_arguments, held_out_data, make_model, set_num_hashes,
 )
 
 
@@ -111,7 +111,7 @@ def main(argv=None):
         print(f"\n## trained LSH-{train_rounds} ({layer.resolved_num_buckets} buckets, "
               f"reach {reach})")
         for rounds in args.eval_rounds:
-            model.set_num_hashes(rounds)
+            set_num_hashes(model, rounds)
             logits, buckets = record_buckets(model, inputs)
             hits = logits.argmax(-1)[:, half:] == targets[:, half:]
             cls = classify(buckets, args.length, reach)
@@ -123,7 +123,7 @@ def main(argv=None):
             used = len(np.unique(buckets[..., :args.length - 1]))
             print(f"eval LSH-{rounds}: accuracy {100 * hits.mean():.1f}%; "
                   + "; ".join(cells) + f"; {used} buckets used")
-        model.set_num_hashes(train_rounds)
+        set_num_hashes(model, train_rounds)
         for chunks_before in (1, 2, 4):
             acc = accuracy_with_reach(model, data, chunks_before)
             print(f"eval LSH-{train_rounds}, num_chunks_before={chunks_before} "

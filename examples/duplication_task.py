@@ -56,13 +56,23 @@ def duplication_batch(rng, batch, length, vocab):
 
 
 def make_model(args, rounds):
-    return kr.models.ReformerModel(
+    """A one-layer `ReformerCausalLM` (logits out) on a `ReformerBackbone`."""
+    backbone = kr.models.ReformerBackbone(
         vocabulary_size=args.vocab, num_layers=1, hidden_dim=args.hidden_dim,
         num_heads=4, intermediate_dim=args.hidden_dim, bucket_size=args.bucket_size,
         num_hashes=rounds, max_sequence_length=args.length, causal=True,
         axial_shape=tuple(args.axial_shape) if args.axial_shape else None,
         value_shift=args.value_shift == "on", seed=args.seed,
     )
+    return kr.models.ReformerCausalLM(backbone)
+
+
+def set_num_hashes(model, rounds):
+    """Evaluate `model` (a `ReformerCausalLM`) with `rounds` hash rounds: the
+    backbone's `set_num_hashes`, and the task's traced functions dropped
+    (they baked the old value in)."""
+    model.backbone.set_num_hashes(rounds)
+    model.predict_function = model.test_function = model.train_function = None
 
 
 def make_full_attention_model(args):
@@ -95,7 +105,7 @@ def add_model_arguments(p):
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--value-shift", choices=["on", "off"], default="off",
-                   help="on: LSH models with ReformerModel(value_shift=True), keys "
+                   help="on: LSH models with ReformerBackbone(value_shift=True), keys "
                         "bring the next position's value (docs/model.md); off (the "
                         "default): the paper's attention")
 
@@ -108,8 +118,11 @@ def held_out_data(args):
 
 def accuracy(model, data):
     inputs, targets, weights = data
-    logits = model.predict({"token_ids": inputs, "padding_mask": np.ones_like(inputs)},
-                           batch_size=32, verbose=0)
+    # A tf.data pipeline: keras-hub's `predict` would batch arrays through
+    # grain, which warns about its thread pool at every call.
+    batches = tf.data.Dataset.from_tensor_slices(
+        {"token_ids": inputs, "padding_mask": np.ones_like(inputs)}).batch(32)
+    logits = model.predict(batches, verbose=0)
     hits = (logits.argmax(-1) == targets) * weights
     return float(hits.sum() / weights.sum())
 
@@ -162,9 +175,11 @@ def main(argv=None):
             model = make_full_attention_model(args)
         else:
             model = make_model(args, int(kind[4:]))
+        # No metrics: a ReformerCausalLM comes compiled with a weighted
+        # accuracy, which `weighted_metrics=None` would leave in place.
         model.compile(keras.optimizers.Adam(args.learning_rate),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      jit_compile=args.jit)
+                      weighted_metrics=[], jit_compile=args.jit)
         writer = tf.summary.create_file_writer(os.path.join(args.logdir, kind))
         curves[kind] = []
         start = time.time()
@@ -172,8 +187,9 @@ def main(argv=None):
         for step in range(args.steps):
             x, y, w = duplication_batch(rng, args.batch_size, args.length, args.vocab)
             loss = model.train_on_batch(
-                {"token_ids": x, "padding_mask": np.ones_like(x)}, y, sample_weight=w
-            )
+                {"token_ids": x, "padding_mask": np.ones_like(x)}, y, sample_weight=w,
+                return_dict=True,
+            )["loss"]
             progress.update(step + 1, [("loss", float(np.asarray(loss)))])
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                 acc = accuracy(model, held_out)
@@ -190,7 +206,7 @@ def main(argv=None):
             table["full"] = curves[kind][-1][1]
             continue
         for eval_rounds in args.eval_rounds:
-            model.set_num_hashes(eval_rounds)
+            set_num_hashes(model, eval_rounds)
             table[int(kind[4:]), eval_rounds] = accuracy(model, held_out)
     if args.plot:
         plot_curves(curves, args, args.plot)

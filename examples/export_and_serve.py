@@ -1,9 +1,16 @@
-"""Export a ReformerModel for TF Serving, inspect it, and serve it with
+"""Export a ReformerCausalLM for TF Serving, inspect it, and serve it with
 TensorFlow alone: `saved_model_cli run`, and a fresh process that has neither
 Keras, keras_reformer nor TF Text.
 
+The model is a byte-level `ReformerCausalLM` (a keras-hub `CausalLM` on a
+`ReformerBackbone`, with a `ReformerCausalLMPreprocessor`), so the
+SavedModel has the logits signatures (`serving_default`,
+`with_padding_mask`) and the generation ones (`generate` on token ids,
+`generate_text` on strings: greedy cached decoding in the graph).
+
     python examples/export_and_serve.py                    # a small model
-    python examples/export_and_serve.py --model runs/m.keras --export-dir models/reformer
+    python examples/export_and_serve.py --model runs/train_lm/preset --export-dir models/reformer
+    python examples/export_and_serve.py --model runs/m.keras
     python examples/export_and_serve.py --smoke
 
 It prints the `tensorflow_model_server` / docker command and a `curl` REST
@@ -36,32 +43,47 @@ SERVE = textwrap.dedent("""
     ids = tf.constant([[100, 101, 102, 32, 109]], tf.int32)
     logits = loaded.signatures["serving_default"](token_ids=ids)["logits"]
     texts = tf.constant(["def main(", "import "])
-    log_probs = loaded.signatures["next_token"](text=texts)["log_probs"]
+    out = loaded.signatures["generate_text"](text=texts, max_length=tf.constant(16))
     print(json.dumps({"logits_shape": logits.shape.as_list(),
-                      "next_bytes": [bytes([int(i)]).decode("latin-1")
-                                     for i in tf.argmax(log_probs, -1)]}))
+                      "texts": [t.decode("utf-8", "replace")
+                                for t in out["text"].numpy()]}))
 """)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a .keras file of a byte-level ReformerModel")
+    p.add_argument("--model", help="a byte-level ReformerCausalLM with its "
+                   "preprocessor: a keras-hub preset folder (e.g. train_lm.py's "
+                   "<run-dir>/preset) or a .keras file")
     p.add_argument("--export-dir", default=None)
     p.add_argument("--version", type=int, default=1)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
 
     import keras
+    import keras_hub
 
     import keras_reformer as kr
+    # Importing the model classes registers them, for loading a preset or a
+    # .keras file (`import keras_reformer` alone does not import them).
+    from keras_reformer.models import ReformerCausalLM
 
-    if args.model:
+    if args.model and os.path.isdir(args.model):
+        model = keras_hub.models.CausalLM.from_preset(args.model)
+    elif args.model:
         model = keras.saving.load_model(args.model)
     else:
         size = 32 if args.smoke else 128
-        model = kr.models.ReformerModel(vocabulary_size=256, num_layers=2,
-                                        hidden_dim=size, intermediate_dim=2 * size,
-                                        max_sequence_length=4096, seed=0)
+        preprocessor = kr.models.ReformerCausalLMPreprocessor(sequence_length=4096)
+        backbone = kr.models.ReformerBackbone(
+            vocabulary_size=preprocessor.vocabulary_size, num_layers=2,
+            hidden_dim=size, intermediate_dim=2 * size, max_sequence_length=4096,
+            seed=0)
+        model = ReformerCausalLM(backbone, preprocessor=preprocessor)
+    if not isinstance(model, ReformerCausalLM) or model.preprocessor is None:
+        raise SystemExit(f"--model {args.model}: needs a ReformerCausalLM with its "
+                         f"preprocessor (got {type(model).__name__})")
+    vocabulary = model.backbone.vocabulary_size
     export_dir = args.export_dir or tempfile.mkdtemp(prefix="reformer_export_")
     path = kr.export.export_saved_model(model, export_dir, version=args.version,
                                         text_signature=True, overwrite=True)
@@ -79,16 +101,16 @@ def main(argv=None):
     text = "héllo, wörld"
     with tempfile.TemporaryDirectory(prefix="reformer_cli_") as out:
         run_args = ["saved_model_cli", "run", "--dir", path, "--tag_set", "serve",
-                    "--signature_def", "next_token", "--input_exprs",
-                    "text=" + json.dumps([text], ensure_ascii=False)]
+                    "--signature_def", "generate_text", "--input_exprs",
+                    "text=" + json.dumps([text], ensure_ascii=False)
+                    + ";max_length=24"]
         ran = subprocess.run([cli, *run_args[1:], "--outdir", out, "--overwrite"],
                              capture_output=True, text=True, env=env)
         if ran.returncode != 0:
             raise SystemExit("saved_model_cli run failed:\n" + ran.stderr[-2000:])
-        best = int(np.argmax(np.load(os.path.join(out, "log_probs.npy"))[0]))
+        generated = np.load(os.path.join(out, "text.npy"), allow_pickle=True)[0]
     print("$ " + shlex.join(run_args))
-    print(f"  -> log_probs [1, 256]; most likely next byte: {best} "
-          f"({bytes([best]).decode('latin-1')!r})\n")
+    print(f"  -> text [1]: {generated.decode('utf-8', 'replace')!r}\n")
 
     served = subprocess.run([sys.executable, "-c", SERVE, path], capture_output=True,
                             text=True, env=env)
@@ -96,7 +118,7 @@ def main(argv=None):
         raise SystemExit("serving check failed:\n" + served.stderr[-2000:])
     result = json.loads(served.stdout.strip().splitlines()[-1])
     print(f"fresh process without keras: logits {result['logits_shape']}, "
-          f"next bytes {result['next_bytes']}")
+          f"generate_text {result['texts']}")
 
     base = os.path.abspath(export_dir)
     print(textwrap.dedent(f"""
@@ -108,10 +130,11 @@ def main(argv=None):
         Ask it:
           curl -s http://localhost:8501/v1/models/reformer:predict \\
             -d '{{"instances": [[100, 101, 102, 32, 109]]}}'
-          # -> {{"predictions": [[[...256 logits...] x 5 positions]]}}
+          # -> {{"predictions": [[[...{vocabulary} logits...] x 5 positions]]}}
           curl -s http://localhost:8501/v1/models/reformer:predict \\
-            -d '{{"signature_name": "next_token", "instances": ["def main("]}}'
-          # -> {{"predictions": [[...256 log-probabilities...]]}}
+            -d '{{"signature_name": "generate_text",
+                 "inputs": {{"text": ["def main("], "max_length": 64}}}}'
+          # -> {{"outputs": ["def main(..."]}}  (greedy, cached decoding)
     """))
 
 

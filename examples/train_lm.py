@@ -4,7 +4,14 @@ The default run trains on the Python standard library's source files (they
 ship with Python: no download) for 1,500 steps of 4 x 1K-byte sequences,
 about 10 minutes on a 2-core CPU, then prints validation bits per byte beside
 gzip -9's on the same bytes, exports a SavedModel for TF Serving and samples
-a continuation of a prompt. XLA is on for GPUs and TPUs and off on a CPU,
+a continuation of a prompt. The model is a `ReformerCausalLM` (a keras-hub
+`CausalLM`) on a `ReformerBackbone`, with a byte-level
+`ReformerCausalLMPreprocessor`: besides the SavedModel the run saves a
+keras-hub preset (`<run-dir>/preset`, `lm.save_to_preset`), which
+`examples/generate_from_preset.py --preset <run-dir>/preset` loads with
+`keras_hub.models.CausalLM.from_preset` and generates from. The sample is
+keras-hub's `generate()` (top-k sampler, cached decoding). XLA is on for
+GPUs and TPUs and off on a CPU,
 where TensorFlow's graph step needs ~400 MiB less memory; XLA is 16-35%
 faster there (docs/benchmarks.md, "Graph mode or XLA?"; `--jit on|off`
 overrides). The documented results of the default run are graph mode's.
@@ -15,13 +22,13 @@ position can see its neighbours from the start. LSH attention reaches the
 previous bytes only when they hash into the query's bucket, so without help
 the model sits at the byte-bigram level (3.76 bits per byte after the old
 default, 400 steps of 8K bytes). A causal convolution of width 3 over the
-embeddings (`--short-convolution`, ReformerModel's `short_convolution`)
+embeddings (`--short-convolution`, ReformerBackbone's `short_convolution`)
 hands every position its two predecessors: 3.29 with the old shape. Shorter
 sequences in batches of 4 give 2.5x the steps for the same bytes: 2.95 (gzip
 -9: 2.08). The bucket count matters little (2 buckets per round: 2.84 in
 one run). What was left is shared QK: a symmetric score cannot match "this
 byte" with "the byte before that key", the lookup that copying needs.
-Shifted values (`--value-shift`, ReformerModel's `value_shift`: the key at j
+Shifted values (`--value-shift`, ReformerBackbone's `value_shift`: the key at j
 brings the value at j + 1, queries see strictly earlier keys) keep the
 score symmetric and let the model copy what followed an earlier
 occurrence: 2.22 bits per byte (gzip -9: 2.08), against 2.95 without
@@ -97,10 +104,10 @@ def parse_args(argv=None):
                    default="axial")
     p.add_argument("--short-convolution", type=int, default=8,
                    help="width of the causal convolution over the embeddings "
-                        "(ReformerModel short_convolution); 0: none")
+                        "(ReformerBackbone short_convolution); 0: none")
     p.add_argument("--value-shift", choices=["on", "off"], default="on",
                    help="attention keys bring the next position's value, queries "
-                        "see strictly earlier keys (ReformerModel value_shift)")
+                        "see strictly earlier keys (ReformerBackbone value_shift)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--learning-rate", type=float, default=4e-3)
     p.add_argument("--clipnorm", type=float, default=1.0,
@@ -117,12 +124,14 @@ def parse_args(argv=None):
     p.add_argument("--cpu-replicas", type=int, default=0,
                    help="split the CPU into this many logical devices (mirrored on a CPU)")
     p.add_argument("--run-dir", default=None,
-                   help="checkpoints, TensorBoard logs, export (default runs/train_lm)")
+                   help="checkpoints, TensorBoard logs, SavedModel export and "
+                        "keras-hub preset (default runs/train_lm)")
     p.add_argument("--prompt", default=None,
                    help="text to continue (default: a short Python class whose names "
                         "the model can copy; 'def main(' where that does not fit "
                         "--seq-len with --sample-len)")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="of the sample's top-k sampler (0: greedy)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--sample-len", type=int, default=200)
     p.add_argument("--stop-after-steps", type=int, default=0,
@@ -260,9 +269,32 @@ def gzip_bits_per_byte(dataset, steps):
     return 8 * len(gzip.compress(raw, compresslevel=9)) / max(1, len(raw))
 
 
+def make_preprocessor(args):
+    """Byte-level text in and out, for `generate()`, the text signature of
+    the export and the preset. The training windows are raw bytes cut from
+    a stream (no start or end tokens), so prompts are packed the same way:
+    no start token, no end token."""
+    return kr.models.ReformerCausalLMPreprocessor(
+        sequence_length=args.seq_len, add_start_token=False, add_end_token=False,
+    )
+
+
+def make_sampler(args):
+    """The sample's sampler: top-k at `--temperature` (greedy at 0)."""
+    import keras_hub
+
+    if args.temperature == 0:
+        return keras_hub.samplers.GreedySampler()
+    return keras_hub.samplers.TopKSampler(k=args.top_k, temperature=args.temperature,
+                                          seed=args.seed)
+
+
 def build_model(args):
-    model = kr.models.ReformerModel(
-        vocabulary_size=byte_tokenizer.VOCABULARY_SIZE,
+    """The `ReformerCausalLM` (logits out) and the training optimizer."""
+    preprocessor = make_preprocessor(args)
+    backbone = kr.models.ReformerBackbone(
+        # 256 bytes and the preprocessor's start and end tokens (258).
+        vocabulary_size=preprocessor.vocabulary_size,
         num_layers=args.num_layers,
         hidden_dim=args.hidden_dim,
         num_heads=args.num_heads,
@@ -279,6 +311,7 @@ def build_model(args):
         causal=True,
         seed=args.seed,
     )
+    model = kr.models.ReformerCausalLM(backbone, preprocessor=preprocessor)
     total_steps = args.epochs * args.steps_per_epoch
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, total_steps, alpha=0.1, warmup_target=args.learning_rate,
@@ -334,8 +367,11 @@ def main(argv=None):
 
     with strategy.scope():
         model, optimizer = build_model(args)
+        # generate()'s sampler (the model's own optimizer is not used).
+        model.compile(sampler=make_sampler(args))
         # Training windows are never padded, so the model is trained through
-        # a wrapper that takes the token ids alone.
+        # a wrapper that takes the token ids alone (a plain Keras model: the
+        # windows are ids already, not text for the preprocessor).
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         trainer = keras.Model(token_ids, model(
             {"token_ids": token_ids, "padding_mask": keras.ops.ones_like(token_ids)}
@@ -413,11 +449,13 @@ def main(argv=None):
         )
         print(f"SavedModel for TF Serving: {export_path}")
         summary["export"] = export_path
-        prompt = np.frombuffer(args.prompt.encode("utf-8"), np.uint8).astype(np.int32)
-        sample = model.generate(prompt[None], args.sample_len,
-                                temperature=args.temperature, top_k=args.top_k,
-                                seed=args.seed)
-        text = bytes(sample[0].astype(np.uint8).tolist()).decode("utf-8", "replace")
+        preset_dir = os.path.join(run_dir, "preset")
+        model.save_to_preset(preset_dir)
+        print(f"keras-hub preset: {preset_dir} (python examples/generate_from_preset.py "
+              f"--preset {preset_dir})")
+        summary["preset"] = preset_dir
+        max_length = len(args.prompt.encode("utf-8")) + args.sample_len
+        text = model.generate(args.prompt, max_length=max_length)
         print("sample:\n" + text)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f)

@@ -21,8 +21,9 @@ from keras_reformer import distribute
 distribute.use_logical_cpus(2)          # before any TensorFlow op
 strategy = tf.distribute.MirroredStrategy()
 with strategy.scope():
-    model = kr.models.ReformerModel(vocabulary_size=256, num_layers=2,
-                                    hidden_dim=64, max_sequence_length=256)
+    model = kr.models.ReformerCausalLM(kr.models.ReformerBackbone(
+        vocabulary_size=256, num_layers=2, hidden_dim=64,
+        max_sequence_length=256))
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
         from_logits=True))
     distribute.prepare_fit(model)         # per-replica XLA step
@@ -173,12 +174,13 @@ def prepare_fit(model, jit_compile=True):
     replica's step, before its XLA part, where that step is a plain graph
     (mirrored strategies): XLA itself drops the check. Where the whole step
     is compiled (default strategy, TPU) the data must be checked before it:
-    `ReformerModel.fit` does, and `keras_reformer.data.check_token_ids`
-    does for a dataset of your own.
+    `ReformerBackbone.fit` and `ReformerCausalLM.fit` do, and
+    `keras_reformer.data.check_token_ids` does for a dataset of your own.
 
     Args:
         model: a compiled `keras.Model` created under the strategy's scope:
-            `kr.models.ReformerModel` or any model built from these layers.
+            a `kr.models.ReformerCausalLM`, a `kr.models.ReformerBackbone` or
+            any model built from these layers.
         jit_compile: `False` runs the same step as a plain graph.
 
     Returns:
@@ -189,7 +191,8 @@ def prepare_fit(model, jit_compile=True):
 
     ```python
     with strategy.scope():
-        model = kr.models.ReformerModel(vocabulary_size=256)
+        model = kr.models.ReformerCausalLM(
+            kr.models.ReformerBackbone(vocabulary_size=256))
         model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
             from_logits=True))
         kr.distribute.prepare_fit(model)
@@ -223,7 +226,7 @@ def prepare_fit(model, jit_compile=True):
     if is_mirrored(strategy):
         model.jit_compile = False
         if vocabulary_size is not None:
-            # This step's check fails reliably; ReformerModel.fit's tf.data
+            # This step's check fails reliably; the models' own fit's tf.data
             # one may be lost in the multi-device iterator (_token_id_inputs).
             object.__setattr__(model, STEP_CHECKS_IDS, True)
     else:

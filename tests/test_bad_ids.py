@@ -28,13 +28,20 @@ MODES = {
 }
 
 
-def reformer():
+def backbone():
     import keras_reformer as kr
 
-    return kr.models.ReformerModel(
+    return kr.models.ReformerBackbone(
         VOCAB, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
         bucket_size=16, max_sequence_length=LENGTH, seed=1,
     )
+
+
+def reformer():
+    """The language model (logits over the VOCAB ids) on `backbone()`."""
+    import keras_reformer as kr
+
+    return kr.models.ReformerCausalLM(backbone())
 
 
 def compiled(model, **kwargs):
@@ -135,8 +142,11 @@ def batches_py_dataset(bad=None):
 @pytest.mark.parametrize("source", ["generator", "py_dataset", "validation_data"])
 def test_other_sources_refuse_bad_id_under_xla(source):
     # (A validation dataset is wrapped like `x` above; its error would come
-    # only after an XLA-compiled training epoch.)
-    model = compiled(reformer(), jit_compile=True)
+    # only after an XLA-compiled training epoch.) keras-hub's tasks take no
+    # Python generators or PyDatasets (their `fit` turns `x` into a dataset
+    # itself), so those two go to the backbone, whose `fit` is Keras' own.
+    model = compiled(backbone() if source in ("generator", "py_dataset") else reformer(),
+                     jit_compile=True)
     data = {
         "generator": dict(x=(b for b in [batch(-1)])),
         "py_dataset": dict(x=batches_py_dataset(-1)),
@@ -148,7 +158,8 @@ def test_other_sources_refuse_bad_id_under_xla(source):
 
 
 def test_checked_py_dataset_still_trains():
-    model = compiled(reformer(), run_eagerly=True)
+    # The backbone: keras-hub's tasks take no PyDataset (see above).
+    model = compiled(backbone(), run_eagerly=True)
     before = weights_of(model)
     model.fit(batches_py_dataset(), epochs=1, verbose=0)
     assert changed(before, model)
@@ -169,7 +180,7 @@ def test_causal_lm_fit_refuses_bad_id_under_xla():
 
     import keras_reformer as kr
 
-    lm = kr.models.ReformerCausalLM(reformer())
+    lm = kr.models.ReformerCausalLM(backbone())
     lm.compile(jit_compile=True)
     with pytest.raises(tf.errors.InvalidArgumentError) as caught:
         lm.fit(dataset(VOCAB), epochs=1, verbose=0, shuffle=False)
@@ -200,13 +211,13 @@ def test_control_xla_clamps_bad_ids_to_a_wrong_embedding_row():
 
 
 def test_control_without_the_input_check_xla_trains_on_bad_ids():
-    # The same ReformerModel inside a plain keras.Model (no input check)
-    # trains on the bad batch under XLA without any error: the error in the
-    # tests above comes from the check before the step, nothing else.
+    # The same ReformerCausalLM's graph as a plain keras.Model (no input
+    # check) trains on the bad batch under XLA without any error: the error
+    # in the tests above comes from the check before the step, nothing else.
     import keras
 
-    backbone = reformer()
-    plain = compiled(keras.Model(backbone.input, backbone.output), jit_compile=True)
+    lm = reformer()
+    plain = compiled(keras.Model(lm.input, lm.output), jit_compile=True)
     before = weights_of(plain)
     history = plain.fit(dataset(VOCAB), epochs=1, verbose=0, shuffle=False)
     assert np.isfinite(history.history["loss"][0])
@@ -240,11 +251,11 @@ def run_mirrored():
     with strategy.scope():
         model = compiled(reformer())
         distribute.prepare_fit(model, jit_compile=True)
-        # A model that only contains a ReformerModel: no input check of its
-        # own, so what fails is prepare_fit's check in each replica's step.
-        backbone = reformer()
+        # A model that only contains a ReformerCausalLM: no input check of
+        # its own, so what fails is prepare_fit's check in each replica's step.
+        lm = reformer()
         ids = keras.Input((LENGTH,), dtype="int32")
-        wrapper = compiled(keras.Model(ids, backbone(
+        wrapper = compiled(keras.Model(ids, lm(
             {"token_ids": ids, "padding_mask": keras.ops.ones_like(ids)})))
         distribute.prepare_fit(wrapper, jit_compile=True)
     ids_only = lambda bad: dataset(bad).map(lambda x, y: (x["token_ids"], y))  # noqa: E731
@@ -288,7 +299,7 @@ def test_mirrored_prepare_fit_refuses_bad_id(mirrored, kind, bad):
 
 
 def test_mirrored_prepare_fit_refuses_bad_id_in_a_later_batch(mirrored):
-    # ReformerModel.fit's tf.data check failed here without an error (the
+    # The model's own fit's tf.data check failed here without an error (the
     # multi-device iterator raised OutOfRange, the end of the data for fit).
     result = mirrored["model later"]
     assert result["error"] == "InvalidArgumentError", result

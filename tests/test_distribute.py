@@ -23,7 +23,7 @@ GLOBAL_BATCH, LENGTH, VOCAB, STEPS = 4, 64, 32, 3
 
 
 def make_model(distribute_module, strategy, jit_compile, initial=None, stacked=False):
-    """A functional model around ReformerModel, compiled and prepared.
+    """A functional model around a ReformerCausalLM, compiled and prepared.
 
     The `XlaWitness` layer adds fixed noise from `tf.random.stateless_normal`,
     whose numbers differ with and without XLA (KERAS_NOTES): distributed
@@ -37,7 +37,7 @@ def make_model(distribute_module, strategy, jit_compile, initial=None, stacked=F
     class XlaWitness(keras.layers.Layer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.supports_masking = True  # passes ReformerModel's mask on
+            self.supports_masking = True  # passes the LM's mask on
 
         def call(self, logits):
             # (length, vocab): the same on every replica and every batch row.
@@ -46,13 +46,13 @@ def make_model(distribute_module, strategy, jit_compile, initial=None, stacked=F
 
     with strategy.scope():
         ids = keras.Input((LENGTH,), dtype="int32")
-        backbone = kr.models.ReformerModel(
+        lm = kr.models.ReformerCausalLM(kr.models.ReformerBackbone(
             vocabulary_size=VOCAB, num_layers=2 if stacked else 1, hidden_dim=16,
             num_heads=2, intermediate_dim=32, bucket_size=16,
             max_sequence_length=LENGTH, dropout=0.0, causal=True, seed=3,
             stack_weights=stacked,
-        )
-        logits = backbone({"token_ids": ids, "padding_mask": keras.ops.ones_like(ids)})
+        ))
+        logits = lm({"token_ids": ids, "padding_mask": keras.ops.ones_like(ids)})
         model = keras.Model(ids, XlaWitness()(logits))
         if initial is not None:
             model.set_weights(initial)

@@ -7,7 +7,7 @@ import pytest
 
 import keras_reformer as kr
 from keras_reformer.layers import LSHAttention
-from keras_reformer.models import ReformerModel
+from keras_reformer.models import ReformerBackbone, ReformerCausalLM
 
 
 def ids_batch(length, seed):
@@ -22,10 +22,12 @@ def padded(ids, extra):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("num_hashes", [1, 2, 4])
 def test_reformer_model_padding_invariance(causal, num_hashes):
-    model = ReformerModel(vocabulary_size=40, num_layers=1, hidden_dim=16, num_heads=2,
-                          intermediate_dim=32, feedforward_chunk_size=8, bucket_size=8,
-                          num_hashes=num_hashes, causal=causal,
-                          max_sequence_length=256, seed=3)
+    model = ReformerBackbone(vocabulary_size=40, num_layers=1, hidden_dim=16, num_heads=2,
+                             intermediate_dim=32, feedforward_chunk_size=8, bucket_size=8,
+                             num_hashes=num_hashes, causal=causal,
+                             max_sequence_length=256, seed=3)
+    if causal:  # the language model's logits; an encoder's hidden states
+        model = ReformerCausalLM(model)
     ids = ids_batch(100, num_hashes)
     short = model.predict({"token_ids": ids, "padding_mask": np.ones_like(ids)}, verbose=0)
     long_ids = padded(ids, 100)

@@ -1,4 +1,5 @@
-"""Every example runs in --smoke mode; training resumes; MirroredStrategy works.
+"""Every example runs in --smoke mode; training resumes; MirroredStrategy works;
+train_lm's keras-hub preset loads and generates.
 
 Multi-worker runs of train_lm.py are in tests/test_multiworker.py."""
 
@@ -116,6 +117,50 @@ def test_train_lm_resumes_after_a_crash(tmp_path):
     assert result["steps"] == 6
 
 
+def test_train_lm_smoke_saves_a_preset_that_generates(tmp_path):
+    import keras_hub
+
+    # Importing the model classes registers them with Keras (keras-hub's
+    # loader looks them up by their registered names).
+    from keras_reformer.models import ReformerCausalLM
+
+    run_dir = os.fspath(tmp_path / "run")
+    out = run("train_lm.py", "--smoke", "--run-dir", run_dir).stdout
+    assert "Epoch 2/2" in out and "sample:" in out
+    result = summary(run_dir)
+    preset = os.path.join(run_dir, "preset")
+    assert result["preset"] == preset
+    assert os.path.exists(os.path.join(run_dir, "export", "1", "saved_model.pb"))
+    assert any(name.startswith("events.out")
+               for name in os.listdir(os.path.join(run_dir, "logs", "train")))
+    # keras-hub's generic loader finds our classes; the weights are the
+    # trained ones, the preprocessor is the byte-level one train_lm used.
+    lm = keras_hub.models.CausalLM.from_preset(preset)
+    assert isinstance(lm, ReformerCausalLM)
+    trained = np.load(os.path.join(run_dir, "final_weights.npz"))
+    weights = lm.get_weights()
+    assert len(weights) == len(trained.files)
+    for i, weight in enumerate(weights):
+        np.testing.assert_array_equal(weight, trained[f"arr_{i}"])
+    assert lm.preprocessor.sequence_length == 256  # --smoke's --seq-len
+    assert not lm.preprocessor.add_start_token
+    lm.compile(sampler="greedy")
+    text = lm.generate("def main(", max_length=24)
+    assert isinstance(text, str) and text.startswith("def main(")
+    # The example loads it the same way.
+    out = run("generate_from_preset.py", "--preset", preset, "--prompt", "import ",
+              "--max-length", "20", "--sampler", "greedy").stdout
+    assert "loaded ReformerCausalLM" in out
+    assert "generated (greedy):\nimport " in out
+
+
+def test_generate_from_preset_smoke():
+    out = run("generate_from_preset.py", "--smoke").stdout
+    assert "saved a tiny untrained preset" in out
+    assert "loaded ReformerCausalLM" in out
+    assert "generated (top_k):\ndef main(" in out
+
+
 def test_train_lm_mirrored_on_two_logical_cpus(tmp_path):
     run_dir = os.fspath(tmp_path / "run")
     out = run("train_lm.py", "--smoke", "--jit", "on", "--strategy", "mirrored",
@@ -137,8 +182,11 @@ def test_mix_into_keras_smoke(tmp_path):
 
 def test_export_and_serve_smoke(tmp_path):
     out = run("export_and_serve.py", "--smoke", "--export-dir", os.fspath(tmp_path)).stdout
-    assert "fresh process without keras: logits [1, 5, 256]" in out
+    # A byte-level ReformerCausalLM: 256 bytes, start and end tokens.
+    assert "fresh process without keras: logits [1, 5, 258], generate_text" in out
+    assert "'def main(" in out  # the generated text continues the prompt
     assert "serving_default" in out and "tensorflow_model_server" in out
+    assert "saved_model_cli run" in out and "--signature_def generate_text" in out
 
 
 def test_duplication_task_smoke(tmp_path):
@@ -151,7 +199,8 @@ def test_duplication_task_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train_lm.py", "mix_into_keras.py",
-                                    "export_and_serve.py", "duplication_task.py"])
+                                    "export_and_serve.py", "duplication_task.py",
+                                    "generate_from_preset.py"])
 def test_help(script):
     assert "--smoke" in run(script, "--help").stdout
 

@@ -11,16 +11,17 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
+from keras_hub.samplers import TopKSampler
 
 from keras_reformer.export import export_saved_model
 from keras_reformer.models import (
+    ReformerBackbone,
     ReformerCausalLM,
     ReformerCausalLMPreprocessor,
-    ReformerModel,
 )
-from keras_reformer.samplers import TopKSampler
 
 CONFIG = dict(vocabulary_size=256, num_layers=1, hidden_dim=16, num_heads=2,
               intermediate_dim=32, bucket_size=8, max_sequence_length=128, seed=5)
@@ -119,14 +120,23 @@ def cli_run(path, signature, input_exprs, env, outdir):
     )
     if proc.returncode != 0:
         return proc, None
-    return proc, {name[:-4]: np.load(os.path.join(outdir, name))
+    # String outputs come as object arrays (pickled): our own CLI run's files.
+    return proc, {name[:-4]: np.load(os.path.join(outdir, name), allow_pickle=True)
                   for name in os.listdir(outdir) if name.endswith(".npy")}
+
+
+def logits_model(**config):
+    """A ReformerCausalLM's network as a plain Keras model: token ids ->
+    logits. Exported, it gets the logits signatures and, over the 256 bytes,
+    `next_token` (a ReformerCausalLM itself gets `generate*` instead)."""
+    lm = ReformerCausalLM(ReformerBackbone(**config))
+    return keras.Model(lm.input, lm.output)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    model = ReformerModel(**CONFIG)
+    model = logits_model(**CONFIG)
     path = export_saved_model(model, os.fspath(root), version=3, text_signature=True)
     return model, path
 
@@ -247,18 +257,19 @@ def test_loaded_signatures_equal_predict_and_reject_bad_requests(exported, guard
 
 def test_export_arguments(exported, tmp_path):
     _, existing = exported
-    model = ReformerModel(**CONFIG)
+    model = logits_model(**CONFIG)
     root = os.path.dirname(existing)
     with pytest.raises(ValueError, match="exists"):
         export_saved_model(model, root, version=3)
     with pytest.raises(ValueError, match="version"):
         export_saved_model(model, os.fspath(tmp_path), version=0)
-    small = ReformerModel(**{**CONFIG, "vocabulary_size": 50})
-    with pytest.raises(ValueError, match="byte-level"):
+    small = logits_model(**{**CONFIG, "vocabulary_size": 50})
+    with pytest.raises(ValueError, match="logits over bytes.*output width 50"):
         export_saved_model(small, os.fspath(tmp_path), version=2, text_signature=True)
-    encoder = ReformerModel(**CONFIG, causal=False)
-    with pytest.raises(ValueError, match="causal"):
-        export_saved_model(encoder, os.fspath(tmp_path), version=2, text_signature=True)
+    # A backbone's output is hidden states (2 * hidden_dim wide), not logits.
+    backbone = ReformerBackbone(**CONFIG)
+    with pytest.raises(ValueError, match="logits over bytes.*output width 32"):
+        export_saved_model(backbone, os.fspath(tmp_path), version=2, text_signature=True)
 
     stale = os.path.join(tmp_path, "1")
     os.makedirs(stale)
@@ -276,16 +287,26 @@ LM_CONFIG = dict(vocabulary_size=258, num_layers=1, hidden_dim=16, num_heads=2,
 
 @pytest.fixture(scope="module")
 def exported_lm(tmp_path_factory):
-    lm = ReformerCausalLM(ReformerModel(**LM_CONFIG),
+    lm = ReformerCausalLM(ReformerBackbone(**LM_CONFIG),
                           ReformerCausalLMPreprocessor(sequence_length=32))
     path = export_saved_model(lm, os.fspath(tmp_path_factory.mktemp("lm")),
                               text_signature=True, sampler=TopKSampler(k=5))
     return lm, path
 
 
+def without_preprocessor(lm):
+    """`lm`'s weights in a ReformerCausalLM without a preprocessor: for
+    token-id prompts (with one, keras-hub's `generate` and `predict` take
+    strings)."""
+    twin = ReformerCausalLM(lm.backbone)
+    twin.lm_head.set_weights(lm.lm_head.get_weights())
+    return twin
+
+
 def test_loaded_generate_equals_generate(exported_lm, guard_env):
-    # The reference is the Keras model's own generate() (XLA by default);
-    # the export serves the graph loop, run here by TensorFlow alone.
+    # The references are keras-hub's generate() over the model's
+    # call_with_cache, and for seeded sampling the full forward pass; the
+    # export serves its own graph loop, run here by TensorFlow alone.
     lm, path = exported_lm
     ids = np.random.default_rng(1).integers(0, 256, size=(3, 19)).astype(np.int32)
     mask = (np.arange(19)[None] < np.array([[19], [6], [11]])).astype(np.int32)
@@ -306,19 +327,47 @@ def test_loaded_generate_equals_generate(exported_lm, guard_env):
                    "padding_mask": [[1, 1]], "max_length": 8},
     }, guard_env)
 
-    want = lm.generate({"token_ids": ids * mask, "padding_mask": mask},
-                       max_length=40, sampler="greedy")
-    np.testing.assert_array_equal(got["ids"]["token_ids"], want["token_ids"])
-    np.testing.assert_array_equal(got["ids"]["padding_mask"], want["padding_mask"])
+    # Without a preprocessor, keras-hub generates to the prompts' padded width.
+    tail = [(0, 0), (0, 40 - 19)]
+    prompts = {"token_ids": np.pad(ids * mask, tail), "padding_mask": np.pad(mask, tail)}
+    ids_lm = without_preprocessor(lm)
+    ids_lm.compile(sampler="greedy")
+    # The export stops at the preprocessor's end token, as generate("auto") does.
+    stop = (lm.preprocessor.end_token_id,)
+    want = ids_lm.generate(prompts, stop_token_ids=stop)
+    want_mask = np.asarray(want["padding_mask"]).astype(np.int32)
+    got_mask = np.asarray(got["ids"]["padding_mask"])
+    np.testing.assert_array_equal(got_mask, want_mask)
+    # (keras-hub leaves whatever it sampled after a stop token, under mask 0.)
+    np.testing.assert_array_equal(np.asarray(got["ids"]["token_ids"]) * got_mask,
+                                  np.asarray(want["token_ids"]) * want_mask)
     assert got["ids"]["deterministic"]
-    want_text = lm.generate(texts, max_length=30, sampler="greedy")
+    lm.compile(sampler="greedy")
+    want_text = lm.generate(texts, max_length=30)
     assert got["text"]["text"] == want_text
-    # Seeded sampling is the graph loop's, so it equals generate(jit_compile=False).
-    sampled = lm.generate({"token_ids": ids * mask, "padding_mask": mask},
-                          max_length=40, sampler=TopKSampler(k=5, seed=3),
-                          jit_compile=False)
-    np.testing.assert_array_equal(got["sampled"]["token_ids"], sampled["token_ids"])
+
+    # Seeded sampling draws statelessly from the request's seed, which
+    # keras-hub's generate() does not: every sampled token must be one of the
+    # 5 most likely after what precedes it, by a full forward pass.
+    sampled = np.asarray(got["sampled"]["token_ids"])
+    sampled_mask = np.asarray(got["sampled"]["padding_mask"])
     assert got["sampled"]["deterministic"]
+    np.testing.assert_array_equal((sampled * prompts["padding_mask"])[:, :19], ids * mask)
+    logits = ids_lm.predict({"token_ids": sampled, "padding_mask": sampled_mask},
+                            verbose=0)
+    lengths = mask.sum(1)
+    generated = 0
+    for row in range(3):
+        for position in range(lengths[row], 40):
+            if not sampled_mask[row, position]:
+                break
+            scores = logits[row, position - 1]
+            fifth = np.sort(scores)[-5]
+            assert scores[sampled[row, position]] >= fifth - 1e-4, (row, position)
+            generated += 1
+    assert generated >= 3  # each row samples at least one token
+    # ... and not merely the greedy choice.
+    assert (sampled * sampled_mask != np.asarray(got["ids"]["token_ids"]) * got_mask).any()
     assert "max_length must be <= max_sequence_length=64" in got["too_long"]["error"]
     assert "a prompt is longer than max_length" in got["short"]["error"]
     assert "must be right padding" in got["left_padded"]["error"]
@@ -339,16 +388,19 @@ def test_saved_model_cli_generates_text(exported_lm, guard_env, tmp_path):
     proc, got = cli_run(path, "generate_text", "text=['def main(', 'x'];max_length=24",
                         guard_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    want = lm.generate(["def main(", "x"], max_length=24, sampler="greedy")
+    lm.compile(sampler="greedy")
+    want = lm.generate(["def main(", "x"], max_length=24)
     assert [t.decode("utf-8") for t in got["text"]] == want
 
 
 def test_generate_export_arguments(tmp_path):
-    lm = ReformerCausalLM(ReformerModel(**LM_CONFIG))
+    lm = ReformerCausalLM(ReformerBackbone(**LM_CONFIG))
     with pytest.raises(ValueError, match="needs its preprocessor"):
         export_saved_model(lm, os.fspath(tmp_path), text_signature=True)
-    with pytest.raises(ValueError, match="sampler.*ReformerCausalLM.*ReformerModel"):
-        export_saved_model(ReformerModel(**CONFIG), os.fspath(tmp_path), sampler="top_k")
+    with pytest.raises(ValueError, match="sampler.*ReformerCausalLM.*ReformerBackbone"):
+        export_saved_model(ReformerBackbone(**CONFIG), os.fspath(tmp_path),
+                           sampler="top_k")
+    # ("beam" is a keras-hub sampler now; a name keras-hub does not know.)
     with pytest.raises(ValueError, match="Unknown sampler name"):
-        export_saved_model(lm, os.fspath(tmp_path), sampler="beam")
+        export_saved_model(lm, os.fspath(tmp_path), sampler="no_such_sampler")
     assert not os.path.exists(os.path.join(tmp_path, "1"))

@@ -114,7 +114,7 @@ def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True,
             in graph mode evaluates a finite dataset with a static batch
             size wrongly (see `keras_reformer/data/_batch_shape.py`).
         with_padding_mask: bool. Give inputs as a dict `{"token_ids",
-            "padding_mask"}` (the inputs of `ReformerModel`); if `False`,
+            "padding_mask"}` (the inputs of `ReformerBackbone`); if `False`,
             the token ids alone. Defaults to `True`.
         vocabulary_size: int or `None`. If given, every byte id (inputs and
             targets) is checked in tf.data to be in `[0, vocabulary_size)`:

@@ -73,7 +73,7 @@ def check_token_ids(dataset, vocabulary_size, key="token_ids"):
     """`dataset` with every batch's token ids checked against the vocabulary.
 
     Use it for data that goes to a model of your own that contains a
-    `ReformerModel` and is compiled with XLA (`ReformerModel` and
+    `ReformerBackbone` and is compiled with XLA (`ReformerBackbone` and
     `ReformerCausalLM` wrap the data given to their own `fit`, `evaluate`
     and `predict` with it already).
 

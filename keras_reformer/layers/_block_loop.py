@@ -26,7 +26,8 @@ from keras_reformer.ops import recompute
 
 
 def _structure(layer):
-    """(class, config without names and seeds, variable shapes/dtypes)."""
+    """(class, config without names and seeds, variable shapes/dtypes, each
+    sublayer's compute dtype and quantization mode)."""
     try:
         config = _strip(layer.get_config())
     except NotImplementedError:
@@ -34,7 +35,11 @@ def _structure(layer):
     variables = [
         (tuple(v.shape), str(v.dtype), bool(v.trainable)) for v in layer.variables
     ]
-    return type(layer), repr(config), variables
+    policies = [
+        (type(sub).__name__, sub.compute_dtype, sub.quantization_mode)
+        for sub in layer._flatten_layers(include_self=True)
+    ]
+    return type(layer), repr(config), variables, policies
 
 
 def _strip(config):
@@ -42,7 +47,15 @@ def _strip(config):
     # computation through variables (seed-generator states, `hash_seed`),
     # which are looped over like the weights.
     if isinstance(config, dict):
-        return {k: _strip(v) for k, v in config.items() if k not in ("name", "seed")}
+        if config.get("class_name") == "DTypePolicyMap":
+            # A map of every layer path (quantized models): it names each
+            # block's own layers, and Keras fills it as layers are made.
+            # The policies it gives are compared layer by layer instead.
+            return "DTypePolicyMap"
+        # Keras numbers shared objects (a dtype policy all blocks share) while
+        # it loads: the first config of such an object has no id, later ones do.
+        return {k: _strip(v) for k, v in config.items()
+                if k not in ("name", "seed", "shared_object_id")}
     if isinstance(config, (list, tuple)):
         return [_strip(v) for v in config]
     return config

@@ -118,12 +118,12 @@ class TokenIdCheck(keras.layers.Layer):
     INVALID_ARGUMENT).
 
     XLA drops assertions, so inside a `jit_compile=True` function the layer
-    only casts. `ReformerModel` and `ReformerCausalLM` therefore check their
+    only casts. `ReformerBackbone` and `ReformerCausalLM` therefore check their
     inputs before the compiled step (`fit`, `evaluate`, `predict`, `*_on_batch`
     check arrays at once and tf.data inputs in the pipeline), and
     `keras_reformer.distribute.prepare_fit` checks each replica's batch in
     the plain graph around its XLA part. A model of your own that calls a
-    `ReformerModel` inside a `jit_compile=True` step should get its data
+    `ReformerBackbone` inside a `jit_compile=True` step should get its data
     through `keras_reformer.data.check_token_ids`.
 
     The ids are checked in their own dtype and only then cast to int32, so

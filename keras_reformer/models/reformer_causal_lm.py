@@ -41,6 +41,8 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
     Args:
         backbone: a causal `ReformerBackbone`.
         preprocessor: optional `ReformerCausalLMPreprocessor` (text in/out).
+        head_dtype: dtype policy of the LM head (default: the backbone's);
+            in the config of a model whose head was quantized.
 
     Example:
 
@@ -54,7 +56,7 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
     backbone_cls = ReformerBackbone
     preprocessor_cls = ReformerCausalLMPreprocessor
 
-    def __init__(self, backbone, preprocessor=None, **kwargs):
+    def __init__(self, backbone, preprocessor=None, head_dtype=None, **kwargs):
         if not isinstance(backbone, ReformerBackbone):
             raise ValueError(
                 "`backbone` must be a keras_reformer ReformerBackbone. Received: "
@@ -85,7 +87,8 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.lm_head = keras.layers.Dense(
-            backbone.vocabulary_size, dtype=backbone.dtype_policy, name="lm_head"
+            backbone.vocabulary_size, name="lm_head",
+            dtype=backbone.dtype_policy if head_dtype is None else head_dtype,
         )
         # === Functional model ===
         inputs = backbone.input
@@ -112,6 +115,23 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
             optimizer = keras.optimizers.Adam(1e-3, global_clipnorm=1.0)
         super().compile(optimizer=optimizer, loss=loss,
                         weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        if self.lm_head.quantization_mode is not None:
+            # keras-hub's task config holds the backbone's policies only.
+            policy = self.lm_head.dtype_policy
+            if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+                policy = policy[self.lm_head.path]
+            config["head_dtype"] = keras.dtype_policies.serialize(policy)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("head_dtype"), dict):
+            config["head_dtype"] = keras.dtype_policies.deserialize(config["head_dtype"])
+        return super().from_config(config)
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -273,6 +293,14 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
                 f"`token_ids` must be in [0, vocabulary_size={vocab}). "
                 f"Received ids from {real.min()} to {real.max()}"
             )
+
+    def set_num_hashes(self, num_hashes):
+        """The backbone's `set_num_hashes` (hash rounds of every attention
+        layer, e.g. more for evaluation); the task's traced functions
+        (predict, evaluate, fit, generate) are traced again."""
+        self.backbone.set_num_hashes(num_hashes)
+        self.generate_function = None
+        self.predict_function = self.test_function = self.train_function = None
 
     # ---------------------------------------------- LoRA and quantization
 

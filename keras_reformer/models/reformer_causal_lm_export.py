@@ -99,6 +99,27 @@ def _unpack_text(lm, out):
     return byte_tokenizer.detokenize(tf.ragged.boolean_mask(ids, keep))
 
 
+def _one_token_sampler(sampler):
+    """A keras-hub sampler (or name) that picks one token per step from the
+    logits, which the served loop can draw statelessly."""
+    name = sampler
+    sampler = keras_hub.samplers.get(sampler)
+    if not isinstance(sampler, keras_hub.samplers.Sampler):
+        raise ValueError(
+            f"Unknown sampler name {name!r}: `sampler` must be a "
+            "keras_hub.samplers.Sampler or the name of one ('greedy', "
+            "'random', 'top_k', 'top_p')."
+        )
+    if isinstance(sampler, (keras_hub.samplers.BeamSampler,
+                            keras_hub.samplers.ContrastiveSampler)):
+        raise ValueError(
+            f"`sampler` {type(sampler).__name__} runs a search loop of its own; "
+            "the served signatures draw one token per step: use 'greedy', "
+            "'random', 'top_k' or 'top_p'."
+        )
+    return sampler
+
+
 def add_generate_endpoints(archive, lm, text=False, sampler=None):
     """Adds `generate` (and `generate_sampled`, `generate_text`,
     `generate_text_sampled`) to a `keras.export.ExportArchive` tracking `lm`.
@@ -120,7 +141,7 @@ def add_generate_endpoints(archive, lm, text=False, sampler=None):
     archive.add_endpoint("generate", generate,
                          input_signature=[IDS, MASK, MAX_LENGTH])
     if sampler is not None:
-        sampler = keras_hub.samplers.get(sampler)
+        sampler = _one_token_sampler(sampler)
 
         def generate_sampled(token_ids, padding_mask, max_length, seed):
             return _generate(lm, token_ids, padding_mask, max_length, sampler, seed)

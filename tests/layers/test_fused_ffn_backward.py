@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from keras_reformer.layers import ChunkedFeedForward, ReversibleSequence, _fused_vjp
 from keras_reformer.layers.reformer_blocks import FeedForwardBlock
-from keras_reformer.models import ReformerModel
+from keras_reformer.models import ReformerBackbone, ReformerCausalLM
 
 FEATURES, CHUNK, LENGTH = 8, 8, 20  # 20 = 2.5 slices: the last one is ragged
 CALLS = {"ffn": 0}
@@ -209,10 +209,10 @@ def test_reformer_model_gradients_equal_plain_autodiff_graph():
                   intermediate_dim=32, feedforward_chunk_size=8, bucket_size=8,
                   num_hashes=2, max_sequence_length=64, seed=3, dropout=0.2,
                   attention_dropout=0.2)
-    reversible = ReformerModel(**config, reversible=True)
-    plain = ReformerModel(**config, reversible=False)
+    reversible = ReformerCausalLM(ReformerBackbone(**config, reversible=True))
+    plain = ReformerCausalLM(ReformerBackbone(**config, reversible=False))
     plain.set_weights(reversible.get_weights())
-    assert reversible.get_layer("reversible_stack")._loops()
+    assert reversible.backbone.reversible_stack._loops()
     ids = np.random.default_rng(0).integers(1, 40, size=(2, 37)).astype("int32")
     inputs = {"token_ids": tf.constant(ids),
               "padding_mask": tf.constant(np.ones_like(ids))}

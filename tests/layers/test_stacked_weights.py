@@ -2,7 +2,7 @@
 
 References are independent of the stacked path: a residual stack written
 out here block by block with ordinary autodiff over each block's own
-variables, the per-block ReformerModel trained from the same initial
+variables, the per-block model trained from the same initial
 weights, a full pass for cached decoding, and XLA's own HLO for the
 program size.
 """
@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from keras_reformer.layers import ChunkedFeedForward, ReversibleSequence
-from keras_reformer.models import ReformerCausalLM, ReformerModel
+from keras_reformer.models import ReformerBackbone, ReformerCausalLM
 from tests.layers.test_block_loop import FEATURES, Attention
 
 
@@ -177,9 +177,14 @@ TINY = dict(vocabulary_size=40, num_layers=3, hidden_dim=16, num_heads=2,
             max_sequence_length=64, seed=3, dropout=0.1)
 
 
-def model_of(stack_weights, **extra):
+def backbone_of(stack_weights, **extra):
     keras.utils.set_random_seed(7)
-    return ReformerModel(stack_weights=stack_weights, **{**TINY, **extra})
+    return ReformerBackbone(stack_weights=stack_weights, **{**TINY, **extra})
+
+
+def model_of(stack_weights, **extra):
+    """The language model (logits) on `backbone_of`."""
+    return ReformerCausalLM(backbone_of(stack_weights, **extra))
 
 
 def test_fit_matches_per_block_model():
@@ -199,7 +204,7 @@ def test_fit_matches_per_block_model():
         models.append(model)
     np.testing.assert_allclose(histories[1], histories[0], rtol=1e-4)
     assert histories[0][-1] < histories[0][0]  # it trained
-    per_block, stacked = (m.get_layer("reversible_stack") for m in models)
+    per_block, stacked = (m.backbone.reversible_stack for m in models)
     for (name, j), variable in {
         (name, j): v for name, slots in stacked._stacked.items()
         for j, v in enumerate(slots)
@@ -210,8 +215,8 @@ def test_fit_matches_per_block_model():
 
 
 def test_cached_decoding_uses_the_stacked_weights():
-    lm = ReformerCausalLM(model_of(True, dropout=0.0))
-    stack = lm.backbone.get_layer("reversible_stack")
+    lm = model_of(True, dropout=0.0)
+    stack = lm.backbone.reversible_stack
     # Move the stacked weights away from the blocks' own (initial) values,
     # so decoding with the blocks' variables would be visibly wrong.
     rng = np.random.default_rng(4)
@@ -220,20 +225,19 @@ def test_cached_decoding_uses_the_stacked_weights():
     ids = np.random.default_rng(5).integers(1, 40, size=(2, 40)).astype(np.int32)
     full = lm.predict({"token_ids": ids, "padding_mask": np.ones_like(ids)}, verbose=0)
     decoder = lm._decoder()
-    logits, caches = decoder.prompt_pass(tf.constant(ids[:, :10]),
-                                         tf.ones((2, 10), tf.bool), 40)
+    logits, _, caches = decoder.prompt_pass(tf.constant(ids[:, :10]),
+                                            tf.ones((2, 10), tf.bool), 40)
     errors = [np.abs(logits.numpy() - full[:, 9]).max()]
-    table = decoder.position_table(40)
     for position in range(10, 40):
-        logits, caches = decoder.step(tf.constant(ids[:, position]),
-                                      tf.fill([2], position), caches, table)
+        logits, _, caches = decoder.step(tf.constant(ids[:, position]),
+                                         tf.fill([2], position), caches)
         errors.append(np.abs(logits.numpy() - full[:, position]).max())
     assert max(errors) < 1e-4
 
 
 def test_save_and_reload(tmp_path):
     model = model_of(True)
-    stack = model.get_layer("reversible_stack")
+    stack = model.backbone.reversible_stack
     for variable in stack.trainable_variables:
         variable.assign(np.random.default_rng(6).normal(size=variable.shape) * 0.1)
     ids = np.random.default_rng(7).integers(1, 40, size=(2, 24)).astype(np.int32)
@@ -241,16 +245,16 @@ def test_save_and_reload(tmp_path):
     expected = model.predict(inputs, verbose=0)
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras")
-    assert again.get_layer("reversible_stack").stack_weights
+    assert again.backbone.reversible_stack.stack_weights
     np.testing.assert_allclose(again.predict(inputs, verbose=0), expected, atol=1e-5)
     model.save_weights(tmp_path / "m.weights.h5")
     fresh = model_of(True)
     fresh.load_weights(tmp_path / "m.weights.h5")
     np.testing.assert_allclose(fresh.predict(inputs, verbose=0), expected, atol=1e-5)
     # set_num_hashes still reaches the blocks' attention layers.
-    again.set_num_hashes(4)
+    again.backbone.set_num_hashes(4)
     assert all(b[0].attention.num_hashes == 4
-               for b in again.get_layer("reversible_stack").blocks)
+               for b in again.backbone.reversible_stack.blocks)
 
 
 def hlo_instructions(model, ids):
