@@ -148,11 +148,15 @@ class ReversibleSequence(keras.layers.Layer):
             per kind of weight instead of one per block, so under XLA the
             compiled step (and its compile memory) no longer grows with
             depth (docs/benchmarks.md, "Stacked weights"). The blocks' own
-            variables are not used after the build and are not among the
-            stack's `weights`/`variables` (they still hold their initial
-            values): to run block `i` on its trained weights outside the
-            stack, do so under `stack.block_scope(i)`. Defaults to `False`
-            (each block keeps its own weights).
+            variables are not trained and are not among the stack's
+            `weights`/`variables`: to run block `i` on its trained weights
+            outside the stack, do so under `stack.block_scope(i)` (or write
+            them into the blocks with `sync_blocks()`). The blocks' layers
+            stay the slots' templates: after `quantize` or `enable_lora`
+            (see `quantize`) the slots follow their variables. Weights are
+            saved through the blocks, so files of either setting load into
+            the other. Defaults to `False` (each block keeps its own
+            weights).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:

@@ -122,9 +122,8 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             of block weight as one `(num_layers, ...)` variable
             (`ReversibleSequence(stack_weights=True)`): under XLA the
             compiled step then stops growing with depth (see
-            docs/benchmarks.md, "Stacked weights"). The weight layout
-            differs, so weights saved with one setting do not load into
-            the other. Defaults to False.
+            docs/benchmarks.md, "Stacked weights"). Saved weights load
+            into either setting. Defaults to False.
         seed: seeds the random parts of the computation: the hash
             rotations and the dropout masks (None: drawn, stored in the
             config). The initial weights follow Keras' global seed, as for
