@@ -203,6 +203,40 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def table(rows):
+    """generate.csv as docs/generation.md's table: per kind and prompt, the
+    median (min-max) per-token time and prompt-pass time over the rounds,
+    and the per-token time at the longest prompt over that at the shortest."""
+    import statistics
+
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("per_token_ms")]
+    kinds = [k for k in ("cached", "cached_graph") if any(r["kind"] == k for r in ok)]
+    prompts = sorted({int(r["prompt"]) for r in ok})
+    lines = ["| generate() | prompt | ms per token | prompt pass + 1 token (ms) | "
+             "per token vs the shortest prompt |", "|---|---|---|---|---|"]
+    for kind in kinds:
+        medians = {}
+        for prompt in prompts:
+            points = [r for r in ok if r["kind"] == kind and int(r["prompt"]) == prompt]
+            step = [float(r["per_token_ms"]) for r in points]
+            first = [float(r["prompt_ms"]) for r in points]
+            medians[prompt] = statistics.median(step)
+            label = "XLA (`jit_compile=True`)" if kind == "cached" else "graph (CPU default)"
+            lines.append(
+                f"| {label} | {prompt:,} | {medians[prompt]:.2f} "
+                f"({min(step):.2f}-{max(step):.2f}) | {statistics.median(first):.0f} "
+                f"({min(first):.0f}-{max(first):.0f}) | "
+                f"{medians[prompt] / medians[prompts[0]]:.2f}x |")
+    return "\n".join(lines)
+
+
+def read_rows(name="generate.csv"):
+    import csv
+
+    with open(os.path.join(_common.RESULTS, name), newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[512, 4096, 16384])
@@ -226,7 +260,12 @@ def main():
                         help="a minute: --tiny, prompts 32 and 64, 8 new tokens, "
                              "2 uncached tokens, no figure")
     parser.add_argument("--point", nargs="+")
+    parser.add_argument("--table", action="store_true",
+                        help="print generate.csv as docs/generation.md's table")
     args = parser.parse_args()
+    if args.table:
+        print(table(read_rows()))
+        return
     if args.smoke:
         args.tiny, args.prompts, args.new_tokens = True, [32, 64], 8
         args.uncached_tokens = 2

@@ -18,6 +18,7 @@ Two parts, each point in a fresh process:
 
     python benchmarks/quantization.py            # writes benchmarks/results/quantization.csv
     python benchmarks/quantization.py --length 256 --repeats 2   # quicker
+    python benchmarks/quantization.py --table    # the CSV as docs/generation.md's tables
 """
 
 import argparse
@@ -94,12 +95,55 @@ def output_change(mode, model):
     return dict(part="output_change", mode=mode, model=model, change=float(change))
 
 
+def tables(rows):
+    """The CSV's rows as the two markdown tables of docs/generation.md."""
+    speed = {(r["mode"], r["layout"]): r for r in rows if r.get("part") == "size_speed"}
+    base = {layout: speed[("float32", layout)] for layout in ("per_block", "stacked")}
+    lines = ["| mode | layout | weights (MiB) | forward, 1 x "
+             f"{base['per_block']['length']} tokens (ms) | vs float32 | "
+             "generate, 64 tokens (s) | vs float32 |", "|---|---|---|---|---|---|---|"]
+    for layout in ("per_block", "stacked"):
+        for mode in MODES:
+            r, b = speed[(mode, layout)], base[layout]
+            lines.append(
+                f"| {mode} | {layout.replace('_', '-')} | {float(r['weight_mb']):.2f} | "
+                f"{1000 * float(r['forward_s']):.1f} | "
+                f"{float(r['forward_s']) / float(b['forward_s']):.2f}x | "
+                f"{float(r['generate_64_s']):.2f} | "
+                f"{float(r['generate_64_s']) / float(b['generate_64_s']):.2f}x |")
+    change = {(r["mode"], r["model"]): float(r["change"])
+              for r in rows if r.get("part") == "output_change"}
+    lines += ["", "| mode | Reformer, exact attention | MHA model | ratio | "
+              "Reformer, hashed (causal LSH) | causal MHA model |",
+              "|---|---|---|---|---|---|"]
+    for mode in MODES[1:]:
+        ours, theirs = change[(mode, "exact_reformer")], change[(mode, "mha")]
+        lines.append(
+            f"| {mode} | {100 * ours:.1f}% | {100 * theirs:.1f}% | {ours / theirs:.2f}x | "
+            f"{100 * change[(mode, 'hashed_reformer')]:.1f}% | "
+            f"{100 * change[(mode, 'mha_causal')]:.1f}% |")
+    return "\n".join(lines)
+
+
+def read_rows(path=None):
+    import csv
+
+    path = path or os.path.join(_common.RESULTS, "quantization.csv")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--point", nargs="+")
+    parser.add_argument("--table", action="store_true",
+                        help="print the CSV as docs/generation.md's tables")
     args = parser.parse_args()
+    if args.table:
+        print(tables(read_rows()))
+        return
     if args.point:
         kind, *rest = args.point
         if kind == "size_speed":
