@@ -308,3 +308,35 @@ def test_weights_load_across_layouts(tmp_path, source, target):
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     np.testing.assert_allclose(np.asarray(loaded(inputs)), np.asarray(saved(inputs)),
                                atol=1e-5)
+
+
+def test_quantize_through_the_stack_uses_the_trained_values():
+    # `stack.quantize` first writes the stacked (trained) values into the
+    # blocks: its output is that of the per-block stack quantized the same way.
+    stacks = [built(ReversibleSequence(blocks_of(3), stack_weights=s)) for s in (True, False)]
+    rng = np.random.default_rng(10)
+    for variable in stacks[0].trainable_variables:  # away from the blocks' own values
+        variable.assign(variable.numpy() + rng.normal(size=variable.shape) * 0.3)
+    for index, ((f, g), (f0, g0)) in enumerate(zip(stacks[1].blocks, stacks[0].blocks)):
+        with stacks[0].block_scope(index):
+            values = [np.asarray(v.value) for v in f0.variables + g0.variables]
+        for v, value in zip(f.variables + g.variables, values):
+            v.assign(value)
+    x = tf.constant(np.random.default_rng(11).normal(size=(2, 12, FEATURES)), tf.float32)
+    before = [np.asarray(y) for y in stacks[1]([x, x])]
+    for stack in stacks:
+        stack.quantize("int8")
+    outs = [[np.asarray(y) for y in stack([x, x])] for stack in stacks]
+    for a, b, c in zip(outs[0], outs[1], before):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert np.abs(a - c).max() > 0  # quantized: not the float outputs
+    assert any(v.dtype == "int8" for v in stacks[0].weights)
+
+
+def test_quantizing_the_blocks_behind_the_stack_is_a_clear_error():
+    stack = built(ReversibleSequence(blocks_of(2), stack_weights=True))
+    model_of_layers = keras.Sequential([stack.blocks[0][1], stack.blocks[1][1]])
+    keras.Model.quantize(model_of_layers, "int8")  # the blocks' own (untrained) values
+    x = tf.zeros((1, 8, FEATURES))
+    with pytest.raises(ValueError, match="ReversibleSequence.quantize"):
+        stack([x, x])
