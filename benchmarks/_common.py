@@ -114,6 +114,12 @@ def write_csv(name, rows):
     return path
 
 
+def read_csv(name):
+    """The rows (dicts of strings) of benchmarks/results/`name`."""
+    with open(os.path.join(RESULTS, name), newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def progress(message):
     print(message, file=sys.stderr, flush=True)
 

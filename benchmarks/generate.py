@@ -230,13 +230,6 @@ def table(rows):
     return "\n".join(lines)
 
 
-def read_rows(name="generate.csv"):
-    import csv
-
-    with open(os.path.join(_common.RESULTS, name), newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[512, 4096, 16384])
@@ -264,7 +257,7 @@ def main():
                         help="print generate.csv as docs/generation.md's table")
     args = parser.parse_args()
     if args.table:
-        print(table(read_rows()))
+        print(table(_common.read_csv("generate.csv")))
         return
     if args.smoke:
         args.tiny, args.prompts, args.new_tokens = True, [32, 64], 8

@@ -125,14 +125,6 @@ def tables(rows):
     return "\n".join(lines)
 
 
-def read_rows(path=None):
-    import csv
-
-    path = path or os.path.join(_common.RESULTS, "quantization.csv")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=1024)
@@ -142,7 +134,7 @@ def main():
                         help="print the CSV as docs/generation.md's tables")
     args = parser.parse_args()
     if args.table:
-        print(tables(read_rows()))
+        print(tables(_common.read_csv("quantization.csv")))
         return
     if args.point:
         kind, *rest = args.point

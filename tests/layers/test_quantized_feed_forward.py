@@ -23,6 +23,8 @@ FEATURES, INTERMEDIATE, CHUNK, LENGTH = 6, 20, 4, 11
 def fixed_initial_weights():
     keras.utils.set_random_seed(2024)
 
+pytestmark = pytest.mark.usefixtures("no_gc_on_variable_delete")
+
 
 def quantize(layer, mode):
     # Through a model, as users do; its InputLayer warns that it has no

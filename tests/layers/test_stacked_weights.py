@@ -310,6 +310,7 @@ def test_weights_load_across_layouts(tmp_path, source, target):
                                atol=1e-5)
 
 
+@pytest.mark.usefixtures("no_gc_on_variable_delete")
 def test_quantize_through_the_stack_uses_the_trained_values():
     # `stack.quantize` first writes the stacked (trained) values into the
     # blocks: its output is that of the per-block stack quantized the same way.
@@ -333,6 +334,7 @@ def test_quantize_through_the_stack_uses_the_trained_values():
     assert any(v.dtype == "int8" for v in stacks[0].weights)
 
 
+@pytest.mark.usefixtures("no_gc_on_variable_delete")
 def test_quantizing_the_blocks_behind_the_stack_is_a_clear_error():
     stack = built(ReversibleSequence(blocks_of(2), stack_weights=True))
     model_of_layers = keras.Sequential([stack.blocks[0][1], stack.blocks[1][1]])

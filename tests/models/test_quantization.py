@@ -18,6 +18,8 @@ CONFIG = dict(vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=WIDTH,
               max_sequence_length=128, seed=3)
 MODES = ["int8", "int4", "float8"]
 
+pytestmark = pytest.mark.usefixtures("no_gc_on_variable_delete")
+
 
 def tokens(batch=2, length=64, seed=0):
     ids = np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype("int32")
