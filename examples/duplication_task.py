@@ -5,7 +5,7 @@ one-layer causal model must copy the first `w` when producing the second,
 which needs attention over half the sequence. The loss (and accuracy) counts
 the second copy only. Each model is trained with some number of hash rounds
 and evaluated with several (`num_hashes` can change after training), giving
-the paper's table (REFORMER.md section 2): rows train rounds, columns eval
+the paper's table (Kitaev et al., 2020, section 2): rows train rounds, columns eval
 rounds.
 
 A full-attention row (`--full-attention`, on by default) trains the same

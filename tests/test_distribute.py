@@ -26,7 +26,7 @@ def make_model(distribute_module, strategy, jit_compile, initial=None, stacked=F
     """A functional model around a ReformerCausalLM, compiled and prepared.
 
     The `XlaWitness` layer adds fixed noise from `tf.random.stateless_normal`,
-    whose numbers differ with and without XLA (KERAS_NOTES): distributed
+    whose numbers differ with and without XLA (tensorflow#121243): distributed
     losses can only match the XLA reference if each replica ran XLA too.
     """
     import keras

@@ -32,8 +32,8 @@ class ChunkedFeedForward(keras.layers.Layer):
     sequence is cut into slices of `chunk_size` positions and the network is
     applied to one slice at a time, so the `intermediate_dim`-wide hidden
     tensor exists for one slice only. The gradient is computed slice by
-    slice too, recomputing each slice's hidden tensor (REFORMER.md section
-    4): training memory for the hidden layer is that of one slice, in graph
+    slice too, recomputing each slice's hidden tensor (Kitaev et al., 2020,
+    section 4): training memory for the hidden layer is that of one slice, in graph
     mode and under XLA. The result equals the unchunked network's.
 
     Lengths that are not a multiple of `chunk_size` are padded inside the

@@ -7,7 +7,7 @@ recomputes each slice under a gradient tape and takes that slice's input
 gradient and its contribution to the parameter gradients. So whatever wide
 intermediate `fn` makes (the `d_ff`-wide hidden layer of a feed-forward
 network) exists for one slice at a time, in the forward and in the backward
-pass (REFORMER.md section 4).
+pass (the paper's chunked feed-forward layers, Kitaev et al., 2020, section 4).
 
 Both loops are `tf.while_loop`s with `parallel_iterations=1` (otherwise the
 executor may run several slices at once); in the backward loop each slice's

@@ -1,4 +1,4 @@
-"""The math of LSH attention (REFORMER.md section 2), as pure functions.
+"""The math of LSH attention (Kitaev et al., 2020, section 2), as pure functions.
 
 This module is the one place where the layers reach for `tf.*` directly:
 batched gathers (`batch_dims`), argsort and `tf.cond` on dynamic lengths have

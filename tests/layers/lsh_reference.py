@@ -1,6 +1,6 @@
 """Brute-force LSH attention in NumPy, for checking the chunked layer.
 
-Everything here is dense (length x length) and written from REFORMER.md,
+Everything here is dense (length x length) and written from the paper (Kitaev et al., 2020),
 sharing no code with keras_reformer.ops: hashing is argmax([xR; -xR]) on the
 layer's own rotations (the only thing taken from the layer, as they are its
 random source), allowed pairs are built from the buckets per round, and the
