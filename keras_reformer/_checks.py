@@ -6,30 +6,52 @@ own layers, a value of the wrong type is a `ValueError` too, so callers
 catch one exception type for every bad argument.
 """
 
+import numpy as np
 import tensorflow as tf
 
 
 def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+    # NumPy ints count (a config built from arrays holds them); bools do not.
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def describe(value):
+    """`repr(value)`, cut to 200 characters, or dtype and shape for a
+    tensor or array: what a message shows of a bad value."""
+    if isinstance(value, (tf.Tensor, tf.RaggedTensor, np.ndarray)):
+        return f"<{type(value).__name__} dtype={value.dtype.name} shape={tuple(value.shape)}>"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def positive_int(name, value, allow_none=False):
-    """`value` if it is an int >= 1 (or None when `allow_none`)."""
+    """`value` as a python int if it is an int >= 1 (or None when `allow_none`)."""
     if value is None and allow_none:
         return None
     if not _is_int(value) or value < 1:
         allowed = "None or a positive integer" if allow_none else "a positive integer"
         raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")
-    return value
+    return int(value)
 
 
 def non_negative_int(name, value):
-    """`value` if it is an int >= 0."""
+    """`value` as a python int if it is an int >= 0."""
     if not _is_int(value) or value < 0:
         raise ValueError(
             f"`{name}` must be a non-negative integer. Received: {name}={value!r}"
         )
-    return value
+    return int(value)
+
+
+def int_in_range(name, value, low, high=None, why=""):
+    """`value` as a python int if it is an int in `[low, high]` (no upper
+    bound when `high` is None). `why`, if given, follows the range in the
+    message, e.g. "(the backbone's position limit)"."""
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        why = f" {why}" if why else ""
+        raise ValueError(f"`{name}` must be {allowed}{why}. Received: {name}={value!r}")
+    return int(value)
 
 
 def rate(name, value):
@@ -51,18 +73,31 @@ def positive_number(name, value):
 
 
 def one_of(name, value, allowed):
-    """`value` if it is one of `allowed`."""
+    """`value` if it is one of `allowed` (listed in the message in their
+    order when a list or tuple, sorted otherwise)."""
     if value not in allowed:
-        raise ValueError(
-            f"`{name}` must be one of {sorted(allowed)}. Received: {name}={value!r}"
-        )
+        shown = list(allowed) if isinstance(allowed, (list, tuple)) else sorted(allowed, key=repr)
+        raise ValueError(f"`{name}` must be one of {shown}. Received: {name}={value!r}")
     return value
 
 
 def boolean(name, value):
-    """`value` if it is a bool (a truthy string like "no" is refused)."""
-    if not isinstance(value, bool):
+    """`value` as a python bool if it is a bool or NumPy bool (a truthy
+    string like "no" is refused)."""
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return bool(value)
+
+
+def instance(name, value, classes, allowed, allow_none=False):
+    """`value` if it is an instance of `classes` (or None when
+    `allow_none`); `allowed` says what is in the message, e.g.
+    "a keras_reformer ReformerBackbone"."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, classes):
+        allowed = f"None or {allowed}" if allow_none else allowed
+        raise ValueError(f"`{name}` must be {allowed}. Received: {name}={describe(value)}")
     return value
 
 

@@ -2,7 +2,6 @@
 
 import keras
 import keras_hub
-import numpy as np
 
 from keras_reformer import _checks
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
@@ -20,29 +19,6 @@ from keras_reformer.data._token_id_inputs import TokenIdInputs
 from keras_reformer.models._stacks import blocks_in_sync, check_quantization_mode
 
 POSITION_EMBEDDINGS = ("axial", "sinusoidal", None)
-
-
-def _positive(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer"
-            f"{' or None' if allow_none else ''}. Received: {name}={value!r}"
-        )
-    return value
-
-
-def _flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
-    return bool(value)
-
-
-def _rate(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
-    return float(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -158,31 +134,29 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         dtype=None,
         **kwargs,
     ):
-        _positive("vocabulary_size", vocabulary_size)
-        _positive("num_layers", num_layers)
-        _positive("hidden_dim", hidden_dim)
-        _positive("num_heads", num_heads)
-        key_dim = _positive("key_dim", key_dim, True) or max(1, hidden_dim // num_heads)
+        _checks.positive_int("vocabulary_size", vocabulary_size)
+        _checks.positive_int("num_layers", num_layers)
+        _checks.positive_int("hidden_dim", hidden_dim)
+        _checks.positive_int("num_heads", num_heads)
+        key_dim = (_checks.positive_int("key_dim", key_dim, allow_none=True)
+                   or max(1, hidden_dim // num_heads))
         intermediate_dim = (
-            _positive("intermediate_dim", intermediate_dim, True) or 4 * hidden_dim
+            _checks.positive_int("intermediate_dim", intermediate_dim, allow_none=True)
+            or 4 * hidden_dim
         )
-        _positive("feedforward_chunk_size", feedforward_chunk_size)
-        _positive("max_sequence_length", max_sequence_length)
+        _checks.positive_int("feedforward_chunk_size", feedforward_chunk_size)
+        _checks.positive_int("max_sequence_length", max_sequence_length)
         _checks.non_negative_int("num_chunks_before", num_chunks_before)
-        _positive("short_convolution", short_convolution, True)
-        _rate("dropout", dropout)
-        _rate("attention_dropout", attention_dropout)
-        causal = _flag("causal", causal)
-        reversible = _flag("reversible", reversible)
-        stack_weights = _flag("stack_weights", stack_weights)
-        if position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(
-                f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
-                f"Received: position_embedding={position_embedding!r}"
-            )
+        _checks.positive_int("short_convolution", short_convolution, allow_none=True)
+        _checks.rate("dropout", dropout)
+        _checks.rate("attention_dropout", attention_dropout)
+        causal = _checks.boolean("causal", causal)
+        reversible = _checks.boolean("reversible", reversible)
+        stack_weights = _checks.boolean("stack_weights", stack_weights)
+        _checks.one_of("position_embedding", position_embedding, POSITION_EMBEDDINGS)
         seed = resolve_seed(seed)
 
-        value_shift = _flag("value_shift", value_shift)
+        value_shift = _checks.boolean("value_shift", value_shift)
         if value_shift and not causal:
             raise ValueError(
                 "`value_shift=True` needs `causal=True` (a key brings the value of "
@@ -354,7 +328,7 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         in `get_config()` (and so in a `.keras` file saved afterwards); the
         compiled predict/evaluate/train functions are retraced.
         """
-        _positive("num_hashes", num_hashes)
+        num_hashes = _checks.positive_int("num_hashes", num_hashes)
         for f, _ in self.reversible_stack.blocks:
             f.attention.num_hashes = num_hashes
             f.attention_kwargs["num_hashes"] = num_hashes

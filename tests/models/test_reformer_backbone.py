@@ -2,6 +2,7 @@
 padding, saving, configs."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -260,7 +261,9 @@ def test_too_long_inputs_fail_at_run_time_with_dynamic_shapes(position):
      ({"num_chunks_before": 1.5}, "num_chunks_before")],
 )
 def test_bad_arguments(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    # The message names the argument and shows the value received.
+    value = re.escape(repr(kwargs[name]))
+    with pytest.raises(ValueError, match=rf"`{name}`.*Received: .*{name}={value}"):
         ReformerBackbone(**{**SMALL, **kwargs})
 
 
