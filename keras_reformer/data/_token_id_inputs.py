@@ -26,11 +26,11 @@ import inspect
 import keras
 import tensorflow as tf
 
+from keras_reformer._token_ids import assert_token_ids_in_sync
 from keras_reformer.data._batch_shape import relax_batch_size
 from keras_reformer.data._elements import map_elements
 from keras_reformer.data.token_ids import check_element, token_id_path
 from keras_reformer.layers.token_id_check import TokenIdCheck
-from keras_reformer.data._replica_id_check import assert_token_ids_in_sync
 
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
@@ -169,7 +169,7 @@ def check_step_inputs(vocabulary_size, x):
     plain graph (`prepare_fit`'s per-replica step): the assertion runs in
     the graph, before the compiled part, which must take the returned `x`.
     With several replicas, all of them fail when one holds a bad id
-    (`_replica_id_check`). A no-op when `vocabulary_size` is `None` and
+    (`keras_reformer._token_ids.assert_token_ids_in_sync`). A no-op when `vocabulary_size` is `None` and
     inside XLA, where it could not run.
     """
     if vocabulary_size is None:

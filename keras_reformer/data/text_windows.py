@@ -4,9 +4,8 @@ import os
 
 import tensorflow as tf
 
-from keras_reformer import _checks
+from keras_reformer import _checks, _token_ids
 from keras_reformer.data import _batch_shape
-from keras_reformer.layers.token_id_check import assert_token_ids
 from keras_reformer.text import byte_tokenizer
 
 
@@ -56,11 +55,8 @@ def split_files(files, validation_every=10):
             "`files` must hold at least 2 paths to split into training and "
             f"validation. Received: {len(files)} ({files!r})"
         )
-    if _checks.positive_int("validation_every", validation_every) < 2:
-        raise ValueError(
-            "`validation_every` must be at least 2 (1 leaves no training "
-            f"file). Received: validation_every={validation_every}"
-        )
+    validation_every = _checks.int_in_range(
+        "validation_every", validation_every, 2, why="(1 leaves no training file)")
     # By position, so that a path listed twice is not dropped from training.
     chosen = set(range(validation_every - 1, len(files), validation_every))
     chosen = chosen or {len(files) - 1}
@@ -143,10 +139,12 @@ def lm_dataset(files, seq_len, batch_size, shuffle=True, seed=0, repeat=True,
     shuffle = _checks.boolean("shuffle", shuffle)
     repeat = _checks.boolean("repeat", repeat)
     with_padding_mask = _checks.boolean("with_padding_mask", with_padding_mask)
-    _checks.positive_int("vocabulary_size", vocabulary_size, allow_none=True)
+    if vocabulary_size is not None:
+        vocabulary_size = _token_ids.check_vocabulary_size(vocabulary_size)
     ds = byte_windows(files, seq_len + 1)
     if vocabulary_size is not None:
-        ds = ds.map(lambda window: assert_token_ids(window, vocabulary_size, "byte_ids"))
+        ds = ds.map(lambda window: _token_ids.assert_token_ids(
+            window, vocabulary_size, "byte_ids"))
     if shuffle:
         ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
 

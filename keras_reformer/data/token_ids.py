@@ -9,9 +9,8 @@ overlaps with training (prefetch), so it costs the step nothing.
 
 import tensorflow as tf
 
-from keras_reformer import _checks
+from keras_reformer import _checks, _token_ids
 from keras_reformer.data._elements import map_elements
-from keras_reformer.layers.token_id_check import assert_token_ids, check_token_ids_numpy
 
 
 def _inputs_of(element):
@@ -53,7 +52,8 @@ def _get(element, path):
     return element
 
 
-def check_element(element, vocabulary_size, key="token_ids", assert_fn=assert_token_ids):
+def check_element(element, vocabulary_size, key="token_ids",
+                  assert_fn=_token_ids.assert_token_ids):
     """A batch with its token ids behind an assertion (symbolic tensors:
     tf.data, `tf.function`; `assert_fn(ids, vocabulary_size, name)` makes
     it) or checked at once (arrays and eager tensors: a `ValueError`)."""
@@ -65,7 +65,7 @@ def check_element(element, vocabulary_size, key="token_ids", assert_fn=assert_to
     if isinstance(ids, tf.Tensor) and not tf.executing_eagerly():
         return _replace(element, path, assert_fn(ids, vocabulary_size, name))
     # Arrays and eager tensors: checked now, a ValueError.
-    check_token_ids_numpy(ids, vocabulary_size, name)
+    _token_ids.check_token_ids_numpy(ids, vocabulary_size, name)
     return element
 
 
@@ -100,12 +100,8 @@ def check_token_ids(dataset, vocabulary_size, key="token_ids"):
     are [0, vocabulary_size) with vocabulary_size=256. Received:
     token_ids[1, 1] = 300
     """
-    if not isinstance(dataset, tf.data.Dataset):
-        raise ValueError(
-            "`dataset` must be a tf.data.Dataset. Received: "
-            f"dataset={type(dataset).__name__}"
-        )
-    vocabulary_size = _checks.positive_int("vocabulary_size", vocabulary_size)
+    _checks.instance("dataset", dataset, tf.data.Dataset, "a tf.data.Dataset")
+    vocabulary_size = _token_ids.check_vocabulary_size(vocabulary_size)
     if token_id_path(dataset.element_spec, key) is None:
         raise ValueError(
             "`dataset` elements must hold integer token ids: `x`, or `x[key]` "

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_reformer import _checks, _token_ids
 from keras_reformer.models._stacks import blocks_in_sync, check_quantization_mode
 from keras_reformer.data._token_id_inputs import TokenIdInputs
 from keras_reformer.models.reformer_backbone import ReformerBackbone
@@ -57,24 +58,17 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
     preprocessor_cls = ReformerCausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, head_dtype=None, **kwargs):
-        if not isinstance(backbone, ReformerBackbone):
-            raise ValueError(
-                "`backbone` must be a keras_reformer ReformerBackbone. Received: "
-                f"backbone={type(backbone).__name__}"
-            )
+        _checks.instance("backbone", backbone, ReformerBackbone,
+                         "a keras_reformer ReformerBackbone")
         if not backbone.causal:
             raise ValueError(
                 "ReformerCausalLM needs a causal backbone (ReformerBackbone(..., "
                 "causal=True)); a bidirectional one sees the tokens it must "
                 "predict. Received a backbone with causal=False."
             )
+        _checks.instance("preprocessor", preprocessor, ReformerCausalLMPreprocessor,
+                         "a ReformerCausalLMPreprocessor", allow_none=True)
         if preprocessor is not None:
-            if not isinstance(preprocessor, ReformerCausalLMPreprocessor):
-                raise ValueError(
-                    "`preprocessor` must be None or a "
-                    "ReformerCausalLMPreprocessor. Received: "
-                    f"preprocessor={type(preprocessor).__name__}"
-                )
             if preprocessor.vocabulary_size > backbone.vocabulary_size:
                 raise ValueError(
                     "The preprocessor emits ids up to "
@@ -243,15 +237,14 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         """
         limit = self.backbone.max_sequence_length
         if self.preprocessor is not None:
-            length = self.preprocessor.sequence_length if max_length is None else max_length
-            if isinstance(length, bool) or not isinstance(length, int) or not (
-                1 <= length <= limit
-            ):
-                raise ValueError(
-                    "`max_length` must be an integer in [1, max_sequence_length="
-                    f"{limit}] (the backbone's position limit). Received: "
-                    f"max_length={max_length!r}"
+            if max_length is None:  # the preprocessor's length is the default
+                _checks.int_in_range(
+                    "preprocessor.sequence_length", self.preprocessor.sequence_length,
+                    1, limit, "(the backbone's max_sequence_length; pass a `max_length`)",
                 )
+            else:
+                _checks.int_in_range("max_length", max_length, 1, limit,
+                                     "(the backbone's max_sequence_length)")
         if not isinstance(inputs, tf.data.Dataset) and isinstance(inputs, dict):
             self._check_prompts(inputs, limit)
         return super().generate(inputs, max_length=max_length,
@@ -268,8 +261,7 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
                 f"or (length,). Received: token_ids.shape={ids.shape}, "
                 f"padding_mask.shape={mask.shape}"
             )
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"`token_ids` must be integers. Received dtype={ids.dtype}")
+        _token_ids.check_integer_dtype(ids.dtype)
         if ids.shape[1] > limit:
             raise ValueError(
                 f"The prompts are {ids.shape[1]} wide, above max_sequence_length="
@@ -286,13 +278,9 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
                 "`padding_mask` must be right padding (each row: ones, then "
                 "zeros); generation continues each row after its last real token."
             )
-        vocab = self.backbone.vocabulary_size
-        real = ids[mask]
-        if real.size and (real.min() < 0 or real.max() >= vocab):
-            raise ValueError(
-                f"`token_ids` must be in [0, vocabulary_size={vocab}). "
-                f"Received ids from {real.min()} to {real.max()}"
-            )
+        # Padding may hold any id: only the real tokens are checked.
+        _token_ids.check_token_ids_numpy(np.where(mask, ids, 0),
+                                         self.backbone.vocabulary_size)
 
     def set_num_hashes(self, num_hashes):
         """The backbone's `set_num_hashes` (hash rounds of every attention

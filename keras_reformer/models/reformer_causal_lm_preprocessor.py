@@ -11,26 +11,11 @@ from keras_hub.src.utils.tensor_utils import preprocessing_function
 from keras_hub.src.utils.tensor_utils import strip_to_ragged
 from keras_hub.tokenizers import Tokenizer
 
+from keras_reformer import _checks
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
 from keras_reformer.models.reformer_tokenizer import check_strings
 from keras_reformer.models.reformer_tokenizer import local_without_backbone
-
-
-def _positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-def _flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
-    return bool(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -104,12 +89,11 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
     ):
         if tokenizer is None:
             tokenizer = ReformerTokenizer()
-        if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(
-                "`tokenizer` must be None or a keras-hub Tokenizer such as "
-                "`ReformerTokenizer()` (`sequence_length` is the second "
-                f"argument). Received: tokenizer={tokenizer!r}"
-            )
+        _checks.instance(
+            "tokenizer", tokenizer, Tokenizer,
+            "None or a keras-hub Tokenizer such as `ReformerTokenizer()` "
+            "(`sequence_length` is the second argument)",
+        )
         for name in ("start_token_id", "end_token_id", "pad_token_id"):
             if getattr(tokenizer, name, None) is None:
                 raise ValueError(
@@ -118,9 +102,9 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
                 )
         super().__init__(
             tokenizer=tokenizer,
-            sequence_length=_positive_int("sequence_length", sequence_length),
-            add_start_token=_flag("add_start_token", add_start_token),
-            add_end_token=_flag("add_end_token", add_end_token),
+            sequence_length=_checks.positive_int("sequence_length", sequence_length),
+            add_start_token=_checks.boolean("add_start_token", add_start_token),
+            add_end_token=_checks.boolean("add_end_token", add_end_token),
             **kwargs,
         )
 
@@ -128,7 +112,7 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
     @CausalLMPreprocessor.sequence_length.setter
     def sequence_length(self, value):
         CausalLMPreprocessor.sequence_length.fset(
-            self, _positive_int("sequence_length", value)
+            self, _checks.positive_int("sequence_length", value)
         )
 
     # ---------------------------------------------------- read-only ids
@@ -163,7 +147,7 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
                 f"y={y!r}, sample_weight={sample_weight!r}"
             )
         check_strings("x", x, max_rank=1)
-        sequence_length = _positive_int(
+        sequence_length = _checks.positive_int(
             "sequence_length", sequence_length, allow_none=True
         )
         return super().call(x, sequence_length=sequence_length)
@@ -173,7 +157,7 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
         `sequence_length` (default: the layer's) columns: start token and
         bytes, no end token, right padding."""
         check_strings("x", x, max_rank=1)
-        sequence_length = _positive_int(
+        sequence_length = _checks.positive_int(
             "sequence_length", sequence_length, allow_none=True
         )
         return super().generate_preprocess(x, sequence_length=sequence_length)

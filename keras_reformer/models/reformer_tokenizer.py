@@ -13,6 +13,7 @@ from keras_hub.src.utils.tensor_utils import canonicalize_python_token_inputs
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 from keras_hub.tokenizers import ByteTokenizer
 
+from keras_reformer import _checks
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.text import byte_tokenizer
 
@@ -30,15 +31,6 @@ _FIXED = {
     "errors": "replace",
     "replacement_char": 0xFFFD,
 }
-
-
-def _describe(value):
-    """A short description of a bad argument for an error message."""
-    if isinstance(value, (tf.Tensor, tf.RaggedTensor, np.ndarray)):
-        kind = type(value).__name__
-        return f"<{kind} dtype={value.dtype.name} shape={tuple(value.shape)}>"
-    text = repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _leaves(value):
@@ -83,12 +75,12 @@ def check_strings(name, value, max_rank=None):
     if not ok:
         raise TypeError(
             f"`{name}` must be a string or strings (python, NumPy or "
-            f"tf.string). Received: {name}={_describe(value)}"
+            f"tf.string). Received: {name}={_checks.describe(value)}"
         )
     if max_rank is not None and rank is not None and rank > max_rank:
         raise ValueError(
             f"`{name}` must be a string or a 1-D batch of strings (rank <= "
-            f"{max_rank}). Received rank {rank}: {name}={_describe(value)}"
+            f"{max_rank}). Received rank {rank}: {name}={_checks.describe(value)}"
         )
     return rank
 
@@ -148,15 +140,9 @@ class ReformerTokenizer(ByteTokenizer):
                     f"{name}={kwargs[name]!r}"
                 )
             kwargs.pop(name, None)
-        if sequence_length is not None and (
-            isinstance(sequence_length, bool)
-            or not isinstance(sequence_length, (int, np.integer))
-            or sequence_length < 1
-        ):
-            raise ValueError(
-                "`sequence_length` must be None or a positive integer. "
-                f"Received: sequence_length={sequence_length!r}"
-            )
+        sequence_length = _checks.positive_int(
+            "sequence_length", sequence_length, allow_none=True
+        )
         self._add_special_token(START_TOKEN, "start_token")
         self._add_special_token(END_TOKEN, "end_token")
         self.pad_token_id = PAD_TOKEN_ID

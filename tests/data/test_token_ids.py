@@ -63,7 +63,7 @@ def test_custom_key():
 
 
 @pytest.mark.parametrize("dataset,vocabulary_size,match", [
-    ([[1, 2]], VOCAB, "must be a tf.data.Dataset. Received: dataset=list"),
+    ([[1, 2]], VOCAB, r"must be a tf.data.Dataset. Received: dataset=\[\[1, 2\]\]"),
     (as_dataset(ids()), 0, "Received: vocabulary_size=0"),
     (as_dataset({"other": ids()}), VOCAB, "must hold integer token ids"),
     (as_dataset(np.zeros((2, 4), np.float32)), VOCAB, "must hold integer token ids"),

@@ -1,11 +1,13 @@
 """TokenIdCheck: ids are checked in their own dtype, before the int32 cast."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_reformer.layers import TokenIdCheck
-from keras_reformer.layers.token_id_check import assert_token_ids, check_token_ids_numpy
+from keras_reformer._token_ids import assert_token_ids, check_token_ids_numpy
 
 VOCABULARY_SIZE = 10
 
@@ -107,8 +109,14 @@ def test_float_ids_refused():
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, "10", None, True, 2**31 + 1])
 def test_bad_vocabulary_size(value):
-    with pytest.raises(ValueError, match=r"vocabulary_size.*Received: vocabulary_size="):
+    with pytest.raises(ValueError, match=r"`vocabulary_size` must be .*Received: "
+                                         rf"vocabulary_size={re.escape(repr(value))}$"):
         TokenIdCheck(value)
+
+
+def test_largest_vocabulary_size_is_allowed():
+    # Every id below 2**31 fits the int32 output.
+    assert TokenIdCheck(2**31).vocabulary_size == 2**31
 
 
 def test_config_round_trip():

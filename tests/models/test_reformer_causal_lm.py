@@ -173,9 +173,13 @@ def test_bad_prompts_are_clear_errors(lm):
     with pytest.raises(ValueError, match="right padding"):
         lm.generate({"token_ids": ids_of((1, 4)), "padding_mask": [[0, 1, 1, 1]]},
                     stop_token_ids=None)
-    with pytest.raises(ValueError, match="vocabulary_size=40"):
+    with pytest.raises(ValueError, match=r"vocabulary_size=40.*token_ids\[0, 2\] = 45"):
         lm.generate({"token_ids": np.array([[1, 2, 45]]),
                      "padding_mask": np.ones((1, 3), np.int32)}, stop_token_ids=None)
+    # The same dtype error as TokenIdCheck's.
+    with pytest.raises(TypeError, match=r"integer token ids.*token_ids.dtype=float32"):
+        lm.generate({"token_ids": np.array([[1.0, 2.0]], np.float32),
+                     "padding_mask": np.ones((1, 2), np.int32)}, stop_token_ids=None)
     with pytest.raises(ValueError, match="at least one real token"):
         lm.generate({"token_ids": np.zeros((1, 4), np.int32),
                      "padding_mask": np.zeros((1, 4), np.int32)}, stop_token_ids=None)
@@ -184,7 +188,7 @@ def test_bad_prompts_are_clear_errors(lm):
                      "padding_mask": np.ones((1, 130), np.int32)}, stop_token_ids=None)
     with pytest.raises(ValueError, match="preprocessor"):
         lm.generate("hello")  # strings without a preprocessor
-    with pytest.raises(ValueError, match="backbone"):
+    with pytest.raises(ValueError, match="`backbone` must be .*Received: backbone=<Functional"):
         ReformerCausalLM(keras.Model())
 
 
@@ -212,7 +216,8 @@ def test_fit_on_strings_and_generate_text():
     assert both[0] == out and both[1].startswith("x")
     only_new = lm.generate("def main(", max_length=48, strip_prompt=True)
     assert out == "def main(" + only_new
-    with pytest.raises(ValueError, match="max_length"):
+    with pytest.raises(ValueError, match=r"`max_length` must be an integer in \[1, 128\]"
+                                         r".*Received: max_length=129"):
         lm.generate("x", max_length=129)
 
 

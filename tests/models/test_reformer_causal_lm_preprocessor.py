@@ -288,9 +288,10 @@ def test_bad_arguments_name_the_argument_and_value():
         pre.generate_preprocess(["a"], sequence_length=-1)
     with pytest.raises(ValueError, match="sequence_length=0"):
         pre.sequence_length = 0
-    with pytest.raises(TypeError, match=r"`tokenizer` must be .*tokenizer=16"):
+    # Constructor arguments of the wrong type are ValueErrors, as in Keras.
+    with pytest.raises(ValueError, match=r"`tokenizer` must be .*tokenizer=16"):
         ReformerCausalLMPreprocessor(16)
-    with pytest.raises(TypeError, match="add_end_token='no'"):
+    with pytest.raises(ValueError, match="add_end_token='no'"):
         ReformerCausalLMPreprocessor(add_end_token="no")
     with pytest.raises(ValueError, match="makes the labels itself"):
         pre(["a"], y=["b"])
