@@ -20,11 +20,16 @@ no retraining): if misses are reach misses, accuracy follows the reach.
 
     python examples/duplication_task.py --train-rounds 2 4 --weights-dir runs/dup
     python examples/duplication_reach.py --weights-dir runs/dup --train-rounds 2 4
+
+`--smoke` runs the whole analysis in a few seconds on a small untrained
+model (saved first to a temporary `--weights-dir` when none is given): it
+checks that the script runs, not what a trained model does.
 """
 
 import argparse
 import os
 import sys
+import tempfile
 
 import _quiet  # noqa: F401  (before TensorFlow loads: its start-up logs)
 import numpy as np
@@ -91,21 +96,45 @@ def accuracy_with_reach(model, data, chunks_before):
     return accuracy(model, data)
 
 
+def weights_path(weights_dir, train_rounds):
+    """Where duplication_task.py --weights-dir saves the LSH-`train_rounds` model."""
+    return os.path.join(weights_dir, f"LSH-{train_rounds}.weights.h5")
+
+
+def save_untrained(args):
+    """A temporary weights directory holding untrained models (for --smoke)."""
+    weights_dir = tempfile.mkdtemp(prefix="duplication_reach_smoke_")
+    for train_rounds in args.train_rounds:
+        make_model(args, train_rounds).save_weights(weights_path(weights_dir, train_rounds))
+    return weights_dir
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights-dir", required=True)
+    p.add_argument("--weights-dir", default=None,
+                   help="the --weights-dir given to duplication_task.py (required "
+                        "unless --smoke)")
     p.add_argument("--train-rounds", type=int, nargs="+", default=[2])
     p.add_argument("--eval-rounds", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--smoke", action="store_true",
+                   help="a few seconds on a small untrained model (see above)")
     add_model_arguments(p)  # as given to duplication_task.py
     args = p.parse_args(argv)
+    if args.smoke:
+        args.length, args.hidden_dim, args.eval_samples = 64, 32, 8
+        args.train_rounds, args.eval_rounds = [1], [1, 2]
+        if args.weights_dir is None:
+            args.weights_dir = save_untrained(args)
+    elif args.weights_dir is None:
+        p.error("--weights-dir is required (the directory duplication_task.py "
+                "--weights-dir saved the models to), unless --smoke")
     data = held_out_data(args)
     inputs, targets, _ = data
     half = args.length // 2
     names = ("split by the hash", "same bucket, crowded out", "in reach")
     for train_rounds in args.train_rounds:
-        path = os.path.join(args.weights_dir, f"LSH-{train_rounds}.weights.h5")
         model = make_model(args, train_rounds)
-        model.load_weights(path)
+        model.load_weights(weights_path(args.weights_dir, train_rounds))
         (layer,) = attention_layers(model)
         reach = layer.num_chunks_before * layer.bucket_size
         print(f"\n## trained LSH-{train_rounds} ({layer.resolved_num_buckets} buckets, "

@@ -41,7 +41,7 @@ import os
 import keras
 import tensorflow as tf
 
-from keras_reformer import _multiworker_fix, _spec_build
+from keras_reformer import _checks, _multiworker_fix, _spec_build
 from keras_reformer.data._token_id_inputs import (
     STEP_CHECKS_IDS,
     check_step_inputs,
@@ -69,18 +69,18 @@ def make_strategy(name, tpu=""):
     Returns:
         The strategy.
     """
+    _checks.one_of("name", name, STRATEGIES)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"`name` must be one of {STRATEGIES}. Received: name={name!r}")
+    # The last of STRATEGIES: "tpu".
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def is_mirrored(strategy):
@@ -199,17 +199,13 @@ def prepare_fit(model, jit_compile=True):
     model.fit(dataset, epochs=3)
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"`model` must be a keras.Model. Received: model={model!r}")
+    _checks.instance("model", model, keras.Model, "a keras.Model")
     if getattr(model, "optimizer", None) is None:  # unset before compile()
         raise ValueError(
             "`model` must be compiled with an optimizer before prepare_fit(model). "
             f"Received: model={model.name!r} with optimizer=None"
         )
-    if not isinstance(jit_compile, bool):
-        raise ValueError(
-            f"`jit_compile` must be True or False. Received: jit_compile={jit_compile!r}"
-        )
+    _checks.boolean("jit_compile", jit_compile)
     # Undo an earlier prepare_fit (instance attributes shadowing the class).
     for name in ("train_step", "test_step", "_maybe_symbolic_build",
                  _multiworker_fix.APPLIED, _spec_build.APPLIED, STEP_CHECKS_IDS):
@@ -250,8 +246,7 @@ def use_logical_cpus(count):
     Args:
         count: number of logical CPUs, >= 1.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"`count` must be an integer >= 1. Received: count={count!r}")
+    count = _checks.positive_int("count", count)
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]

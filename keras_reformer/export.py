@@ -42,6 +42,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from keras_reformer import _checks
 from keras_reformer.text import byte_tokenizer
 
 
@@ -85,10 +86,7 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
     Returns:
         The path of the written version folder.
     """
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(
-            f"`version` must be a positive integer. Received: version={version!r}"
-        )
+    version = _checks.positive_int("version", version)
     # Imported here: the models load keras-hub, which exporting a plain
     # Keras model does not need.
     from keras_reformer.models.reformer_causal_lm import ReformerCausalLM

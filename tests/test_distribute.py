@@ -230,7 +230,7 @@ def test_prepare_fit_argument_errors():
 
     from keras_reformer import distribute
 
-    with pytest.raises(TypeError, match="`model` must be a keras.Model"):
+    with pytest.raises(ValueError, match="`model` must be a keras.Model. Received: model='model'"):
         distribute.prepare_fit("model")
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="compiled with an optimizer"):

@@ -200,9 +200,20 @@ def test_duplication_task_smoke(tmp_path):
 
 @pytest.mark.parametrize("script", ["train_lm.py", "mix_into_keras.py",
                                     "export_and_serve.py", "duplication_task.py",
-                                    "generate_from_preset.py"])
+                                    "duplication_reach.py", "generate_from_preset.py"])
 def test_help(script):
     assert "--smoke" in run(script, "--help").stdout
+
+
+def test_duplication_reach_smoke():
+    out = run("duplication_reach.py", "--smoke").stdout
+    assert "## trained LSH-1 (" in out
+    for rounds in (1, 2):  # --smoke's --eval-rounds
+        assert f"eval LSH-{rounds}: accuracy" in out
+    # The three classes of every second-copy query, and the reach sweep.
+    assert "split by the hash:" in out and "crowded out:" in out and "in reach:" in out
+    for chunks_before in (1, 2, 4):
+        assert f"eval LSH-1, num_chunks_before={chunks_before} " in out
 
 
 def test_duplication_reach_classes_by_hand():

@@ -261,7 +261,7 @@ def test_export_arguments(exported, tmp_path):
     root = os.path.dirname(existing)
     with pytest.raises(ValueError, match="exists"):
         export_saved_model(model, root, version=3)
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(ValueError, match="`version` must be a positive integer. Received: version=0"):
         export_saved_model(model, os.fspath(tmp_path), version=0)
     small = logits_model(**{**CONFIG, "vocabulary_size": 50})
     with pytest.raises(ValueError, match="logits over bytes.*output width 50"):

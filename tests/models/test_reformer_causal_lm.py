@@ -188,7 +188,7 @@ def test_bad_prompts_are_clear_errors(lm):
                      "padding_mask": np.ones((1, 130), np.int32)}, stop_token_ids=None)
     with pytest.raises(ValueError, match="preprocessor"):
         lm.generate("hello")  # strings without a preprocessor
-    with pytest.raises(ValueError, match="`backbone` must be .*Received: backbone=<Functional"):
+    with pytest.raises(ValueError, match="`backbone` must be .*Received: backbone=<Model name="):
         ReformerCausalLM(keras.Model())
 
 
