@@ -3,7 +3,8 @@
 Each raises a `ValueError` that names the argument, the value received and
 what is allowed, in Keras' wording ("Received: name=value"). Like Keras'
 own layers, a value of the wrong type is a `ValueError` too, so callers
-catch one exception type for every bad argument.
+catch one exception type for every bad argument. `describe` shows a bad
+value the same way in messages written elsewhere.
 """
 
 import numpy as np
