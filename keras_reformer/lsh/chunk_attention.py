@@ -1,37 +1,280 @@
 """Attention of sorted chunks over their windows, in bounded memory.
 
-Rows are the (batch, head, round) triples of LSH attention, each a sorted
-sequence cut into N chunks of C slots. Every chunk attends to a window
-of W = C * (before + 1 + after) slots. The (C x W) logits of all rows at once
-take `rows * L * W` floats (at 64K tokens, 4 heads and 2 rounds: 268 MB per
-tensor, several alive at once), so long inputs are processed a group of (batch,
-head) pairs at a time, from sorting to the combination of the rounds, in a
-`tf.while_loop` whose gradient recomputes each group instead of keeping its
-intermediates: memory stays at one group's worth, forward and backward,
-whatever the length.
+Every (batch, head) row of LSH attention is sorted, once per hash round, by
+(bucket, position), cut into N chunks of C slots, and every chunk attends to
+a window of W = C * (before + 1 + after) slots. The (C x W) logits of all
+rows at once take `rows * rounds * L * W` floats (at 64K tokens, 4 heads and
+2 rounds: 268 MB per tensor, several alive at once), so long inputs are
+processed a group of rows at a time, from sorting to the combination of the
+rounds, in a `tf.while_loop` whose gradient recomputes each group instead of
+keeping its intermediates: memory stays at one group's worth, forward and
+backward, whatever the length.
+
+Shapes use: B batch, H heads, R hash rounds, L (padded) length, N = L / C
+chunks of C = bucket_size positions, W keys per chunk, D key width, E value
+width; a group holds g rows.
 """
 
+import collections
+import dataclasses
 import math
 
 import tensorflow as tf
 
-from keras_reformer.ops.permute import gather_rounds, unsort_rounds
-
-# A key that is masked gets MASK_VALUE; a query's own key gets the much milder
-# SELF_MASK_VALUE so that a query with nothing else to attend to still has a
-# defined softmax (it attends to itself). Logits are float32, where both fit.
-MASK_VALUE = -1e9
-SELF_MASK_VALUE = -1e5
+from keras_reformer.lsh import sorting
+from keras_reformer.lsh.scores import (
+    bias_from_masks,
+    combine_rounds,
+    unit_keys,
+    zero_without_key,
+)
+from keras_reformer.ops.dropout import keep_mask
 
 # Logit elements per group of rows (2^20 float32 = 4 MiB per (C x W) tensor).
 # Smaller groups are cheaper, not dearer, although each is recomputed in the
-# backward pass: with one (batch, head) pair per group instead of all four,
+# backward pass: with one (batch, head) row per group instead of all four,
 # the reference model's step at 4K ran at 7,770 instead of 7,000 tokens/s
 # in 948 instead of 1,028 MiB, and at 16K in 1,270 instead of 1,570 MiB at
 # the same speed (benchmarks/train_step.py points, 2^20 against 2^22-2^23).
 GROUP_ELEMENTS = 2**20
 
-INFO_PADS = {"position": -1, "bucket": -1, "valid": False}
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSettings:
+    """The static (python) settings of chunked LSH attention.
+
+    Attributes:
+        bucket_size: C, the chunk length.
+        chunks_before, chunks_after: chunks each chunk also attends to.
+        causal: the causal rule for every row: a query sees only keys of
+            its own bucket at most `chunks_before * C` sorted slots back, so
+            its output never depends on later tokens.
+        strict: causal queries never attend to themselves; one with no
+            earlier key in any round outputs zeros (shifted values).
+        sliding_window: None or int; keys with |query - key| >= it are masked.
+        dropout_rate: attention dropout on the probabilities.
+        group_elements: logits computed at once (the memory knob).
+    """
+
+    bucket_size: int
+    chunks_before: int = 1
+    chunks_after: int = 0
+    causal: bool = False
+    strict: bool = False
+    sliding_window: int = None
+    dropout_rate: float = 0.0
+    group_elements: int = GROUP_ELEMENTS
+
+    @property
+    def width(self):
+        """W, the keys of one chunk's window."""
+        return self.bucket_size * (self.chunks_before + 1 + self.chunks_after)
+
+
+# The run-time tensors besides the queries and values, closed over by the
+# loops: `length` L; `query_key_mask` None or (M, L * L) bool explicit masks
+# of allowed (query, key), M mask rows; `causal_rows` None or (M,) bool, the
+# mask rows that follow the causal rule; `seed` the (2,) int32 dropout seed.
+_Context = collections.namedtuple(
+    "_Context", ["settings", "length", "query_key_mask", "causal_rows", "seed"]
+)
+
+# Per row: `order`, `inverse`, `bucket` (rows, R, L) int32 (sorted slot ->
+# position, its inverse, the bucket at each sorted slot); `valid` (rows, L)
+# bool; `mask_index` (rows,) int32, the row's row of the explicit masks.
+RowIndex = collections.namedtuple(
+    "RowIndex", ["order", "inverse", "bucket", "valid", "mask_index"]
+)
+_PER_ROUND = ("order", "inverse", "bucket")
+
+# What each sorted slot holds, (rows, N, C) per field, and the value of the
+# slots that the look-around brings in from outside the row.
+Slots = collections.namedtuple("Slots", ["position", "bucket", "valid"])
+_OUTSIDE = Slots(position=-1, bucket=-1, valid=False)
+
+
+def attend(qk, values, buckets, num_buckets, valid, settings, *,
+           query_key_mask=None, causal_rows=None, dropout_seed=None):
+    """Chunked attention within sorted buckets, rounds combined by logsumexp.
+
+    Args:
+        qk: (B, H, L, D) float shared query/key vectors; L % C == 0; float32
+            in the layer, float64 in gradient tests.
+        values: (B, H, L, E), the same dtype.
+        buckets: (B, H, R, L) int32 from `hashing.hash_vectors`.
+        num_buckets: int or int32 scalar tensor.
+        valid: (B, L) bool; False marks padding (never a key, sorted last).
+        settings: `ChunkSettings`.
+        query_key_mask: optional (Bm, Hm, L, L) bool mask of allowed
+            (query, key), Bm in {1, B}, Hm in {1, H} (broadcast).
+        causal_rows: optional (Bm, Hm) bool: mask rows that admit no later
+            key, which then follow the causal rule (see `chunk_bias`).
+        dropout_seed: (2,) int32 seed of the attention dropout.
+
+    Returns:
+        (B, H, L, E) attention output.
+    """
+    batch, heads = tf.shape(qk)[0], qk.shape[1]
+    length = tf.shape(qk)[2]
+    order, inverse, sorted_buckets = sorting.sort_order(buckets, valid, num_buckets)
+    static_rows = None if qk.shape[0] is None else qk.shape[0] * heads
+
+    def rows(x):
+        """(B, H, ...) -> (B * H, ...), keeping static sizes."""
+        flat = tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+        return tf.ensure_shape(flat, [static_rows] + x.shape[2:].as_list())
+
+    def per_row(x):
+        """(B, ...) -> (B * H, ...): the same row for every head."""
+        return rows(tf.repeat(x[:, None], heads, axis=1))
+
+    mask_index = tf.zeros([batch, heads], tf.int32)
+    flat_mask = flat_causal = None
+    if query_key_mask is not None:
+        mask_b, mask_h = query_key_mask.shape[0], query_key_mask.shape[1]
+        b_index = tf.range(batch)[:, None] if mask_b != 1 else tf.zeros([batch, 1], tf.int32)
+        h_index = tf.range(heads)[None, :] if mask_h != 1 else tf.zeros([1, heads], tf.int32)
+        mask_index = b_index * mask_h + h_index
+        flat_mask = tf.reshape(query_key_mask, [mask_b * mask_h, -1])
+        if causal_rows is not None:
+            flat_causal = tf.reshape(causal_rows, [-1])
+    index = RowIndex(
+        order=rows(order),
+        inverse=rows(inverse),
+        bucket=rows(sorted_buckets),
+        valid=per_row(valid),
+        mask_index=rows(mask_index),
+    )
+    context = _Context(settings, length, flat_mask, flat_causal, dropout_seed)
+    out = attend_rows(rows(qk), rows(values), index, context)
+    return tf.reshape(out, [batch, heads, length, values.shape[-1]])
+
+
+def attend_rows(qk, v, index, context):
+    """LSH attention of every row; a loop over groups of rows if large.
+
+    Args:
+        qk: (rows, L, D) queries (keys are their unit vectors).
+        v: (rows, L, E) values, the same dtype.
+        index: `RowIndex` for all rows.
+        context: `_Context`.
+
+    Returns:
+        (rows, L, E).
+    """
+    settings = context.settings
+    count, rounds, positions = qk.shape[0], index.order.shape[1], qk.shape[1]
+    if count is None or positions is None or rounds is None:
+        return _attend_group(qk, v, index, 0, context)
+    budget = settings.group_elements
+    group = group_size(count, rounds * positions * settings.width, budget)
+    if group == count:
+        # Everything fits at once: autodiff keeps the probabilities.
+        return _attend_group(qk, v, index, 0, context)
+    if group == 1 and rounds > 1 and rounds * positions * settings.width > budget:
+        # One row's rounds do not fit at once (64K tokens and beyond with
+        # the default budget): one (row, round) at a time.
+        return _loop_rounds(qk, v, index, context)
+    return _loop_groups(qk, v, index, context, group)
+
+
+def group_size(count, item_elements, budget=GROUP_ELEMENTS):
+    """Largest divisor g of `count` with g * item_elements <= budget (>= 1)."""
+    best = 1
+    for g in range(1, count + 1):
+        if count % g == 0 and g * item_elements <= budget:
+            best = g
+    return best
+
+
+def _attend_group(qk, v, index, group_index, context):
+    """`_attend_rounds`, the rounds combined: (g, L, E)."""
+    out, lse = _attend_rounds(qk, v, index, group_index, context)
+    # Each round weighs by its share of the total softmax mass.
+    with tf.name_scope("lsh_combine"):
+        return combine_rounds(out, lse, axis=1, strict=context.settings.strict)
+
+
+def _attend_rounds(qk, v, index, group_index, context):
+    """Attention of a group of rows in the rounds of `index`, each round's
+    output and logsumexp back in original order.
+
+    Sorting, chunked attention and unsorting all happen here, so only
+    (rows, rounds, L, width) tensors leave a group: nothing of size
+    rounds x L x window is kept for backward.
+
+    Args:
+        qk: (g, L, D) queries; v: (g, L, E) values.
+        index: `RowIndex` of the g rows.
+        group_index: scalar, numbers the dropout seed of the group.
+
+    Returns:
+        out (g, R, L, E) and lse (g, R, L).
+    """
+    order, inverse = index.order, index.inverse
+    count, rounds, length = tf.shape(order)[0], order.shape[1], tf.shape(order)[2]
+    size = context.settings.bucket_size
+
+    def chunks(x):
+        """(g, R, L, ...) -> (g * R, L / C, C, ...)."""
+        tail = tf.shape(x)[3:]
+        return tf.reshape(x, tf.concat([[-1, length // size, size], tail], 0))
+
+    slots = Slots(
+        position=chunks(order),
+        bucket=chunks(index.bucket),
+        valid=chunks(tf.gather(index.valid, order, axis=1, batch_dims=1)),
+    )
+    mask_index = chunks(tf.broadcast_to(index.mask_index[:, None, None], tf.shape(order)))
+    sorted_qk = chunks(sorting.gather_rounds(qk, order, inverse))
+    sorted_v = chunks(sorting.gather_rounds(v, order, inverse))
+    with tf.name_scope("chunk_attention"):  # scopes name the profile's categories
+        out, lse = _attend_chunks(
+            sorted_qk, sorted_v, slots, mask_index[:, 0, 0], group_index, context
+        )
+    out = sorting.unsort_rounds(
+        tf.reshape(out, [count, rounds, length, v.shape[-1]]), order, inverse
+    )
+    lse = sorting.unsort_rounds(tf.reshape(lse, [count, rounds, length]), order, inverse)
+    return out, lse
+
+
+def _attend_chunks(q, v, slots, mask_index, group_index, context):
+    """Sorted chunks (g * R, N, C, ...): keys, windows, mask, dropout,
+    attention -> out (g * R, N, C, E), lse (g * R, N, C).
+
+    Keys are derived from the sorted queries here rather than gathered, so
+    that no full-length copy of them is kept for the backward pass.
+    """
+    settings = context.settings
+    before, after = settings.chunks_before, settings.chunks_after
+    window = Slots(*[
+        look_around(field, before, after, outside)
+        for field, outside in zip(slots, _OUTSIDE)
+    ])
+    mask_rows = causal_rows = None
+    if context.query_key_mask is not None:
+        mask_rows = tf.gather(context.query_key_mask, mask_index)
+    if context.causal_rows is not None:
+        causal_rows = tf.gather(context.causal_rows, mask_index)
+    bias = chunk_bias(slots, window, settings, mask_rows, causal_rows,
+                      context.length, dtype=q.dtype)
+    keep = None
+    if settings.dropout_rate > 0:
+        # Folding the group index into the step's seed gives every group
+        # (and, with a fresh step seed, every step) an independent mask;
+        # `seed + [0, g]` made group g of one step reuse group 0's mask of
+        # a later step.
+        seed = tf.random.experimental.stateless_fold_in(context.seed, group_index)
+        keep = keep_mask(tf.shape(bias), settings.dropout_rate, seed, q.dtype)
+    out, lse = softmax_attention(
+        q * (1.0 / math.sqrt(float(q.shape[-1]))),
+        look_around(unit_keys(q), before, after),
+        look_around(v, before, after),
+        bias,
+        keep,
+    )
+    return out, lse[..., 0]
 
 
 def look_around(chunks, before, after, pad_value=None):
@@ -65,18 +308,6 @@ def look_around(chunks, before, after, pad_value=None):
     return tf.concat(parts, axis=2)
 
 
-def bias_from_masks(same_position, masked, dtype=tf.float32):
-    """Additive mask: 0, SELF_MASK_VALUE on self, MASK_VALUE where masked.
-
-    Adding it equals overwriting: a logit plus -1e9 rounds to -1e9 in
-    float32. Built from integers only, so it needs no gradient. The two
-    masks broadcast against each other.
-    """
-    self_bias = tf.where(same_position, tf.constant(SELF_MASK_VALUE, dtype),
-                         tf.constant(0.0, dtype))
-    return tf.where(masked, tf.constant(MASK_VALUE, dtype), self_bias)
-
-
 def window_back(size, width, before):
     """(C, W) int32: how many sorted slots each query of a chunk lies after
     each key of its window; the same for every chunk.
@@ -90,36 +321,33 @@ def window_back(size, width, before):
     return before * size + tf.range(size)[:, None] - tf.range(width)[None, :]
 
 
-def chunk_bias(query, key, causal, before, pair_rows, length, row_causal=None,
-               sliding_window=None, dtype=tf.float32, strict=False):
+def chunk_bias(query, key, settings, mask_rows=None, causal_rows=None,
+               length=None, dtype=tf.float32):
     """Additive mask of each chunk's queries against its key window.
 
     Args:
-        query: dict of (rows, N, C) tensors for the query slots: "position"
-            (original position), "bucket", "valid".
-        key: the same for the key window, (rows, N, W); slots outside the
-            row have position and bucket -1 and valid False.
-        causal: python bool, the causal rule for every row.
-        before: chunks the window reaches back; a causal query may look
-            `before * C` sorted slots back.
-        pair_rows: None or (rows, L * L) bool explicit attention masks.
-        length: scalar, L (for indexing `pair_rows`).
-        row_causal: None or (rows,) bool: rows that follow the causal rule
-            although `causal` is False (their explicit mask admits no later
-            key, so they must not see the future through the chunk windows).
-        sliding_window: None or int: keys with |query - key| >= it are masked.
-        strict: causal queries never see themselves (shifted values: the
-            key at j brings the value after j, so the self key would bring
-            the query's own future).
+        query: `Slots` of (rows, N, C) tensors for the query slots.
+        key: `Slots` of (rows, N, W) tensors for the key window; slots
+            outside the row have position and bucket -1 and valid False.
+        settings: `ChunkSettings` (`causal`, `strict`, `sliding_window`,
+            and `chunks_before`: a causal query may look `chunks_before * C`
+            sorted slots back).
+        mask_rows: None or (rows, L * L) bool explicit query-key masks.
+        causal_rows: None or (rows,) bool: rows that follow the causal rule
+            although `settings.causal` is False (their explicit mask admits
+            no later key, so they must not see the future through the chunk
+            windows).
+        length: scalar, L (for indexing `mask_rows`).
 
     Returns:
         (rows, N, C, W) float32.
     """
-    size, width = query["bucket"].shape[-1], key["bucket"].shape[-1]
+    before = settings.chunks_before
+    size, width = query.bucket.shape[-1], key.bucket.shape[-1]
     # Slot distances and the query's own key follow from the window's
     # layout alone: (C, W) tables instead of two (rows, N, C, W) integer
-    # tensors (64 MiB each per (batch, head) pair at 64K tokens). Positions
-    # are unique within a row, so "same position" is "distance 0".
+    # tensors (64 MiB each per row at 64K tokens). Positions are unique
+    # within a row, so "same position" is "distance 0".
     back = window_back(size, width, before)
     own = tf.equal(back, 0)
 
@@ -130,43 +358,32 @@ def chunk_bias(query, key, causal, before, pair_rows, length, row_causal=None,
     # bucket sorted order is position order, so slot distance in
     # [0, before * C] is "earlier and recent". Padding has a bucket of its
     # own, so the bucket test also masks padding keys for real queries, and
-    # wrapped-in keys (bucket -1) for all.
+    # wrapped-in keys (bucket -1) for all. `strict`: shifted values, where
+    # the key at j brings the value after j, so the self key would bring
+    # the query's own future.
     def causal_masked():
         far = tf.logical_or(back < 0, back > before * size)
-        if strict:
+        if settings.strict:
             far = tf.logical_or(far, own)
-        return tf.logical_or(
-            far, query["bucket"][..., :, None] != key["bucket"][..., None, :]
-        )
+        return tf.logical_or(far, query.bucket[..., :, None] != key.bucket[..., None, :])
 
-    if causal:
+    if settings.causal:
         masked = causal_masked()
     else:
-        masked = tf.logical_not(key["valid"])[..., None, :]
-        if row_causal is not None:
-            masked = tf.where(
-                row_causal[:, None, None, None], causal_masked(), masked
-            )
-    if sliding_window is not None or pair_rows is not None:
-        q_pos = query["position"][..., :, None]
-        k_pos = key["position"][..., None, :]
-    if sliding_window is not None:
-        masked = tf.logical_or(masked, tf.abs(q_pos - k_pos) >= sliding_window)
-    if pair_rows is not None:
-        rows = tf.shape(pair_rows)[0]
-        index = q_pos * length + tf.maximum(k_pos, 0)
-        allowed = tf.gather(pair_rows, tf.reshape(index, [rows, -1]), batch_dims=1)
-        masked = tf.logical_or(
-            masked, tf.logical_not(tf.reshape(allowed, tf.shape(index)))
-        )
+        masked = tf.logical_not(key.valid)[..., None, :]
+        if causal_rows is not None:
+            masked = tf.where(causal_rows[:, None, None, None], causal_masked(), masked)
+    if settings.sliding_window is not None or mask_rows is not None:
+        q_pos = query.position[..., :, None]
+        k_pos = key.position[..., None, :]
+    if settings.sliding_window is not None:
+        masked = tf.logical_or(masked, tf.abs(q_pos - k_pos) >= settings.sliding_window)
+    if mask_rows is not None:
+        rows = tf.shape(mask_rows)[0]
+        flat = q_pos * length + tf.maximum(k_pos, 0)
+        allowed = tf.gather(mask_rows, tf.reshape(flat, [rows, -1]), batch_dims=1)
+        masked = tf.logical_or(masked, tf.logical_not(tf.reshape(allowed, tf.shape(flat))))
     return bias_from_masks(own, masked, dtype)
-
-
-def dropout_keep(shape, rate, seed, dtype=tf.float32):
-    """Dropout multiplier (0 or 1 / (1 - rate)) from a stateless seed, so the
-    same seed gives the same mask in a recomputation."""
-    uniform = tf.random.stateless_uniform(shape, seed=seed)
-    return tf.cast(uniform >= rate, dtype) * (1.0 / (1.0 - rate))
 
 
 def softmax_attention(queries, keys, values, bias, keep=None):
@@ -227,211 +444,35 @@ def softmax_attention(queries, keys, values, bias, keep=None):
     return attend(queries, keys, values, bias, keep)
 
 
-def _unit(vectors):
-    """Keys are the unit-normalised queries (shared QK)."""
-    return vectors * tf.math.rsqrt(
-        tf.maximum(tf.reduce_sum(tf.square(vectors), -1, keepdims=True), 1e-12)
-    )
-
-
-def _attend_group(q, v, info, group_index, settings):
-    """One group of rows: keys, windows, mask, dropout, attention -> out, lse.
-
-    Keys are derived from the sorted queries here rather than gathered, so
-    that no full-length copy of them is kept for the backward pass.
-    """
-    before, after = settings["window"]
-    key = {
-        name: look_around(info[name], before, after, pad)
-        for name, pad in INFO_PADS.items()
-    }
-    pair_rows = row_causal = None
-    mask_row = info["mask_row"][:, 0, 0]
-    if settings["pair_allowed"] is not None:
-        pair_rows = tf.gather(settings["pair_allowed"], mask_row)
-    if settings["row_causal"] is not None:
-        row_causal = tf.gather(settings["row_causal"], mask_row)
-    bias = chunk_bias(
-        info, key, settings["causal"], before, pair_rows, settings["length"],
-        row_causal=row_causal,
-        sliding_window=settings["sliding_window"], dtype=q.dtype,
-        strict=settings["strict"],
-    )
-    keep = None
-    if settings["rate"] > 0:
-        # Folding the group index into the step's seed gives every group
-        # (and, with a fresh step seed, every step) an independent mask;
-        # `seed + [0, g]` made group g of one step reuse group 0's mask of
-        # a later step.
-        seed = tf.random.experimental.stateless_fold_in(
-            settings["seed"], group_index
-        )
-        keep = dropout_keep(tf.shape(bias), settings["rate"], seed, q.dtype)
-    out, lse = softmax_attention(
-        q * (1.0 / math.sqrt(float(q.shape[-1]))),
-        look_around(_unit(q), before, after),
-        look_around(v, before, after),
-        bias,
-        keep,
-    )
-    return out, lse[..., 0]
-
-
-def group_size(count, item_elements, budget=GROUP_ELEMENTS):
-    """Largest divisor g of `count` with g * item_elements <= budget (>= 1)."""
-    best = 1
-    for g in range(1, count + 1):
-        if count % g == 0 and g * item_elements <= budget:
-            best = g
-    return best
-
-
-def _attend_rounds(qk, v, ints, group_index, settings):
-    """Attention of a group of (batch, head) pairs in the rounds of `ints`,
-    each round's output and logsumexp back in original order.
-
-    Sorting, chunked attention and unsorting all happen here, so only
-    (pairs, rounds, L, width) tensors leave a group: nothing of size
-    rounds x L x window is kept for backward.
-
-    Args:
-        qk: (g, L, D) queries; v: (g, L, E) values.
-        ints: dict of "order", "inverse", "bucket" (g, R, L) int32 (sorted
-            slot -> position, its inverse, the bucket at each sorted slot),
-            "valid" (g, L) bool, "mask_row" (g,) int32: the row of the
-            explicit masks (`pair_allowed`, `row_causal`) for the pair.
-        group_index: scalar, numbers the dropout seed of the group.
-
-    Returns:
-        out (g, R, L, E) and lse (g, R, L), float32.
-    """
-    order, inverse = ints["order"], ints["inverse"]
-    pairs, rounds, length = tf.shape(order)[0], order.shape[1], tf.shape(order)[2]
-    size = settings["bucket_size"]
-
-    def rows(x):
-        """(g, R, L, ...) -> (g * R, L / C, C, ...)."""
-        tail = tf.shape(x)[3:]
-        return tf.reshape(x, tf.concat([[-1, length // size, size], tail], 0))
-
-    info = {
-        "position": rows(order),
-        "bucket": rows(ints["bucket"]),
-        "valid": rows(tf.gather(ints["valid"], order, axis=1, batch_dims=1)),
-        "mask_row": rows(
-            tf.broadcast_to(ints["mask_row"][:, None, None], tf.shape(order))
-        ),
-    }
-    sorted_qk = rows(gather_rounds(qk, order, inverse))
-    sorted_v = rows(gather_rounds(v, order, inverse))
-    with tf.name_scope("chunk_attention"):  # scopes name the profile's categories
-        out, lse = _attend_group(sorted_qk, sorted_v, info, group_index, settings)
-    out = unsort_rounds(
-        tf.reshape(out, [pairs, rounds, length, v.shape[-1]]), order, inverse
-    )
-    lse = unsort_rounds(tf.reshape(lse, [pairs, rounds, length]), order, inverse)
-    return out, lse
-
-
-def _attend_pairs(qk, v, ints, group_index, settings):
-    """`_attend_rounds`, the rounds combined: (g, L, E)."""
-    out, lse = _attend_rounds(qk, v, ints, group_index, settings)
-    # Each round weighs by its share of the total softmax mass.
-    with tf.name_scope("lsh_combine"):
-        return combine_rounds(out, lse, axis=1, strict=settings["strict"])
-
-
-def combine_rounds(out, lse, axis, strict=False):
-    """The rounds' outputs `out` (rounds on `axis`, features last) weighed by
-    their share of the total softmax mass, `lse` (`out`'s shape without the
-    features). With `strict`, a query with no allowed key in any round (the
-    first of its bucket in each) has only masked logits: its softmax spreads
-    over the window, future included, so its output is zero instead."""
-    weights = tf.nn.softmax(lse, axis=axis)
-    combined = tf.reduce_sum(out * weights[..., None], axis=axis)
-    return zero_without_key(combined, lse, axis) if strict else combined
-
-
-def zero_without_key(combined, lse, axis):
-    """`combined` with zeros for the queries whose logsumexp `lse` is masked
-    in every round (rounds on `axis`): the strict rule's "no key, no output"."""
-    has_key = tf.reduce_max(lse, axis=axis) > 0.5 * MASK_VALUE
-    return combined * tf.cast(has_key, combined.dtype)[..., None]
-
-
-def pairs_attention(qk, v, ints, *, bucket_size, window, causal, length,
-                    pair_allowed=None, row_causal=None, sliding_window=None,
-                    rate=0.0, seed=None, budget=GROUP_ELEMENTS, strict=False):
-    """LSH attention of every (batch, head) pair; a loop over groups if large.
-
-    Args:
-        qk: (P, L, D) float queries (keys are their unit vectors); float32
-            in the layer, float64 in gradient tests.
-        v: (P, L, E) values, same dtype.
-        ints: see `_attend_rounds` (for all P pairs).
-        bucket_size: C; window: (chunks_before, chunks_after); causal: bool.
-        length: scalar L.
-        pair_allowed: None or (M, L * L) bool explicit masks, M mask rows
-            (indexed by ints["mask_row"]).
-        row_causal: None or (M,) bool, mask rows that follow the causal rule.
-        sliding_window: None or int, the largest |query - key| + 1 allowed.
-        rate, seed: attention dropout rate and a (2,) int32 seed.
-        budget: logit elements per group (the memory knob).
-        strict: see `chunk_bias`; queries with no allowed key output zeros.
-
-    Returns:
-        (P, L, E) float32.
-    """
-    settings = dict(window=window, causal=causal, length=length, strict=strict,
-                    pair_allowed=pair_allowed, row_causal=row_causal,
-                    sliding_window=sliding_window, rate=rate, seed=seed,
-                    bucket_size=bucket_size)
-    count, rounds, positions = qk.shape[0], ints["order"].shape[1], qk.shape[1]
-    if count is None or positions is None or rounds is None:
-        return _attend_pairs(qk, v, ints, 0, settings)
-    width = bucket_size * (window[0] + 1 + window[1])
-    group = group_size(count, rounds * positions * width, budget)
-    if group == count:
-        # Everything fits at once: autodiff keeps the probabilities.
-        return _attend_pairs(qk, v, ints, 0, settings)
-
-    if group == 1 and rounds > 1 and rounds * positions * width > budget:
-        # One pair's rounds do not fit at once (64K tokens and beyond with
-        # the default budget): one (pair, round) at a time.
-        return _loop_rounds(qk, v, ints, settings)
-    return _loop_pairs(qk, v, ints, settings, group)
-
-
-def _loop_pairs(qk, v, ints, settings, group):
-    """`_attend_pairs` over groups of `group` pairs in a loop whose gradient
+def _loop_groups(qk, v, index, context, group):
+    """`_attend_group` over groups of `group` rows in a loop whose gradient
     recomputes each group instead of keeping its intermediates."""
     count, positions = qk.shape[0], qk.shape[1]
     groups = count // group
-    names = sorted(ints)
 
     def split(x):
         return tf.reshape(x, [groups, group] + x.shape[1:].as_list())
 
-    def group_inputs(index, qk, v, values):
-        """Group `index`'s slices of the loop's inputs."""
-        part = [tf.gather(x, index) for x in (qk, v, *values)]
-        return part[0], part[1], dict(zip(names, part[2:]))
+    def group_inputs(i, qk, v, fields):
+        """Group `i`'s slices of the loop's inputs."""
+        part = [tf.gather(x, i) for x in (qk, v, *fields)]
+        return part[0], part[1], RowIndex(*part[2:])
 
     @tf.custom_gradient
-    def looped(qk, v, *values):
+    def looped(qk, v, *fields):
         (out,) = over_groups(
-            lambda i: (_attend_pairs(*group_inputs(i, qk, v, values), i, settings),),
+            lambda i: (_attend_group(*group_inputs(i, qk, v, fields), i, context),),
             groups, [_spec(v)])
 
         def grad(d_out):
-            def group_grad(index):
-                q, w, part = group_inputs(index, qk, v, values)
+            def group_grad(i):
+                q, w, part = group_inputs(i, qk, v, fields)
                 with tf.GradientTape() as tape:
                     tape.watch([q, w])
-                    out = _attend_pairs(q, w, part, index, settings)
+                    out = _attend_group(q, w, part, i, context)
                 # d_out enters the recomputation's gradient, so XLA cannot
                 # hoist the recomputation into the forward pass.
-                return tuple(tape.gradient(out, [q, w], tf.gather(d_out, index)))
+                return tuple(tape.gradient(out, [q, w], tf.gather(d_out, i)))
 
             # `after`: in a reversible backward pass the forward loop above
             # has just been rerun to recompute the block's output; nothing
@@ -439,55 +480,53 @@ def _loop_pairs(qk, v, ints, settings, group):
             # groups' logits at once.
             grads = over_groups(group_grad, groups, [_spec(qk), _spec(v)],
                                 after=[out])
-            return list(grads) + [None] * len(values)
+            return list(grads) + [None] * len(fields)
 
         return out, grad
 
-    out = looped(split(qk), split(v), *[split(ints[n]) for n in names])
+    out = looped(split(qk), split(v), *[split(x) for x in index])
     return tf.reshape(out, [count, positions, v.shape[-1]])
 
 
-def _loop_rounds(qk, v, ints, settings):
-    """`_attend_pairs` one (pair, round) at a time, in a loop whose gradient
+def _loop_rounds(qk, v, index, context):
+    """`_attend_group` one (row, round) at a time, in a loop whose gradient
     recomputes each round instead of keeping its intermediates.
 
-    The rounds of a pair are combined as they come (a running logsumexp),
+    The rounds of a row are combined as they come (a running logsumexp),
     so besides one round's logits only the combined output and each round's
-    logsumexp (P, R, L) are kept: no (P, R, L, E) tensor of all rounds'
-    outputs exists, forward or backward.
+    logsumexp (rows, R, L) are kept: no (rows, R, L, E) tensor of all
+    rounds' outputs exists, forward or backward.
     """
     count, positions = qk.shape[0], qk.shape[1]
-    rounds = ints["order"].shape[1]
-    names = sorted(ints)
-    per_round = ("order", "inverse", "bucket")
+    rounds = index.order.shape[1]
 
-    def round_inputs(pair, r, values):
-        """The (1, ...) slices of pair `pair`, round `r`, as `_attend_rounds`
+    def round_inputs(row, r, fields):
+        """The (1, ...) slices of row `row`, round `r`, as `_attend_rounds`
         takes them."""
         part = {}
-        for name, x in zip(names, values):
-            row = tf.gather(x, pair)
-            part[name] = (tf.gather(row, r)[None, None] if name in per_round
-                          else row[None])
-        return part
+        for name, x in zip(RowIndex._fields, fields):
+            own_row = tf.gather(x, row)
+            part[name] = (tf.gather(own_row, r)[None, None] if name in _PER_ROUND
+                          else own_row[None])
+        return RowIndex(**part)
 
-    def attend(pair, r, q, w, values):
-        # Item pair * R + r numbers the dropout seed, forward and backward.
+    def attend(row, r, q, w, fields):
+        # Item row * R + r numbers the dropout seed, forward and backward.
         # Reshapes, not indexing: the gradient of a slice is a zero-filled
         # full-size copy (StridedSliceGrad), one per round.
         out, lse = _attend_rounds(tf.expand_dims(q, 0), tf.expand_dims(w, 0),
-                                  round_inputs(pair, r, values), pair * rounds + r,
-                                  settings)
+                                  round_inputs(row, r, fields), row * rounds + r,
+                                  context)
         return (tf.reshape(out, [positions, v.shape[-1]]),
                 tf.reshape(lse, [positions]))
 
     @tf.custom_gradient
-    def looped(qk, v, *values):
-        def pair_forward(pair):
-            q, w = tf.gather(qk, pair), tf.gather(v, pair)
+    def looped(qk, v, *fields):
+        def row_forward(row):
+            q, w = tf.gather(qk, row), tf.gather(v, row)
 
             def body(r, top, total, acc, lses):
-                out, lse = attend(pair, r, q, w, values)
+                out, lse = attend(row, r, q, w, fields)
                 new_top = tf.maximum(top, lse)
                 old, new = tf.exp(top - new_top), tf.exp(lse - new_top)
                 acc = acc * old[:, None] + out * new[:, None]
@@ -501,21 +540,21 @@ def _loop_rounds(qk, v, ints, settings):
             return acc / total[:, None], lses.stack()
 
         combined, lse = over_groups(
-            pair_forward, count,
+            row_forward, count,
             [_spec(v), tf.TensorSpec([rounds, positions], v.dtype)])
 
         def grad(d_combined, d_lse):
             # `lse` leaves only through a comparison (`strict`): no gradient.
-            def pair_grad(pair):
-                q, w = tf.gather(qk, pair), tf.gather(v, pair)
-                mine, d_mine = tf.gather(combined, pair), tf.gather(d_combined, pair)
-                weights = tf.nn.softmax(tf.gather(lse, pair), axis=0)  # (R, L)
+            def row_grad(row):
+                q, w = tf.gather(qk, row), tf.gather(v, row)
+                mine, d_mine = tf.gather(combined, row), tf.gather(d_combined, row)
+                weights = tf.nn.softmax(tf.gather(lse, row), axis=0)  # (R, L)
                 d_dot_mine = tf.reduce_sum(d_mine * mine, axis=-1)
 
                 def body(r, d_q, d_w):
                     with tf.GradientTape() as tape:
                         tape.watch([q, w])
-                        out, round_lse = attend(pair, r, q, w, values)
+                        out, round_lse = attend(row, r, q, w, fields)
                     # combined = sum_r softmax(lse)_r out_r: the gradients
                     # of out_r and lse_r, from the recomputed out_r.
                     weight = tf.gather(weights, r)
@@ -532,15 +571,15 @@ def _loop_rounds(qk, v, ints, settings):
                     parallel_iterations=1)
                 return d_q, d_w
 
-            # `after`: see `_loop_pairs`.
-            d_qk, d_v = over_groups(pair_grad, count, [_spec(qk), _spec(v)],
+            # `after`: see `_loop_groups`.
+            d_qk, d_v = over_groups(row_grad, count, [_spec(qk), _spec(v)],
                                     after=[combined])
-            return [d_qk, d_v] + [None] * len(values)
+            return [d_qk, d_v] + [None] * len(fields)
 
         return (combined, lse), grad
 
-    combined, lse = looped(qk, v, *[ints[n] for n in names])
-    if settings["strict"]:
+    combined, lse = looped(qk, v, *index)
+    if context.settings.strict:
         combined = zero_without_key(combined, tf.stop_gradient(lse), axis=1)
     return combined
 

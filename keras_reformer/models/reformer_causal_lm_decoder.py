@@ -21,11 +21,11 @@ caches updated in place in graph mode).
 import keras
 import tensorflow as tf
 
-from keras_reformer.layers.lsh_attention import LSHAttention
+from keras_reformer.lsh.layer import LSHAttention
 from keras_reformer.layers.sinusoidal_position_embedding import (
     SinusoidalPositionEmbedding,
 )
-from keras_reformer.ops import lsh_decode
+from keras_reformer.lsh import decoding as lsh_decode
 
 
 def sample_next(sampler, logits, seed):

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from keras_reformer.layers import ChunkedFeedForward
-from keras_reformer.ops import chunked
+from keras_reformer.ops import sequence_slices as chunked
 
 FEATURES, INTERMEDIATE, CHUNK, LENGTH = 6, 20, 4, 11
 

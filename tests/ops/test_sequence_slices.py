@@ -1,10 +1,11 @@
-"""ops.chunked.chunked_value_and_vjp against plain autodiff of the whole tensor."""
+"""ops.sequence_slices.chunked_value_and_vjp against plain autodiff of the whole tensor."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_reformer.ops import chunked
+from keras_reformer.ops import sequence_slices as chunked
+from keras_reformer.ops.dropout import dropout
 
 FEATURES, HIDDEN = 6, 10
 
@@ -90,7 +91,7 @@ def test_slice_index_reaches_fn_as_in_chunked_map(mode):
 
     def dropped(xs, p, index):
         h = tf.tanh(tf.matmul(xs, p[0]) + p[2])
-        h = chunked.dropout(h, 0.5, chunked.slice_seed(seed, index))
+        h = dropout(h, 0.5, chunked.slice_seed(seed, index))
         return tf.matmul(h, p[1]) + p[3]
 
     def by_chunked_map(x, dy):
