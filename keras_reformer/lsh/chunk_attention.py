@@ -21,7 +21,7 @@ import math
 
 import tensorflow as tf
 
-from keras_reformer.lsh import sorting
+from keras_reformer.lsh.permutation import gather_rounds, unsort_rounds
 from keras_reformer.lsh.scores import (
     bias_from_masks,
     combine_rounds,
@@ -93,7 +93,7 @@ Slots = collections.namedtuple("Slots", ["position", "bucket", "valid"])
 _OUTSIDE = Slots(position=-1, bucket=-1, valid=False)
 
 
-def attend(qk, values, buckets, num_buckets, valid, settings, *,
+def attend(qk, values, sorted_order, valid, settings, *,
            query_key_mask=None, causal_rows=None, dropout_seed=None):
     """Chunked attention within sorted buckets, rounds combined by logsumexp.
 
@@ -101,8 +101,7 @@ def attend(qk, values, buckets, num_buckets, valid, settings, *,
         qk: (B, H, L, D) float shared query/key vectors; L % C == 0; float32
             in the layer, float64 in gradient tests.
         values: (B, H, L, E), the same dtype.
-        buckets: (B, H, R, L) int32 from `hashing.hash_vectors`.
-        num_buckets: int or int32 scalar tensor.
+        sorted_order: `sorting.SortedOrder` of the hash rounds' buckets.
         valid: (B, L) bool; False marks padding (never a key, sorted last).
         settings: `ChunkSettings`.
         query_key_mask: optional (Bm, Hm, L, L) bool mask of allowed
@@ -116,7 +115,6 @@ def attend(qk, values, buckets, num_buckets, valid, settings, *,
     """
     batch, heads = tf.shape(qk)[0], qk.shape[1]
     length = tf.shape(qk)[2]
-    order, inverse, sorted_buckets = sorting.sort_order(buckets, valid, num_buckets)
     static_rows = None if qk.shape[0] is None else qk.shape[0] * heads
 
     def rows(x):
@@ -139,9 +137,9 @@ def attend(qk, values, buckets, num_buckets, valid, settings, *,
         if causal_rows is not None:
             flat_causal = tf.reshape(causal_rows, [-1])
     index = RowIndex(
-        order=rows(order),
-        inverse=rows(inverse),
-        bucket=rows(sorted_buckets),
+        order=rows(sorted_order.order),
+        inverse=rows(sorted_order.inverse),
+        bucket=rows(sorted_order.buckets),
         valid=per_row(valid),
         mask_index=rows(mask_index),
     )
@@ -226,16 +224,16 @@ def _attend_rounds(qk, v, index, group_index, context):
         valid=chunks(tf.gather(index.valid, order, axis=1, batch_dims=1)),
     )
     mask_index = chunks(tf.broadcast_to(index.mask_index[:, None, None], tf.shape(order)))
-    sorted_qk = chunks(sorting.gather_rounds(qk, order, inverse))
-    sorted_v = chunks(sorting.gather_rounds(v, order, inverse))
+    sorted_qk = chunks(gather_rounds(qk, order, inverse))
+    sorted_v = chunks(gather_rounds(v, order, inverse))
     with tf.name_scope("chunk_attention"):  # scopes name the profile's categories
         out, lse = _attend_chunks(
             sorted_qk, sorted_v, slots, mask_index[:, 0, 0], group_index, context
         )
-    out = sorting.unsort_rounds(
+    out = unsort_rounds(
         tf.reshape(out, [count, rounds, length, v.shape[-1]]), order, inverse
     )
-    lse = sorting.unsort_rounds(tf.reshape(lse, [count, rounds, length]), order, inverse)
+    lse = unsort_rounds(tf.reshape(lse, [count, rounds, length]), order, inverse)
     return out, lse
 
 

@@ -16,6 +16,7 @@ from keras_reformer.lsh import (
     hashing,
     masks,
     rotations,
+    sorting,
     value_shift,
 )
 
@@ -546,11 +547,12 @@ class LSHAttention(keras.layers.Layer):
         )
 
         def hashed():
-            # Hashing, then (inside `attend`, a group of rows at a time)
-            # sorting, chunk attention, unsorting and the rounds' combination.
+            # Hashing, sorting, then (a group of rows at a time) the rows in
+            # sorted order, chunk attention, unsorting, the rounds combined.
             buckets, total = self.hash_buckets(qk, num_hashes, training)
+            sorted_order = sorting.sort_order(buckets, valid, total)
             return chunk_attention.attend(
-                qk, v, buckets, total, valid, settings,
+                qk, v, sorted_order, valid, settings,
                 query_key_mask=query_key_mask, causal_rows=causal_rows,
                 dropout_seed=dropout_seed,
             )

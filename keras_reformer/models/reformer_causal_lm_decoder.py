@@ -159,7 +159,7 @@ class CachedDecoder:
             caches: from `prompt_pass` or a previous step.
             rotations: `rotations()` (default: drawn again in this step).
             in_place: overwrite the caches (graph mode, owned caches; see
-                `ops.lsh_decode.decode_step`).
+                `lsh.decoding.decode_step`).
         """
         backbone = self.backbone
         if rotations is None:

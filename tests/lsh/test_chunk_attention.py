@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_reformer.lsh.chunk_attention import ChunkSettings, attend, group_size
+from keras_reformer.lsh.sorting import sort_order
 
 
 def problem(seed=0, batch=2, heads=2, rounds=3, length=64, width=8):
@@ -20,7 +21,7 @@ def problem(seed=0, batch=2, heads=2, rounds=3, length=64, width=8):
 def run(qk, v, buckets, valid, budget, **kwargs):
     with tf.GradientTape() as tape:
         tape.watch([qk, v])
-        out = attend(qk, v, buckets, 4, valid,
+        out = attend(qk, v, sort_order(buckets, valid, 4), valid,
                      ChunkSettings(bucket_size=8, group_elements=budget, **kwargs))
         loss = tf.reduce_sum(out * tf.sin(out))
     return out, tape.gradient(loss, [qk, v])
@@ -69,7 +70,8 @@ def test_gradient_with_dropout_matches_finite_differences(budget, causal):
     def f(qk, v):
         settings = ChunkSettings(bucket_size=8, causal=causal, dropout_rate=0.3,
                                  group_elements=budget)
-        out = attend(qk, v, buckets, 4, valid, settings, dropout_seed=seed)
+        out = attend(qk, v, sort_order(buckets, valid, 4), valid, settings,
+                     dropout_seed=seed)
         return tf.reduce_sum(out * tf.cos(out), axis=-1)
 
     theoretical, numerical = tf.test.compute_gradient(tf.function(f), [qk, v], delta=1e-6)
@@ -83,15 +85,16 @@ def test_dropout_masks_differ_across_groups_and_steps():
     # One (batch, head) row per group: with the seed of one step, the
     # groups' outputs must differ from one another's mask pattern, and a
     # second step's seed must give other masks than the first.
-    qk, v, buckets, valid = problem(batch=1, heads=4, rounds=1, length=32, width=4)
+    qk, v, buckets, _ = problem(batch=1, heads=4, rounds=1, length=32, width=4)
     qk = tf.zeros_like(qk)  # uniform attention: only the mask shapes the output
     v = tf.ones_like(v)
 
     def dropped(seed):
         # 1 round x 32 x 16 logits: one (batch, head) row a group.
         settings = ChunkSettings(bucket_size=8, dropout_rate=0.5, group_elements=512)
-        out = attend(qk, v, tf.zeros_like(buckets), 4, tf.ones_like(valid), settings,
-                     dropout_seed=tf.constant(seed, tf.int32))
+        valid = tf.ones((1, 32), tf.bool)
+        out = attend(qk, v, sort_order(tf.zeros_like(buckets), valid, 4), valid,
+                     settings, dropout_seed=tf.constant(seed, tf.int32))
         return np.asarray(out)[0, :, :, 0]  # (heads, L): kept-probability mass
 
     first = dropped([7, 0])

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import keras_reformer as kr
 from keras_reformer.lsh.chunk_attention import ChunkSettings, attend
+from keras_reformer.lsh.sorting import sort_order
 from keras_reformer.lsh.value_shift import shifted_values
 
 B, H, L, D, R, K, C = 2, 2, 32, 8, 2, 4, 16
@@ -51,9 +52,10 @@ def test_strict_causal_shifted_attention_matches_brute_force(holes):
     if holes:
         valid[1, [5, 6, 20]] = False
         valid[0, -3:] = False
+    valid_t = tf.constant(valid)
     out = attend(
-        tf.constant(q), shifted_values(tf.constant(v), tf.constant(valid)),
-        tf.constant(buckets), K, tf.constant(valid),
+        tf.constant(q), shifted_values(tf.constant(v), valid_t),
+        sort_order(tf.constant(buckets), valid_t, K), valid_t,
         # reach 32: whole buckets
         ChunkSettings(bucket_size=C, chunks_before=2, causal=True, strict=True),
     ).numpy()
