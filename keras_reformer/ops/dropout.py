@@ -2,8 +2,8 @@
 
 The same seed gives the same mask, so a recomputation (a reversible stack's
 backward pass, a slice-by-slice or group-by-group gradient) drops exactly
-what the forward pass dropped. Philox draws the same numbers with and
-without XLA.
+what the forward pass dropped, as long as both run in the same mode: the
+numbers drawn with and without XLA differ.
 """
 
 import tensorflow as tf
