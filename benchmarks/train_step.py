@@ -64,7 +64,7 @@ def axial_shape(length):
 
 
 def _group_elements():
-    from keras_reformer.ops.chunk_attention import GROUP_ELEMENTS
+    from keras_reformer.lsh.chunk_attention import GROUP_ELEMENTS
 
     return GROUP_ELEMENTS
 
@@ -119,7 +119,7 @@ def hardware_flops_per_token(model, length):
     else:
         # Forward + the reversible stack's recomputation (which re-hashes
         # from the replayed seed) + 2x backward. The FFN's recomputation and
-        # its slice-wise backward are one pass (ops.chunked_value_and_vjp),
+        # its slice-wise backward are one pass (ops.sequence_slices.chunked_value_and_vjp),
         # so the FFN is not computed a third time.
         block = 4 * core + 2 * p["hashing"]
         if p["looped"]:

@@ -135,3 +135,72 @@ def sequence_length(inputs, max_sequence_length, detail):
     )
     with tf.control_dependencies([check]):
         return tf.identity(length)
+
+
+def keras_positive_int(name, value, allow_none=False):
+    """`value` if it is an int >= 1 (or None when `allow_none`), refused in
+    `MultiHeadAttention`'s own wording, for the arguments a drop-in shares
+    with it."""
+    if value is None and allow_none:
+        return None
+    if not _is_int(value) or value <= 0:
+        expected = "a positive integer or `None`" if allow_none else "a positive integer"
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected "
+            f"{expected}. Received: {name}={value}"
+        )
+    return value
+
+
+def output_shape(value):
+    """`output_shape` as a tuple of positive ints (an int is a 1-tuple), or
+    None when it is empty or None; `MultiHeadAttention`'s wording."""
+    if not value:
+        return None
+    if isinstance(value, int):
+        value = (value,)
+    try:
+        shape = tuple(value)
+    except TypeError:
+        shape = None
+    if shape is None or not all(_is_int(d) and d > 0 for d in shape):
+        raise ValueError(
+            f"Invalid `output_shape`: {value!r}. When specified, the "
+            "`output_shape` should be of type tuple, list, or int, of positive "
+            "integers."
+        )
+    return shape
+
+
+def int_tuple(name, value, allow_none=False):
+    """`value` as a tuple of ints if it is an int, list or tuple of ints (or
+    None when `allow_none`)."""
+    if value is None and allow_none:
+        return None
+    if _is_int(value):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+        allowed = "an int, list, or tuple of ints"
+        if allow_none:
+            allowed = "None or " + allowed
+        raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")
+    return tuple(value)
+
+
+def even_int_or_pair(name, value, minimum=2, allow_none=False):
+    """`value` if it is an even int >= `minimum`, or a pair of them (as a
+    tuple), or None when `allow_none`."""
+    def ok(n):
+        return _is_int(n) and n >= minimum and n % 2 == 0
+
+    if value is None and allow_none:
+        return None
+    if ok(value):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(ok(n) for n in value):
+        return tuple(value)
+    allowed = (f"an even integer >= {minimum} or a pair of even integers "
+               f">= {minimum}")
+    if allow_none:
+        allowed = "None, " + allowed
+    raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")

@@ -9,7 +9,8 @@ from keras_reformer import _checks
 # call() needs autocast switched off; Keras exposes no public scope for it.
 from keras_reformer._compat import AutocastScope
 from keras_reformer._seeds import fresh_initializer, resolve_seed
-from keras_reformer.ops import chunked
+from keras_reformer.ops import sequence_slices
+from keras_reformer.ops.dropout import dropout
 
 
 def _differentiated(variable):
@@ -184,7 +185,7 @@ class ChunkedFeedForward(keras.layers.Layer):
         (their gradients are summed over the slices), their values `params`
         in the variable dtype, and `(variable, value)` pairs for every other
         variable (integer or frozen kernels, quantization scales, float8
-        statistics). Read here, outside `ops.chunked`'s custom gradient, so
+        statistics). Read here, outside `ops.sequence_slices`'s custom gradient, so
         that no variable is read inside it; through `Variable.value`, so that
         a caller's `keras.StatelessScope` (a reversible stack's block
         weights) decides what they hold.
@@ -231,7 +232,7 @@ class ChunkedFeedForward(keras.layers.Layer):
             )
 
     def _slice_fn(self, training, trained, fixed):
-        """The network on one slice, `fn(xs, params, index)` for `ops.chunked`.
+        """The network on one slice, `fn(xs, params, index)` for `ops.sequence_slices`.
 
         The slice goes through the Dense layers themselves, so whatever
         their `call` does (quantized kernels, LoRA) applies; a
@@ -257,7 +258,7 @@ class ChunkedFeedForward(keras.layers.Layer):
             ):
                 h = activation(intermediate(xs, training=training))
                 if rate > 0:
-                    h = chunked.dropout(h, rate, chunked.slice_seed(seed, index))
+                    h = dropout(h, rate, sequence_slices.slice_seed(seed, index))
                 return output(h, training=training)
 
         return ffn
@@ -267,7 +268,7 @@ class ChunkedFeedForward(keras.layers.Layer):
         seed = self.seed_generator.next() if rate > 0 else None
         h = self.activation(self.intermediate_dense(x, training=training))
         if rate > 0:
-            h = chunked.dropout(h, rate, chunked.slice_seed(seed, 0))
+            h = dropout(h, rate, sequence_slices.slice_seed(seed, 0))
         return self.output_dense(h, training=training)
 
     def call(self, inputs, training=None):
@@ -276,7 +277,7 @@ class ChunkedFeedForward(keras.layers.Layer):
         if self._unsliced(training):
             return self._plain(x, training)
         trained, params, fixed = self._weights()
-        return chunked.chunked_map(
+        return sequence_slices.chunked_map(
             self._slice_fn(training, trained, fixed), x, params, self.chunk_size
         )
 
@@ -284,7 +285,7 @@ class ChunkedFeedForward(keras.layers.Layer):
         """The output and its VJP with `dy`, slice by slice in one pass.
 
         What `ReversibleSequence`'s backward pass calls instead of rerunning
-        the layer under a tape (see `ops.chunked.chunked_value_and_vjp`): each
+        the layer under a tape (see `ops.sequence_slices.chunked_value_and_vjp`): each
         slice's forward runs once, not twice. Run it under the caller's
         `tf.GradientTape` (and, to replay dropout, the `keras.StatelessScope`
         holding the forward's seed states), then finish the VJP there:
@@ -310,7 +311,7 @@ class ChunkedFeedForward(keras.layers.Layer):
         self._check_inputs(x)
         trained, params, fixed = self._weights()
         fn = self._slice_fn(training, trained, fixed)
-        outputs, dx, dparams = chunked.chunked_value_and_vjp(
+        outputs, dx, dparams = sequence_slices.chunked_value_and_vjp(
             fn, x, ops.cast(dy, self.compute_dtype), params, self.chunk_size
         )
         return outputs, [x] + params, [dx] + dparams

@@ -14,7 +14,7 @@ from keras_reformer.models.reformer_causal_lm_decoder import CachedDecoder
 from keras_reformer.models.reformer_causal_lm_preprocessor import (
     ReformerCausalLMPreprocessor,
 )
-from keras_reformer.ops import lsh_decode
+from keras_reformer.lsh import decoding as lsh_decode
 from keras_reformer.ops.recompute import in_xla_context
 
 

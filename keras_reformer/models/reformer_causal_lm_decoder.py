@@ -21,11 +21,11 @@ caches updated in place in graph mode).
 import keras
 import tensorflow as tf
 
-from keras_reformer.layers.lsh_attention import LSHAttention
+from keras_reformer.lsh.layer import LSHAttention
 from keras_reformer.layers.sinusoidal_position_embedding import (
     SinusoidalPositionEmbedding,
 )
-from keras_reformer.ops import lsh_decode
+from keras_reformer.lsh import decoding as lsh_decode
 
 
 def sample_next(sampler, logits, seed):
@@ -159,7 +159,7 @@ class CachedDecoder:
             caches: from `prompt_pass` or a previous step.
             rotations: `rotations()` (default: drawn again in this step).
             in_place: overwrite the caches (graph mode, owned caches; see
-                `ops.lsh_decode.decode_step`).
+                `lsh.decoding.decode_step`).
         """
         backbone = self.backbone
         if rotations is None:

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from keras_reformer.layers import ChunkedFeedForward
-from keras_reformer.ops import chunked
+from keras_reformer.ops import sequence_slices
 
 FEATURES, INTERMEDIATE, CHUNK, LENGTH = 6, 20, 4, 11
 
@@ -232,13 +232,13 @@ def test_mixed_precision_equals_reference(dtype, mode, rtol, monkeypatch):
     # The slices' weight gradients are summed in the weights' dtype
     # (float32), not the compute dtype: the weights go in as float32.
     param_dtypes = []
-    chunked_map = chunked.chunked_map
+    chunked_map = sequence_slices.chunked_map
 
     def spy(fn, x, params, chunk_size):
         param_dtypes.extend(p.dtype for p in params)
         return chunked_map(fn, x, params, chunk_size)
 
-    monkeypatch.setattr(chunked, "chunked_map", spy)
+    monkeypatch.setattr(sequence_slices, "chunked_map", spy)
 
     # In graph mode: eagerly, Keras' int8 Dense with LoRA under mixed
     # precision fails to sum its input gradients (float32 + bfloat16).

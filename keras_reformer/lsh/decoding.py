@@ -1,6 +1,6 @@
 """Cached one-token decoding of causal LSH attention, as pure functions.
 
-The causal rule of LSH attention (see `chunk_attention.chunk_bias`): in every
+The causal rule of LSH attention (see `lsh.chunk_attention.chunk_bias`): in every
 hash round, a query attends to itself and to the `reach = chunks_before *
 bucket_size` most recent earlier real positions of its own bucket. That set
 depends only on the tokens up to the query, so a cache that remembers, per
@@ -28,16 +28,15 @@ import math
 
 import tensorflow as tf
 
-from keras_reformer.ops.chunk_attention import MASK_VALUE, SELF_MASK_VALUE, combine_rounds
-from keras_reformer.ops.lsh import sort_order
-from keras_reformer.ops.recompute import dependency_zero
-
-
-def _unit(vectors):
-    """Keys are the unit-normalised queries (shared QK), as in the full pass."""
-    return vectors * tf.math.rsqrt(
-        tf.maximum(tf.reduce_sum(tf.square(vectors), -1, keepdims=True), 1e-12)
-    )
+from keras_reformer.lsh.scores import (
+    MASK_VALUE,
+    SELF_MASK_VALUE,
+    combine_rounds,
+    unit_keys,
+)
+from keras_reformer.lsh.sorting import sort_order
+# `own` belongs with the cache: a step with `in_place=True` overwrites it.
+from keras_reformer.ops.buffers import own, set_rows  # noqa: F401
 
 
 def ring_size(reach):
@@ -96,7 +95,7 @@ def init_cache(qk, values, buckets, valid, num_buckets, reach, max_length):
     ring = tf.where(member >= 0, position, -1)
     pad = [[0, 0], [0, 0], [0, max_length - prompt], [0, 0]]
     return {
-        "keys": tf.pad(_unit(qk), pad),
+        "keys": tf.pad(unit_keys(qk), pad),
         "values": tf.pad(values, pad),
         "ring": ring,
         "count": count,
@@ -119,10 +118,10 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
             masked, as in the layer.
         in_place: overwrite the cache's buffers instead of returning updated
             copies (TensorFlow graph mode only, not XLA; the cache passed in
-            must be owned -- see `own` -- and is consumed). Without it, a
+            must be owned -- see `ops.buffers.own` -- and is consumed). Without it, a
             step outside XLA copies every buffer: O(max_length) per token.
         value_shift: the layer's `value_shift`: the cache's values are
-            shifted (`init_cache` was given `lsh.shifted_values`), the token
+            shifted (`init_cache` was given `value_shift.shifted_values`), the token
             does not attend to itself, its value becomes that of the key at
             `position - 1` (every earlier position must be real, as after a
             right-padded prompt), and with no key in any round it outputs
@@ -154,7 +153,7 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
     # The same arithmetic as the full pass: queries scaled first, then the
     # additive mask (its own key gets SELF_MASK_VALUE, masked keys MASK_VALUE).
     query = qk * (1.0 / math.sqrt(float(depth)))
-    own_key = _unit(qk)
+    own_key = unit_keys(qk)
     ring_logits = tf.einsum("bhd,bhrsd->bhrs", query, keys)
     ring_logits = ring_logits + tf.where(allowed, 0.0, MASK_VALUE)
     attended = old_values
@@ -205,55 +204,3 @@ def decode_step(cache, qk, values, buckets, position, reach, sliding_window=None
         "keys": new_keys, "values": new_values, "ring": new_ring, "count": new_count,
     }
 
-
-def own(cache):
-    """A private copy of every buffer: what `decode_step(..., in_place=True)`
-    may overwrite. (A buffer might otherwise be shared with a caller's
-    tensor or a constant: `tf.pad` by zero forwards its input.)"""
-    return tf.nest.map_structure(lambda t: tf.raw_ops.DeepCopy(x=t), cache)
-
-
-def set_rows(buffer, rows, updates, in_place, after=()):
-    """`buffer` with some rows of its flat view set to `updates`.
-
-    The flat view is `buffer` reshaped to (-1, row size), the row size being
-    that of one update: keys (B, H, M, D) with (B * H, D) updates are seen as
-    (B * H * M, D); a ring (B, H, R, K, S) with one int per update as
-    (B * H * R * K * S, 1).
-
-    Args:
-        buffer: the tensor to update.
-        rows: (N,) int32 distinct row numbers of the flat view.
-        updates: N rows (any shape whose size is N * the row size).
-        in_place: overwrite `buffer`'s memory (TensorFlow graph mode): O(row)
-            instead of a copy of the whole buffer, which is what
-            `tensor_scatter_nd_update` costs outside XLA. Only for buffers the
-            caller owns (see `own`) and never reads again; not under XLA,
-            which has no such op (and updates loop buffers in place anyway).
-        after: tensors that read `buffer` and must be computed before it is
-            overwritten.
-
-    Returns:
-        The updated buffer (with `in_place`, the same memory).
-    """
-    shape = tf.shape(buffer)
-    count = tf.shape(rows)[0]
-    row_size = tf.size(updates) // count
-    flat = tf.reshape(buffer, [-1, row_size])
-    updates = tf.reshape(tf.cast(updates, buffer.dtype), [count, row_size])
-    if in_place:
-        # InplaceUpdate writes into its input's buffer (an alias, not a copy).
-        # Nothing orders it after the reads of the old contents but these
-        # control dependencies.
-        with tf.control_dependencies(list(after)):
-            flat = tf.raw_ops.InplaceUpdate(x=flat, i=rows, v=updates)
-    else:
-        if after and not tf.executing_eagerly():
-            # XLA ignores control dependencies: unless the new contents depend
-            # on the reads, it may schedule the scatter first and then copy
-            # the whole buffer (twice, measured) so that the reads see the
-            # old one -- O(max_length) per token.
-            zero = tf.add_n([dependency_zero(t) for t in after])
-            updates = updates + tf.cast(zero, updates.dtype)
-        flat = tf.tensor_scatter_nd_update(flat, rows[:, None], updates)
-    return tf.reshape(flat, shape)

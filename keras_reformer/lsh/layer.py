@@ -9,71 +9,20 @@ from keras import constraints, initializers, regularizers
 from keras_reformer import _checks
 from keras_reformer._compat import get_keras_mask, set_keras_mask
 from keras_reformer._seeds import resolve_seed
-from keras_reformer.layers import _attention_masks as masks
-from keras_reformer.ops import lsh, lsh_decode
-from keras_reformer.ops.random import deterministic_normal
+from keras_reformer.lsh import (
+    chunk_attention,
+    decoding,
+    dense_attention,
+    hashing,
+    masks,
+    rotations,
+    sorting,
+    value_shift,
+)
 
 # When neither `num_buckets`, `max_length` nor a static length is known, the
 # bucket count is derived as for this length (64 buckets at bucket_size 64).
 DEFAULT_MAX_LENGTH = 2048
-
-
-def _check_num_buckets(num_buckets):
-    """None, an even int >= 2, or a pair of even ints >= 2 (factorized)."""
-    def ok(n):
-        return (
-            isinstance(n, int) and not isinstance(n, bool) and n >= 2
-            and n % 2 == 0
-        )
-
-    if num_buckets is None:
-        return None
-    if ok(num_buckets):
-        return num_buckets
-    if (
-        isinstance(num_buckets, (list, tuple))
-        and len(num_buckets) == 2
-        and all(ok(n) for n in num_buckets)
-    ):
-        return tuple(num_buckets)
-    raise ValueError(
-        "`num_buckets` must be None (derived from the maximum length), an "
-        "even integer >= 2, or a pair of even integers >= 2 for factorized "
-        f"hashing. Received: num_buckets={num_buckets!r}"
-    )
-
-
-def _mha_positive(name, value, allow_none=False):
-    """MultiHeadAttention's own wording for its integer arguments."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        expected = "a positive integer or `None`" if allow_none else "a positive integer"
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected "
-            f"{expected}. Received: {name}={value}"
-        )
-    return value
-
-
-def _output_shape(output_shape):
-    if not output_shape:
-        return None
-    if isinstance(output_shape, int):
-        output_shape = (output_shape,)
-    try:
-        output_shape = tuple(output_shape)
-    except TypeError:
-        output_shape = None
-    if output_shape is None or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in output_shape
-    ):
-        raise ValueError(
-            f"Invalid `output_shape`: {output_shape!r}. When specified, the "
-            "`output_shape` should be of type tuple, list, or int, of positive "
-            "integers."
-        )
-    return output_shape
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -205,7 +154,7 @@ class LSHAttention(keras.layers.Layer):
         max_length=None,
         num_chunks_before=1,
         num_chunks_after=0,
-        factorize_above=lsh.DEFAULT_FACTORIZE_ABOVE,
+        factorize_above=hashing.DEFAULT_FACTORIZE_ABOVE,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -217,9 +166,9 @@ class LSHAttention(keras.layers.Layer):
         value_shift=False,
         **kwargs,
     ):
-        num_heads = _mha_positive("num_heads", num_heads)
-        key_dim = _mha_positive("key_dim", key_dim)
-        value_dim = _mha_positive("value_dim", value_dim, allow_none=True)
+        num_heads = _checks.keras_positive_int("num_heads", num_heads)
+        key_dim = _checks.keras_positive_int("key_dim", key_dim)
+        value_dim = _checks.keras_positive_int("value_dim", value_dim, allow_none=True)
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self.supports_masking = True
         self.num_heads, self.key_dim = num_heads, key_dim
@@ -227,28 +176,16 @@ class LSHAttention(keras.layers.Layer):
         self.dropout = _checks.rate("dropout", dropout)
         self.use_bias = bool(use_bias)
         self.use_gate = bool(use_gate)
-        self._output_shape = _output_shape(output_shape)
-        if isinstance(attention_axes, int):
-            attention_axes = (attention_axes,)
-        elif attention_axes is not None and not isinstance(attention_axes, (list, tuple)):
-            raise ValueError(
-                "`attention_axes` must be an int, list, or tuple. "
-                f"Received: attention_axes={attention_axes}"
-            )
-        self.attention_axes = None if attention_axes is None else tuple(attention_axes)
-        if sliding_window is not None and (
-            isinstance(sliding_window, bool)
-            or not isinstance(sliding_window, int)
-            or sliding_window <= 0
-        ):
-            raise ValueError(
-                "`sliding_window` must be `None` or a positive integer. "
-                f"Received: sliding_window={sliding_window}"
-            )
-        self.sliding_window = sliding_window
+        self._output_shape = _checks.output_shape(output_shape)
+        self.attention_axes = _checks.int_tuple(
+            "attention_axes", attention_axes, allow_none=True
+        )
+        self.sliding_window = _checks.positive_int(
+            "sliding_window", sliding_window, allow_none=True
+        )
         self.bucket_size = _checks.positive_int("bucket_size", bucket_size)
         self.num_hashes = num_hashes  # validated by the property setter
-        self.num_buckets = _check_num_buckets(num_buckets)
+        self.num_buckets = _checks.even_int_or_pair("num_buckets", num_buckets, allow_none=True)
         self.max_length = _checks.positive_int("max_length", max_length, allow_none=True)
         self.num_chunks_before = _checks.non_negative_int(
             "num_chunks_before", num_chunks_before
@@ -266,11 +203,7 @@ class LSHAttention(keras.layers.Layer):
         self.seed = resolve_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.resolved_num_buckets = None
-        if not isinstance(value_shift, bool):
-            raise TypeError(
-                f"`value_shift` must be True or False. Received: value_shift={value_shift!r}"
-            )
-        self.value_shift = value_shift
+        self.value_shift = _checks.boolean("value_shift", value_shift)
 
     @property
     def num_hashes(self):
@@ -320,8 +253,8 @@ class LSHAttention(keras.layers.Layer):
             return self.num_buckets
         length = self.max_length or length or DEFAULT_MAX_LENGTH
         c = self.bucket_size
-        n = lsh.derived_num_buckets(-(-length // c) * c, c)
-        return n if n <= self.factorize_above else lsh.factor_num_buckets(n)
+        n = hashing.derived_num_buckets(-(-length // c) * c, c)
+        return n if n <= self.factorize_above else hashing.factor_num_buckets(n)
 
     def build(self, query_shape, value_shape=None, key_shape=None):
         query_shape = tuple(query_shape)
@@ -411,15 +344,10 @@ class LSHAttention(keras.layers.Layer):
         """One (key_dim, num_hashes, n / 2) rotation per bucket factor."""
         if training:
             # Fresh every step; replayable by StatelessScope (state mapping).
-            base = tf.cast(self.seed_generator.next(), tf.int32)
+            seed = tf.cast(self.seed_generator.next(), tf.int32)
         else:
-            base = tf.convert_to_tensor(self.hash_seed.value)
-        rotations = []
-        for i, n in enumerate(factors):
-            seed = tf.random.experimental.stateless_fold_in(base, i + 1)
-            shape = tf.stack([self.key_dim, num_hashes, n // 2])
-            rotations.append(deterministic_normal(shape, seed))
-        return rotations
+            seed = tf.convert_to_tensor(self.hash_seed.value)
+        return rotations.draw_rotations(self.key_dim, factors, num_hashes, seed)
 
     def _factors(self):
         n = self.resolved_num_buckets
@@ -443,8 +371,8 @@ class LSHAttention(keras.layers.Layer):
         total = 1
         for n in factors:
             total *= n
-        rotations = self._rotations(factors, num_hashes, training)
-        return lsh.hash_vectors(qk, rotations), total
+        drawn = self._rotations(factors, num_hashes, training)
+        return hashing.hash_vectors(qk, drawn), total
 
     def project(self, x):
         """(B, L, features) -> (qk (B, H, L, D), values (B, H, L, E)), float32."""
@@ -481,13 +409,13 @@ class LSHAttention(keras.layers.Layer):
             max_length: int, the longest sequence the cache will hold.
 
         Returns:
-            The cache (`ops.lsh_decode.init_cache`) for `call_with_cache`.
+            The cache (`lsh.decoding.init_cache`) for `call_with_cache`.
         """
         qk, v = self.project(query)
         buckets, total = self.hash_buckets(qk)
         if self.value_shift:
-            v = lsh.shifted_values(v, padding_mask)
-        return lsh_decode.init_cache(
+            v = value_shift.shifted_values(v, padding_mask)
+        return decoding.init_cache(
             qk, v, buckets, padding_mask, total, self.reach, max_length
         )
 
@@ -503,7 +431,7 @@ class LSHAttention(keras.layers.Layer):
             position: (B,) int32, the new position of each row.
             rotations: `inference_rotations()` (drawn here if None).
             in_place: overwrite the cache's buffers (TensorFlow graph mode
-                only; see `ops.lsh_decode.decode_step`).
+                only; see `lsh.decoding.decode_step`).
 
         Returns:
             (output (B, 1, *output_shape), updated cache).
@@ -511,8 +439,8 @@ class LSHAttention(keras.layers.Layer):
         if rotations is None:
             rotations = self.inference_rotations()
         qk, v = self.project(query)
-        buckets = lsh.hash_vectors(qk, rotations)
-        out, cache = lsh_decode.decode_step(
+        buckets = hashing.hash_vectors(qk, rotations)
+        out, cache = decoding.decode_step(
             cache, qk[:, :, 0], v[:, :, 0], buckets[..., 0], position,
             self.reach, self.sliding_window, in_place=in_place,
             value_shift=self.value_shift,
@@ -548,61 +476,50 @@ class LSHAttention(keras.layers.Layer):
         if query_mask is None:
             query_mask = get_keras_mask(query)
         x = query
-        if len(x.shape) != self._query_rank or x.shape[-1] != self._input_dim:
+        rank = len(x.shape)
+        if rank != self._query_rank or x.shape[-1] != self._input_dim:
             raise ValueError(
                 f"LSHAttention expects `query` of rank {self._query_rank} with "
                 f"{self._input_dim} features, the shape it was built for. "
                 f"Received: query.shape={tuple(x.shape)}"
             )
+        causal = bool(use_causal_mask)
+        if self.value_shift and (not causal or attention_mask is not None):
+            raise ValueError(
+                "LSHAttention(value_shift=True) needs `use_causal_mask=True` "
+                "and no `attention_mask` (a key brings the value of the next "
+                "position, which only a strictly earlier query may read). "
+                f"Received: use_causal_mask={causal}, attention_mask="
+                f"{'given' if attention_mask is not None else None}"
+            )
         # The mask is consumed here; the projections must not see it.
         set_keras_mask(x, None)
-        folded = masks.fold(x, self._axes(len(x.shape)))
+        axes = self._axes(rank)
+
+        # Masks: the input folded to (B, L, F), its key masks and the
+        # query-key mask mapped along; a key nobody may attend to is padding.
+        folded = masks.fold(x, axes)
         x = folded.tensor
         key_masks = [folded.apply(m) for m in (query_mask, value_mask, key_mask)]
-        pair = None
+        query_key_mask = None
         if attention_mask is not None:
-            pair = masks.broadcast_pair_mask(
-                attention_mask, folded, self.num_heads, len(x.shape)
+            query_key_mask = masks.broadcast_query_key_mask(
+                attention_mask, folded, self.num_heads
             )
-        out = self._attend(x, key_masks, pair, bool(use_causal_mask), num_hashes, training)
-        out = folded.unfold(out)
-        if query_mask is not None:
-            set_keras_mask(out, query_mask)
-        return out
-
-    def _attend(self, x, key_masks, pair, causal, num_hashes, training):
-        """Attention of (B, L, F) `x` with (B, L) key masks and a pair mask."""
         batch = tf.shape(x)[0]
         length = x.shape[1] if x.shape[1] is not None else tf.shape(x)[1]
-        c = self.bucket_size
-        padded_length = -(-length // c) * c
-        pad = padded_length - length
+        valid, causal_rows = masks.valid_keys(
+            key_masks, query_key_mask, batch, length, causal
+        )
 
-        # Keys: the Keras masks, and the columns of the pair mask that some
-        # query may use. A key nobody may attend to is padding.
-        valid = tf.ones([batch, length], tf.bool)
-        for m in key_masks:
-            if m is not None:
-                valid = tf.logical_and(valid, tf.cast(m, tf.bool))
-        row_causal = None
-        if pair is not None:
-            valid = tf.logical_and(valid, masks.used_keys(pair))
-            if not causal:
-                row_causal = masks.admits_no_later_key(pair, valid)
-            pair = tf.pad(pair, [[0, 0], [0, 0], [0, pad], [0, pad]])
-
+        # Projections, padded to whole chunks.
         gate = self.gate_dense(x) if self.use_gate else None
         qk, v = self.project(x)
         if self.value_shift:
-            if not causal or pair is not None:
-                raise ValueError(
-                    "LSHAttention(value_shift=True) needs `use_causal_mask=True` "
-                    "and no `attention_mask` (a key brings the value of the next "
-                    "position, which only a strictly earlier query may read). "
-                    f"Received: use_causal_mask={causal}, attention_mask="
-                    f"{'given' if pair is not None else None}"
-                )
-            v = lsh.shifted_values(v, valid)
+            v = value_shift.shifted_values(v, valid)
+        c = self.bucket_size
+        padded_length = -(-length // c) * c
+        pad = padded_length - length
         # Statically unpadded (the usual case): no pad, and no slice below,
         # whose gradient is a zero-filled (B, H, L, E) copy.
         padded = not (isinstance(pad, int) and pad == 0)
@@ -610,6 +527,8 @@ class LSHAttention(keras.layers.Layer):
             qk = tf.pad(qk, [[0, 0], [0, 0], [0, pad], [0, 0]])
             v = tf.pad(v, [[0, 0], [0, 0], [0, pad], [0, 0]])
             valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
+        if query_key_mask is not None:
+            query_key_mask = tf.pad(query_key_mask, [[0, 0], [0, 0], [0, pad], [0, pad]])
 
         rate, dropout_seed = 0.0, None
         if self.dropout > 0 and training:
@@ -617,39 +536,47 @@ class LSHAttention(keras.layers.Layer):
             # seed state (e.g. replayed by a reversible stack) gives the same mask.
             rate = self.dropout
             dropout_seed = tf.cast(self.seed_generator.next(), tf.int32)
+        settings = chunk_attention.ChunkSettings(
+            bucket_size=c,
+            chunks_before=self.num_chunks_before,
+            chunks_after=self.num_chunks_after,
+            causal=causal,
+            strict=self.value_shift,
+            sliding_window=self.sliding_window,
+            dropout_rate=rate,
+        )
+
+        def hashed():
+            # Hashing, sorting, then (a group of rows at a time) the rows in
+            # sorted order, chunk attention, unsorting, the rounds combined.
+            buckets, total = self.hash_buckets(qk, num_hashes, training)
+            sorted_order = sorting.sort_order(buckets, valid, total)
+            return chunk_attention.attend(
+                qk, v, sorted_order, valid, settings,
+                query_key_mask=query_key_mask, causal_rows=causal_rows,
+                dropout_seed=dropout_seed,
+            )
 
         def dense():
-            return lsh.dense_attend(
+            return dense_attention.dense_attend(
                 qk, v, valid, dropout_rate=rate, dropout_seed=dropout_seed,
             )
 
-        def hashed():
-            buckets, total = self.hash_buckets(qk, num_hashes, training)
-            return lsh.lsh_attend(
-                qk, v, buckets, total, valid,
-                bucket_size=c,
-                chunks_before=self.num_chunks_before,
-                chunks_after=self.num_chunks_after,
-                causal=causal,
-                pair_allowed=pair,
-                row_causal=row_causal,
-                sliding_window=self.sliding_window,
-                dropout_rate=rate,
-                dropout_seed=dropout_seed,
-                strict=self.value_shift,
-            )
-
-        if causal or pair is not None or self.sliding_window is not None:
+        if causal or query_key_mask is not None or self.sliding_window is not None:
             out = hashed()
         else:
-            covers = lsh.window_covers_all(
+            covers = dense_attention.window_covers_all(
                 padded_length // c, self.num_chunks_before, self.num_chunks_after,
             )
             if isinstance(covers, bool):
                 out = dense() if covers else hashed()
             else:
                 out = tf.cond(covers, dense, hashed)  # length known only at run time
-        return self.attend_output(out[:, :, :length] if padded else out, gate)
+        out = self.attend_output(out[:, :, :length] if padded else out, gate)
+        out = folded.unfold(out)
+        if query_mask is not None:
+            set_keras_mask(out, query_mask)
+        return out
 
     def compute_mask(self, inputs, previous_mask=None):
         return previous_mask

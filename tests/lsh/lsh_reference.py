@@ -1,7 +1,7 @@
 """Brute-force LSH attention in NumPy, for checking the chunked layer.
 
 Everything here is dense (length x length) and written from the paper (Kitaev et al., 2020),
-sharing no code with keras_reformer.ops: hashing is argmax([xR; -xR]) on the
+sharing no code with keras_reformer.lsh: hashing is argmax([xR; -xR]) on the
 layer's own rotations (the only thing taken from the layer, as they are its
 random source), allowed pairs are built from the buckets per round, and the
 rounds are combined by their logsumexp weights.

@@ -1,8 +1,8 @@
 """Every input and weight gradient of LSHAttention against a float64 reference.
 
 The reference is dense attention written here in float64 TensorFlow (autodiff,
-no code from keras_reformer.ops): per round, a (L, L) allowed mask built from
-the buckets by tests/layers/lsh_reference.py, masked shared-QK softmax, rounds
+no code from keras_reformer.lsh): per round, a (L, L) allowed mask built from
+the buckets by tests/lsh/lsh_reference.py, masked shared-QK softmax, rounds
 combined by their logsumexp weights. Buckets are piecewise constant, so the
 gradient flows only through the attention itself, through the sort and
 unsort in the layer.
@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from keras_reformer.layers import LSHAttention
-from tests.layers import lsh_reference as ref
+from tests.lsh import lsh_reference as ref
 
 FEATURES = 12
 

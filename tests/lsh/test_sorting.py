@@ -1,4 +1,4 @@
-"""ops.lsh.sort_order against a NumPy reference, in eager, graph and XLA.
+"""lsh.sorting.sort_order against a NumPy reference, in eager, graph and XLA.
 
 Under XLA the order comes from sorting the keys alone (`bucket * L +
 position`, decoded by arithmetic) and in every mode the inverse comes from a
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_reformer.ops import lsh
+from keras_reformer.lsh.sorting import sort_order
 
 
 def reference(buckets, valid, num_buckets):
@@ -33,7 +33,7 @@ def test_sort_order_matches_stable_argsort(mode, length, num_buckets):
     valid[0, 5] = False  # a hole
 
     def run(b, v):
-        return lsh.sort_order(b, v, num_buckets)
+        return sort_order(b, v, num_buckets)
 
     if mode != "eager":
         run = tf.function(run, jit_compile=(mode == "xla"))

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keras_reformer.layers import LSHAttention
-from tests.layers import lsh_reference as ref
+from tests.lsh import lsh_reference as ref
 
 FEATURES = 12
 

@@ -1,10 +1,11 @@
-"""ops.chunked.chunked_value_and_vjp against plain autodiff of the whole tensor."""
+"""ops.sequence_slices.chunked_value_and_vjp against plain autodiff of the whole tensor."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_reformer.ops import chunked
+from keras_reformer.ops import sequence_slices
+from keras_reformer.ops.dropout import dropout
 
 FEATURES, HIDDEN = 6, 10
 
@@ -53,7 +54,7 @@ def test_value_and_vjp_equals_autodiff(mode, length):
         return [y] + tape.gradient(y, [x] + p, output_gradients=dy)
 
     def fused(x, dy):
-        y, dx, dp = chunked.chunked_value_and_vjp(ffn, x, dy, p, chunk_size=4)
+        y, dx, dp = sequence_slices.chunked_value_and_vjp(ffn, x, dy, p, chunk_size=4)
         return [y, dx] + dp
 
     expected = reference(x, dy)
@@ -66,7 +67,7 @@ def test_value_and_vjp_equals_autodiff(mode, length):
 def test_dynamic_length_in_graph_mode():
     p = params()
     fused = tf.function(
-        lambda x, dy: chunked.chunked_value_and_vjp(ffn, x, dy, p, chunk_size=4),
+        lambda x, dy: sequence_slices.chunked_value_and_vjp(ffn, x, dy, p, chunk_size=4),
         input_signature=[tf.TensorSpec([None, None, FEATURES])] * 2,
     )
     for length in (5, 12):
@@ -90,17 +91,17 @@ def test_slice_index_reaches_fn_as_in_chunked_map(mode):
 
     def dropped(xs, p, index):
         h = tf.tanh(tf.matmul(xs, p[0]) + p[2])
-        h = chunked.dropout(h, 0.5, chunked.slice_seed(seed, index))
+        h = dropout(h, 0.5, sequence_slices.slice_seed(seed, index))
         return tf.matmul(h, p[1]) + p[3]
 
     def by_chunked_map(x, dy):
         with tf.GradientTape() as tape:
             tape.watch([x] + p)
-            y = chunked.chunked_map(dropped, x, p, 4)
+            y = sequence_slices.chunked_map(dropped, x, p, 4)
         return [y] + tape.gradient(y, [x] + p, output_gradients=dy)
 
     def fused(x, dy):
-        y, dx, dp = chunked.chunked_value_and_vjp(dropped, x, dy, p, 4)
+        y, dx, dp = sequence_slices.chunked_value_and_vjp(dropped, x, dy, p, 4)
         return [y, dx] + dp
 
     expected = wrap(mode, by_chunked_map)(x, dy)

@@ -1,10 +1,12 @@
-"""Mask plumbing of LSHAttention: MultiHeadAttention's mask forms and axes.
+"""The masks of LSHAttention: MultiHeadAttention's mask forms and axes.
 
 `MultiHeadAttention` accepts inputs of any rank (attention over
 `attention_axes`, the other axes batch-like) and an `attention_mask` that
 broadcasts to its scores `(B, *free, heads, *T, *S)`. LSH attention works on
 `(batch, length, features)`; these helpers fold an input into that form, map
-the masks along, and unfold the output.
+the masks along, find the keys some query may attend to, and unfold the
+output. A query-key mask is a (Bm, Hm, L, L) bool tensor of allowed
+(query, key), Bm in {1, B}, Hm in {1, heads}.
 """
 
 import tensorflow as tf
@@ -70,8 +72,9 @@ def fold(x, axes):
     return Folded(x, axes)
 
 
-def broadcast_pair_mask(mask, folded, heads, rank):
-    """An MHA `attention_mask` -> (Bm, Hm, L, L) bool, Bm in {1, B'}, Hm in {1, H}.
+def broadcast_query_key_mask(mask, folded, heads):
+    """An MHA `attention_mask` -> a (Bm, Hm, L, L) query-key mask, Bm in
+    {1, B'}, Hm in {1, heads}.
 
     The mask is expanded exactly as `MultiHeadAttention._masked_softmax` does
     (size-1 axes inserted before the query axes until it has the scores'
@@ -119,22 +122,44 @@ def _static(sizes):
     return tuple(s if isinstance(s, int) else None for s in sizes)
 
 
-def used_keys(pair):
-    """(Bm, Hm, L, L) -> (Bm, L): keys that at least one query may attend to."""
-    return tf.reduce_any(pair, axis=[1, 2])
+def valid_keys(key_masks, query_key_mask, batch, length, causal):
+    """The keys some query may attend to, and the rows that ask for causality.
+
+    Args:
+        key_masks: (B, L) masks or Nones (the Keras masks of the inputs).
+        query_key_mask: None or a (Bm, Hm, L, L) query-key mask.
+        batch, length: B and L (ints or scalar tensors).
+        causal: python bool, the layer's `use_causal_mask`.
+
+    Returns:
+        valid: (B, L) bool; a key that no query may attend to is padding.
+        causal_rows: None, or (Bm, Hm) bool: the rows of a non-causal call
+            whose query-key mask admits no later key (`admits_no_later_key`).
+    """
+    valid = tf.ones([batch, length], tf.bool)
+    for mask in key_masks:
+        if mask is not None:
+            valid = tf.logical_and(valid, tf.cast(mask, tf.bool))
+    if query_key_mask is None:
+        return valid, None
+    # Only the columns of the query-key mask that some query may use.
+    valid = tf.logical_and(valid, tf.reduce_any(query_key_mask, axis=[1, 2]))
+    if causal:
+        return valid, None
+    return valid, admits_no_later_key(query_key_mask, valid)
 
 
-def admits_no_later_key(pair, valid):
+def admits_no_later_key(query_key_mask, valid):
     """(Bm, Hm) bool: no real query of the row may attend to a later real key.
 
     Such a mask (lower-triangular, maybe merged with padding) asks for
     causal attention, so those rows follow the causal rule: plain chunk
     windows would let later tokens decide which earlier keys a query sees.
     """
-    length = tf.shape(pair)[-1]
+    length = tf.shape(query_key_mask)[-1]
     positions = tf.range(length)
     later = positions[None, :] > positions[:, None]  # (query, key)
-    real = tf.reduce_any(valid, axis=0, keepdims=True) if pair.shape[0] == 1 else valid
-    real_pairs = tf.logical_and(real[:, :, None], real[:, None, :])[:, None]
-    future = tf.logical_and(tf.logical_and(pair, later), real_pairs)
+    real = tf.reduce_any(valid, axis=0, keepdims=True) if query_key_mask.shape[0] == 1 else valid
+    both_real = tf.logical_and(real[:, :, None], real[:, None, :])[:, None]
+    future = tf.logical_and(tf.logical_and(query_key_mask, later), both_real)
     return tf.logical_not(tf.reduce_any(future, axis=[2, 3]))

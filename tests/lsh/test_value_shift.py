@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 import keras_reformer as kr
-from keras_reformer.ops import lsh
+from keras_reformer.lsh.chunk_attention import ChunkSettings, attend
+from keras_reformer.lsh.sorting import sort_order
+from keras_reformer.lsh.value_shift import shifted_values
 
 B, H, L, D, R, K, C = 2, 2, 32, 8, 2, 4, 16
 
@@ -50,10 +52,12 @@ def test_strict_causal_shifted_attention_matches_brute_force(holes):
     if holes:
         valid[1, [5, 6, 20]] = False
         valid[0, -3:] = False
-    out = lsh.lsh_attend(
-        tf.constant(q), lsh.shifted_values(tf.constant(v), tf.constant(valid)),
-        tf.constant(buckets), K, tf.constant(valid), bucket_size=C,
-        chunks_before=2, causal=True, strict=True,  # reach 32: whole buckets
+    valid_t = tf.constant(valid)
+    out = attend(
+        tf.constant(q), shifted_values(tf.constant(v), valid_t),
+        sort_order(tf.constant(buckets), valid_t, K), valid_t,
+        # reach 32: whole buckets
+        ChunkSettings(bucket_size=C, chunks_before=2, causal=True, strict=True),
     ).numpy()
     ref = brute_force(q, v, buckets, valid)
     real = valid[:, None, :, None]
@@ -88,7 +92,7 @@ def test_value_shift_model_is_causal_and_padding_free():
 def test_value_shift_argument_errors():
     with pytest.raises(ValueError, match="value_shift=True.*causal=False"):
         kr.models.ReformerModel(64, causal=False, value_shift=True)
-    with pytest.raises(TypeError, match="value_shift"):
+    with pytest.raises(ValueError, match="value_shift"):
         kr.layers.LSHAttention(2, 8, value_shift="yes")
     layer = kr.layers.LSHAttention(2, 8, bucket_size=4, value_shift=True)
     with pytest.raises(ValueError, match="use_causal_mask=True"):

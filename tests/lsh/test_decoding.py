@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_reformer.layers import LSHAttention
-from keras_reformer.ops import lsh_decode
+from keras_reformer.lsh import decoding as lsh_decode
 
 LENGTH = 70  # crosses 8 chunks of 8; with 2 buckets each bucket overflows its ring
 

@@ -1,18 +1,19 @@
-"""Sorting positions into hash-round order and back, with gather gradients.
+"""Rows moved into each hash round's sorted order and back.
 
 The gradient of a gather is a scatter-add, slow on CPU. These gathers use
-permutations whose inverse is known, so their gradients are gathers too.
-The permutations are arguments, not closures, so that TF's custom-gradient
-check does not trace them back to the projection weights.
+permutations whose inverse is known (`sorting.sort_order`), so their
+gradients are gathers too. The permutations are arguments, not closures, so
+that TF's custom-gradient check does not trace them back to the projection
+weights.
 
-Shapes: P (batch, head) pairs, R rounds, L positions.
+Shapes: `rows` (batch, head) rows, R rounds, L positions.
 """
 
 import tensorflow as tf
 
 
 def gather_rounds(x, order, inverse):
-    """x (P, L, ...) -> (P, R, L, ...) in each round's sorted order.
+    """x (rows, L, ...) -> (rows, R, L, ...) in each round's sorted order.
 
     Gradient: the upstream gathered back by `inverse`, summed over rounds.
     """
@@ -30,7 +31,7 @@ def gather_rounds(x, order, inverse):
 
 
 def unsort_rounds(x, order, inverse):
-    """x (P, R, L, ...) in sorted order -> original order (gradient: gather)."""
+    """x (rows, R, L, ...) in sorted order -> original order (gradient: gather)."""
 
     @tf.custom_gradient
     def forward(x, order, inverse):

@@ -1,10 +1,11 @@
-"""Random numbers that are bit-identical in eager mode, under XLA and in a SavedModel.
+"""The random rotations of LSH hashing, bit-identical in eager mode, under XLA
+and in a SavedModel.
 
 `tf.random.stateless_normal` draws different numbers with and without XLA
 (its Gaussian transform differs between the TF kernel and the XLA lowering),
 and Keras' seeded generators are stateful. Inference-time hash rotations must
 be the same everywhere, so we draw Philox integers (identical in every mode,
-checked in tests/ops/test_random.py) and turn them into approximately normal
+checked in tests/lsh/test_rotations.py) and turn them into approximately normal
 numbers with integer arithmetic only: the Irwin-Hall sum of 12 uniforms.
 """
 
@@ -37,3 +38,23 @@ def deterministic_normal(shape, seed):
     # The integer sum is exact, so the float below is the same in every mode.
     total = tf.reduce_sum(low, axis=-1) + tf.reduce_sum(high, axis=-1)
     return tf.cast(total, tf.float32) * (1.0 / 65536.0) - 6.0
+
+
+def draw_rotations(key_dim, factors, num_hashes, seed):
+    """One (key_dim, num_hashes, n / 2) rotation per bucket factor n.
+
+    Args:
+        key_dim: int, the width of the hashed vectors.
+        factors: one or two even bucket counts (two: factorized hashing).
+        num_hashes: int, hash rounds.
+        seed: (2,) int32 tensor; factor i draws from it folded with i + 1.
+
+    Returns:
+        A list of float32 tensors, one per factor.
+    """
+    rotations = []
+    for i, n in enumerate(factors):
+        factor_seed = tf.random.experimental.stateless_fold_in(seed, i + 1)
+        shape = tf.stack([key_dim, num_hashes, n // 2])
+        rotations.append(deterministic_normal(shape, factor_seed))
+    return rotations

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from keras_reformer.ops.random import deterministic_normal
+from keras_reformer.lsh.rotations import deterministic_normal
 
 
 def test_same_numbers_in_every_mode():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_reformer.ops import lsh
-from keras_reformer.ops.chunk_attention import group_size
+from keras_reformer.lsh.chunk_attention import ChunkSettings, attend, group_size
+from keras_reformer.lsh.sorting import sort_order
 
 
 def problem(seed=0, batch=2, heads=2, rounds=3, length=64, width=8):
@@ -21,8 +21,8 @@ def problem(seed=0, batch=2, heads=2, rounds=3, length=64, width=8):
 def run(qk, v, buckets, valid, budget, **kwargs):
     with tf.GradientTape() as tape:
         tape.watch([qk, v])
-        out = lsh.lsh_attend(qk, v, buckets, 4, valid, bucket_size=8,
-                             group_elements=budget, **kwargs)
+        out = attend(qk, v, sort_order(buckets, valid, 4), valid,
+                     ChunkSettings(bucket_size=8, group_elements=budget, **kwargs))
         loss = tf.reduce_sum(out * tf.sin(out))
     return out, tape.gradient(loss, [qk, v])
 
@@ -38,8 +38,8 @@ def test_grouped_equals_single_pass(causal, mode, budget):
     fn = run
     if mode != "eager":
         fn = tf.function(run, jit_compile=mode == "jit")
-    # 4 (batch, head) pairs of 3 rounds x 64 x 16 logits: a budget of 3072
-    # gives one pair per group (4 loop iterations); 1024, one (pair, round)
+    # 4 (batch, head) rows of 3 rounds x 64 x 16 logits: a budget of 3072
+    # gives one row per group (4 loop iterations); 1024, one (row, round)
     # per iteration (12), the rounds combined after the loop.
     out_a, grads_a = fn(qk, v, buckets, valid, 2**30, **kwargs)
     out_b, grads_b = fn(qk, v, buckets, valid, budget, **kwargs)
@@ -58,8 +58,8 @@ def test_group_size_divides_rows():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("budget", [2**30, 1024, 512])
 def test_gradient_with_dropout_matches_finite_differences(budget, causal):
-    # Budgets: all at once; one pair per loop iteration (2 rounds x 32 x 16
-    # logits); one (pair, round) per iteration.
+    # Budgets: all at once; one row per loop iteration (2 rounds x 32 x 16
+    # logits); one (row, round) per iteration.
     # float64 all the way, so central differences are an independent
     # reference good to ~1e-8: the hand-written softmax backward, the
     # permutation gathers and the recomputing group loop must match at 1e-4.
@@ -68,9 +68,10 @@ def test_gradient_with_dropout_matches_finite_differences(budget, causal):
     seed = tf.constant([3, 4], tf.int32)
 
     def f(qk, v):
-        out = lsh.lsh_attend(qk, v, buckets, 4, valid, bucket_size=8, causal=causal,
-                             dropout_rate=0.3, dropout_seed=seed,
-                             group_elements=budget)
+        settings = ChunkSettings(bucket_size=8, causal=causal, dropout_rate=0.3,
+                                 group_elements=budget)
+        out = attend(qk, v, sort_order(buckets, valid, 4), valid, settings,
+                     dropout_seed=seed)
         return tf.reduce_sum(out * tf.cos(out), axis=-1)
 
     theoretical, numerical = tf.test.compute_gradient(tf.function(f), [qk, v], delta=1e-6)
@@ -81,18 +82,19 @@ def test_gradient_with_dropout_matches_finite_differences(budget, causal):
 
 
 def test_dropout_masks_differ_across_groups_and_steps():
-    # One (batch, head) pair per group: with the seed of one step, the
+    # One (batch, head) row per group: with the seed of one step, the
     # groups' outputs must differ from one another's mask pattern, and a
     # second step's seed must give other masks than the first.
-    qk, v, buckets, valid = problem(batch=1, heads=4, rounds=1, length=32, width=4)
+    qk, v, buckets, _ = problem(batch=1, heads=4, rounds=1, length=32, width=4)
     qk = tf.zeros_like(qk)  # uniform attention: only the mask shapes the output
     v = tf.ones_like(v)
 
     def dropped(seed):
-        out = lsh.lsh_attend(qk, v, tf.zeros_like(buckets), 4,
-                             tf.ones_like(valid), bucket_size=8,
-                             dropout_rate=0.5, dropout_seed=tf.constant(seed, tf.int32),
-                             group_elements=512)  # 1 round x 32 x 16: one pair a group
+        # 1 round x 32 x 16 logits: one (batch, head) row a group.
+        settings = ChunkSettings(bucket_size=8, dropout_rate=0.5, group_elements=512)
+        valid = tf.ones((1, 32), tf.bool)
+        out = attend(qk, v, sort_order(tf.zeros_like(buckets), valid, 4), valid,
+                     settings, dropout_seed=tf.constant(seed, tf.int32))
         return np.asarray(out)[0, :, :, 0]  # (heads, L): kept-probability mass
 
     first = dropped([7, 0])

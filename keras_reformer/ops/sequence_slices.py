@@ -251,11 +251,3 @@ def slice_seed(seed, index):
     )
     return tf.stack([key[0], key[1] + tf.cast(index, tf.int32)])
 
-
-def dropout(x, rate, seed):
-    """Inverted dropout of `x` with a stateless mask from `seed` (2 int32)."""
-    uniform = tf.random.stateless_uniform(
-        tf.shape(x), seed=seed, dtype=tf.float32, alg="philox"
-    )
-    keep = uniform >= rate
-    return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))

@@ -1,0 +1,19 @@
+"""LSH attention (Kitaev et al., 2020, section 2), its parts side by side.
+
+`layer.LSHAttention` (exported as `keras_reformer.layers.LSHAttention`)
+calls down, in the order data flows, into:
+
+- `masks`: MultiHeadAttention's axes and masks folded to (batch, length),
+  and the keys some query may attend to;
+- `value_shift`: values moved one real position back (`value_shift=True`);
+- `hashing`: bucket counts and angular LSH, with the rotations of
+  `rotations` (identical in eager mode, under XLA and in SavedModels);
+- `sorting`: each hash round's order of positions by (bucket, position);
+- `chunk_attention`: sorted chunks attending to their windows, a group of
+  (batch, head) rows at a time, moved into sorted order and back by
+  `permutation`;
+- `dense_attention`: the exact dense path for short non-causal inputs;
+- `scores`: the score arithmetic all paths share (unit keys, mask values,
+  the rounds' combination);
+- `decoding`: cached one-token causal decoding.
+"""
