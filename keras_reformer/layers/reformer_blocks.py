@@ -7,7 +7,7 @@ from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
 from keras_reformer.layers._layer_norm import LayerNorm
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
-from keras_reformer.lsh.layer import LSHAttention
+from keras_reformer.lsh.lsh_attention import LSHAttention
 
 
 def _resolve_seed(seed):

@@ -1,6 +1,6 @@
 """LSH attention (Kitaev et al., 2020, section 2), its parts side by side.
 
-`layer.LSHAttention` (exported as `keras_reformer.layers.LSHAttention`)
+`lsh_attention.LSHAttention` (exported as `keras_reformer.layers.LSHAttention`)
 calls down, in the order data flows, into:
 
 - `masks`: MultiHeadAttention's axes and masks folded to (batch, length),

@@ -35,8 +35,7 @@ from keras_reformer.lsh.scores import (
     unit_keys,
 )
 from keras_reformer.lsh.sorting import sort_order
-# `own` belongs with the cache: a step with `in_place=True` overwrites it.
-from keras_reformer.ops.buffers import own, set_rows  # noqa: F401
+from keras_reformer.ops.buffers import set_rows
 
 
 def ring_size(reach):

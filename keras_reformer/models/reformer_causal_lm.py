@@ -14,7 +14,7 @@ from keras_reformer.models.reformer_causal_lm_decoder import CachedDecoder
 from keras_reformer.models.reformer_causal_lm_preprocessor import (
     ReformerCausalLMPreprocessor,
 )
-from keras_reformer.lsh import decoding as lsh_decode
+from keras_reformer.ops import buffers
 from keras_reformer.ops.recompute import in_xla_context
 
 
@@ -169,7 +169,7 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         _, hidden, cache = decoder.prompt_pass(token_ids, cached, max_length)
         if not in_xla_context():
             # Steps write the caches in place (graph mode): own the buffers.
-            cache = lsh_decode.own(cache)
+            cache = buffers.own(cache)
         return hidden, cache
 
     def call_with_cache(self, token_ids, cache, cache_update_index):

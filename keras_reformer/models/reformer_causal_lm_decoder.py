@@ -21,11 +21,11 @@ caches updated in place in graph mode).
 import keras
 import tensorflow as tf
 
-from keras_reformer.lsh.layer import LSHAttention
+from keras_reformer.lsh.lsh_attention import LSHAttention
 from keras_reformer.layers.sinusoidal_position_embedding import (
     SinusoidalPositionEmbedding,
 )
-from keras_reformer.lsh import decoding as lsh_decode
+from keras_reformer.ops import buffers
 
 
 def sample_next(sampler, logits, seed):
@@ -223,7 +223,7 @@ class CachedDecoder:
         out_mask = tf.pad(tf.cast(mask, tf.int32), tail)
         if in_place:
             # The loop overwrites these: give it buffers that nothing else holds.
-            ids, out_mask, caches = lsh_decode.own((ids, out_mask, caches))
+            ids, out_mask, caches = buffers.own((ids, out_mask, caches))
         position = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
         done = position >= max_length
         rows = tf.range(batch)
@@ -242,10 +242,10 @@ class CachedDecoder:
             flat = rows * max_length + at
             current = tf.gather(tf.reshape(ids, [-1]), flat)
             current_mask = tf.gather(tf.reshape(out_mask, [-1]), flat)
-            ids = lsh_decode.set_rows(
+            ids = buffers.set_rows(
                 ids, flat, tf.where(active, token, current), in_place, [current]
             )
-            out_mask = lsh_decode.set_rows(
+            out_mask = buffers.set_rows(
                 out_mask, flat, tf.where(active, 1, current_mask), in_place,
                 [current_mask],
             )
