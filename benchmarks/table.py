@@ -32,11 +32,11 @@ def markdown(rows, columns):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", help="a file in benchmarks/results/")
+    parser.add_argument("csv", nargs="+", help="files in benchmarks/results/ (their rows in turn)")
     parser.add_argument("--columns", nargs="+", required=True, metavar="NAME[:HEADER]")
     parser.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    rows = _common.read_csv(args.csv)
+    rows = [row for name in args.csv for row in _common.read_csv(name)]
     for condition in args.where:
         key, _, value = condition.partition("=")
         negate = key.endswith("!")
