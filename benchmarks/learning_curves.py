@@ -1,6 +1,6 @@
 """Validation bits per byte vs step: the Reformer against full attention.
 
-Issue 14.2: on the default corpus (the Python standard library's sources,
+On the default corpus (the Python standard library's sources,
 `keras_reformer.data.default_corpus_files`), the same-size models trained
 for the same steps on the same batches:
 
@@ -61,7 +61,8 @@ the windows) stays, so a causal query still sees up to 64 earlier keys of
 its own bucket: fewer buckets make a target more likely to share the
 query's bucket and shorten how far back those 64 keys reach.
 
-Writes benchmarks/results/learning_curves.csv and docs/learning_curves.png.
+Writes benchmarks/results/learning_curves.csv and docs/learning_curves.png;
+`--table CSV...` prints result CSVs as docs/learning.md's table.
 """
 
 import argparse

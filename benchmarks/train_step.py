@@ -1,6 +1,6 @@
 """Tokens/s, peak RSS and FLOP utilisation (MFU, HFU) of a full training step.
 
-Reference configuration (issue 6): causal ReformerCausalLM (a
+Reference configuration: causal ReformerCausalLM (a
 ReformerBackbone and its LM head), 2 layers, d_model 256, 4 heads x 64, FFN
 1024, bucket 64, 2 hashes, vocabulary 256, batch 1, Adam. Baseline: the
 same model built from `keras.layers.MultiHeadAttention` with ordinary
@@ -30,6 +30,7 @@ medians. Only ratios from one such run count: the machines are shared.
     python benchmarks/train_step.py                       # 1K..128K, CSV + plot
     python benchmarks/train_step.py --lengths 4096 --models reformer
     python benchmarks/train_step.py --peer --lengths 1024 4096 16384 65536
+    python benchmarks/train_step.py --table train_step_peer_modes2.csv  # docs' table
 """
 
 import argparse
