@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory: LSHAttention vs MultiHeadAttention.
 
-Setup (issue 2): 4 heads x 64 (d_model 256), batch 1, causal, graph mode
+Setup: 4 heads x 64 (d_model 256), batch 1, causal, graph mode
 (`tf.function`, no XLA), LSH with bucket 64 and 2 hashes. Each point runs in
 a fresh process; memory is the process's peak RSS and, as `step_mem_mb`, that
 peak minus the RSS just before the first step (the TF runtime and weights).

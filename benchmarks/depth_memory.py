@@ -1,6 +1,6 @@
 """Peak memory of a training step vs depth: ReversibleSequence vs plain autodiff.
 
-Setup (issue 3): length 16K, batch 1, d_model 256, f = LayerNorm ->
+Setup: length 16K, batch 1, d_model 256, f = LayerNorm ->
 causal LSHAttention (4 heads x 64, bucket 64, 2 hashes), g = LayerNorm ->
 ChunkedFeedForward(1024, dropout 0.1, chunk 512); 1, 2, 4, 8, 12 blocks;
 three kinds: `reversible` (the default: identical blocks run as one loop

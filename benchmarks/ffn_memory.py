@@ -1,6 +1,6 @@
 """Peak memory of ChunkedFeedForward, chunked vs unchunked, forward + backward.
 
-Setup (issue 3): intermediate_dim 16384, length 8K, batch 1, d_model 256,
+Setup: intermediate_dim 16384, length 8K, batch 1, d_model 256,
 gelu, in `tf.function` without XLA (`graph`) and with `jit_compile=True`
 (`xla`).
 "Unchunked" is the same layer with `chunk_size=None`: the plain

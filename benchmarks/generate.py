@@ -1,7 +1,7 @@
 """Generation speed: keras-hub's `generate()` on a ReformerCausalLM (cached
 decoding) vs the uncached loop (a full forward pass per token).
 
-Setup (issue 13): one causal ReformerCausalLM for all points (a
+Setup: one causal ReformerCausalLM for all points (a
 ReformerBackbone of 2 layers, d_model 256, 4 heads x 64, bucket 64, 2
 hashes, byte vocabulary with start and end tokens: 258), its
 `max_sequence_length` the longest prompt plus the new tokens, so every
@@ -16,8 +16,7 @@ fresh process.
   the output length. Two timed runs after a warm-up (compilation):
   width `prompt + 1` (the prompt pass and one token) and `prompt +
   new_tokens`; the difference over `new_tokens - 1` is the per-token decode
-  time, which should not grow with the prompt (issue: at 16K <= 1.5x that
-  at 512).
+  time, which should not grow with the prompt.
 - cached_graph: the same `generate()` compiled without XLA
   (`jit_compile=False`: a TensorFlow graph loop, whose steps write the
   caches in place), timed the same way.

@@ -1,6 +1,6 @@
 """Validation bits per byte vs step: the Reformer against full attention.
 
-Issue 14.2: on the default corpus (the Python standard library's sources,
+On the default corpus (the Python standard library's sources,
 `keras_reformer.data.default_corpus_files`), the same-size models trained
 for the same steps on the same batches:
 
@@ -61,7 +61,8 @@ the windows) stays, so a causal query still sees up to 64 earlier keys of
 its own bucket: fewer buckets make a target more likely to share the
 query's bucket and shorten how far back those 64 keys reach.
 
-Writes benchmarks/results/learning_curves.csv and docs/learning_curves.png.
+Writes benchmarks/results/learning_curves.csv and docs/learning_curves.png;
+`--table CSV...` prints result CSVs as docs/learning.md's table.
 """
 
 import argparse
@@ -294,8 +295,13 @@ def main():
     parser.add_argument("--merge", nargs="+", metavar="CSV",
                         help="only plot these earlier result CSVs (benchmarks/results/) "
                              "into one figure, docs/<--csv name>.png, and print their table")
+    parser.add_argument("--table", nargs="+", metavar="CSV",
+                        help="print these result CSVs as docs/learning.md's table and exit")
     parser.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table([row for name in args.table for row in _common.read_csv(name)]))
+        return
     if args.merge:
         return report(merged_rows(args.merge), args.csv)
     if args.point:
@@ -351,6 +357,25 @@ def merged_rows(names):
                            val_bits=[float(v) for v in row["val_bits"].split()])
                 rows.append(row)
     return rows
+
+
+def table(rows):
+    """Rows of result CSVs (strings, as read back) as docs/learning.md's
+    table: bits per byte at each evaluation and the last one against full
+    attention with and without the value shift."""
+    last = {r["kind"]: float(r["val_bits"].split()[-1]) for r in rows}
+    steps = int(rows[0]["steps"])
+    evals = len(rows[0]["val_bits"].split())
+    at = " / ".join(f"{steps // evals * (i + 1):,}" for i in range(evals))
+    lines = [f"| model | validation bits per byte after {at} steps | vs mha | vs mha_shift "
+             f"| training seconds |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        bits = " / ".join(f"{float(v):.3f}" for v in r["val_bits"].split())
+        ratios = [f"{last[r['kind']] / last[ref]:.3f}x" if ref in last else "-"
+                  for ref in ("mha", "mha_shift")]
+        lines.append(f"| {label(r)} | {bits} | {ratios[0]} | {ratios[1]} | {r['seconds']} |")
+    return "\n".join(lines)
 
 
 def report(rows, csv_name):

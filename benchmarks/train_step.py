@@ -1,6 +1,6 @@
 """Tokens/s, peak RSS and FLOP utilisation (MFU, HFU) of a full training step.
 
-Reference configuration (issue 6): causal ReformerCausalLM (a
+Reference configuration: causal ReformerCausalLM (a
 ReformerBackbone and its LM head), 2 layers, d_model 256, 4 heads x 64, FFN
 1024, bucket 64, 2 hashes, vocabulary 256, batch 1, Adam. Baseline: the
 same model built from `keras.layers.MultiHeadAttention` with ordinary
@@ -30,6 +30,7 @@ medians. Only ratios from one such run count: the machines are shared.
     python benchmarks/train_step.py                       # 1K..128K, CSV + plot
     python benchmarks/train_step.py --lengths 4096 --models reformer
     python benchmarks/train_step.py --peer --lengths 1024 4096 16384 65536
+    python benchmarks/train_step.py --table train_step_peer_modes2.csv  # docs' table
 """
 
 import argparse
@@ -338,6 +339,34 @@ def report_peer(rows, gflops, path):
               f"| {r.get('mfu', '')} | {r.get('hfu', '')} | {r['ok_runs']}/{r['runs']} |")
 
 
+def _k(value):
+    """A number as the docs print it: thousands separated, no decimals."""
+    return f"{float(value):,.0f}"
+
+
+def peer_table(rows):
+    """Rows of --peer CSVs (strings, as read back) as docs/benchmarks.md's
+    table: per length, tokens/s and peak RSS of ours in graph mode, ours
+    under XLA and the peer, and the ratios ours / peer."""
+    by = {(int(r["length"]), r["model"], r["jit"] == "True"): r
+          for r in rows if r["status"] == "ok"}
+    lines = ["| length | tokens/s: ours graph / ours XLA / peer | graph / peer | XLA / peer "
+             "| peak RSS MiB: ours graph / ours XLA / peer | RSS graph / peer | RSS XLA / peer |",
+             "|---:|---|---:|---:|---|---:|---:|"]
+    for length in sorted({key[0] for key in by}):
+        graph, xla = by.get((length, "reformer", False)), by.get((length, "reformer", True))
+        peer = by.get((length, "hf_reformer", False))
+        if not (graph and xla and peer):
+            continue
+        tps = " / ".join(_k(r["tokens_per_s"]) for r in (graph, xla, peer))
+        rss = " / ".join(_k(r["peak_rss_mb"]) for r in (graph, xla, peer))
+        lines.append(
+            f"| {length // 1024}K | {tps} | {float(graph['tokens_per_s_ratio']):.2f}x "
+            f"| {float(xla['tokens_per_s_ratio']):.2f}x | {rss} "
+            f"| {float(graph['peak_rss_ratio']):.2f}x | {float(xla['peak_rss_ratio']):.2f}x |")
+    return "\n".join(lines)
+
+
 def check_args(parser, args):
     if any(n < 1 for n in args.lengths) or args.steps < 1 or args.repeats < 1:
         parser.error("--lengths, --steps and --repeats must be positive")
@@ -380,7 +409,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=5,
                         help="with --peer: process pairs per length")
     parser.add_argument("--csv", help="default train_step.csv (train_step_peer.csv with --peer)")
+    parser.add_argument("--table", nargs="+", metavar="CSV",
+                        help="print these --peer CSVs (benchmarks/results/) as "
+                             "docs/benchmarks.md's table and exit")
     args = parser.parse_args()
+    if args.table:
+        print(peer_table([row for name in args.table for row in _common.read_csv(name)]))
+        return
     if args.point:
         if args.point[0] == "matmul":
             return matmul_point()
