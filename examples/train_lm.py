@@ -2,46 +2,24 @@
 
 The default run trains on the Python standard library's source files (they
 ship with Python: no download) for 1,500 steps of 4 x 1K-byte sequences,
-about 10 minutes on a 2-core CPU, then prints validation bits per byte beside
-gzip -9's on the same bytes, exports a SavedModel for TF Serving and samples
-a continuation of a prompt. The model is a `ReformerCausalLM` (a keras-hub
-`CausalLM`) on a `ReformerBackbone`, with a byte-level
-`ReformerCausalLMPreprocessor`: besides the SavedModel the run saves a
-keras-hub preset (`<run-dir>/preset`, `lm.save_to_preset`), which
+then prints validation bits per byte beside gzip -9's on the same bytes,
+exports a SavedModel for TF Serving and samples a continuation of a prompt.
+The model is a `ReformerCausalLM` (a keras-hub `CausalLM`) on a
+`ReformerBackbone`, with a byte-level `ReformerCausalLMPreprocessor`; the
+run also saves a keras-hub preset (`<run-dir>/preset`), which
 `examples/generate_from_preset.py --preset <run-dir>/preset` loads with
-`keras_hub.models.CausalLM.from_preset` and generates from. The sample is
-keras-hub's `generate()` (top-k sampler, cached decoding). XLA is on for
-GPUs and TPUs and off on a CPU,
-where TensorFlow's graph step needs ~400 MiB less memory; XLA is 16-35%
-faster there (docs/benchmarks.md, "Graph mode or XLA?"; `--jit on|off`
-overrides). The documented results of the default run are graph mode's.
+`keras_hub.models.CausalLM.from_preset`. The sample is keras-hub's
+`generate()` (top-k sampler, cached decoding). `--jit auto` turns XLA on for
+GPUs and TPUs and off on a CPU (`--jit on|off` overrides).
 
-Why these defaults (measured, docs/learning.md): what decides how far a
-10-minute run gets is the number of optimizer steps and whether each
-position can see its neighbours from the start. LSH attention reaches the
-previous bytes only when they hash into the query's bucket, so without help
-the model sits at the byte-bigram level (3.76 bits per byte after the old
-default, 400 steps of 8K bytes). A causal convolution of width 3 over the
-embeddings (`--short-convolution`, ReformerBackbone's `short_convolution`)
-hands every position its two predecessors: 3.29 with the old shape. Shorter
-sequences in batches of 4 give 2.5x the steps for the same bytes: 2.95 (gzip
--9: 2.08). The bucket count matters little (2 buckets per round: 2.84 in
-one run). What was left is shared QK: a symmetric score cannot match "this
-byte" with "the byte before that key", the lookup that copying needs.
-Shifted values (`--value-shift`, ReformerBackbone's `value_shift`: the key at j
-brings the value at j + 1, queries see strictly earlier keys) keep the
-score symmetric and let the model copy what followed an earlier
-occurrence: 2.22 bits per byte (gzip -9: 2.08), against 2.95 without
-(`--value-shift off`, the paper's attention), after 1,000 steps at a peak
-learning rate of 2e-3. Then the step budget and the rate, one run each:
-3e-3 gives 2.12 in 1,000 steps; 1,500 steps give 2.05 at 2e-3, 1.97 at
-3e-3 and 1.92 at 4e-3 (below gzip's 2.08). Last, the convolution's width:
-8 instead of 3 gives 1.75 in the same time (557 s vs 552 s of training),
-and it is what makes the sample read like Python: with 7 earlier bytes in
-view the model can count an indentation's spaces, which LSH attention
-cannot do for it (width 3 wrote runs of dozens of spaces). The sample
-continues a short Python class (`--prompt`), whose names the model copies
-from its context, at temperature 0.8 among the 5 likeliest bytes.
+The defaults go beyond the paper's model in two places, both flags:
+`--short-convolution 8` (a causal convolution over the embeddings that hands
+each position its 7 predecessors, which LSH attention reaches only when they
+share a bucket) and `--value-shift on` (the key at j brings the value at
+j + 1, so shared-QK attention can copy what followed an earlier occurrence).
+`--value-shift off --short-convolution 0` is the paper's model; both runs,
+at the same budget, are in docs/learning.md (`benchmarks/main_job.py`
+writes the table).
 
     python examples/train_lm.py                       # defaults (XLA on GPU/TPU)
     python examples/train_lm.py --seq-len 65536 --data enwik8

@@ -74,9 +74,7 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         num_chunks_before: earlier chunks a chunk attends to (default 1, the
             paper's look-one-back); a causal query sees the
             `num_chunks_before * bucket_size` most recent keys of its bucket
-            per round. A reach of 2 costs 1.5x the attention's work; at 2K
-            with 16 buckets it did not learn better than 1
-            (docs/learning.md, "Three seeds, and a longer reach").
+            per round. A reach of 2 costs 1.5x the attention's work.
         dropout: residual and embedding dropout.
         attention_dropout: dropout on attention probabilities.
         max_sequence_length: longest input (sizes the position embedding).
