@@ -188,13 +188,15 @@ def backward_block(runner, i, y1, y2, dy1, dy2, carry, done=None):
 # ------------------------------------------------------------- drivers
 
 
-def _python_loop(step, indices, state):
-    for i in indices:
-        state = step(i, *state)
-    return state
+def _over_blocks(step, depth, state, loop, reverse=False):
+    """`state = step(i, *state)` for every block `i`, from the last one
+    with `reverse`: as a `tf.while_loop` with `loop` (the program holds one
+    block), else as a Python loop (one copy of the program per block)."""
+    if not loop:
+        for i in (reversed(range(depth)) if reverse else range(depth)):
+            state = step(i, *state)
+        return tuple(state)
 
-
-def _while_loop(step, depth, state, reverse=False):
     def body(k, *state):
         i = depth - 1 - k if reverse else k
         return (k + 1, *step(i, *state))
@@ -208,10 +210,10 @@ def _while_loop(step, depth, state, reverse=False):
 
 def forward(runner, x1, x2):
     """The stack on `(x1, x2)`, block by block, under ordinary autodiff."""
-    carry = runner.start_forward(runner.read(), record_seeds=False)
-    y1, y2, carry = _python_loop(
+    carry = runner.start_forward(record_seeds=False)
+    y1, y2, carry = _over_blocks(
         lambda i, y1, y2, carry: forward_block(runner, i, y1, y2, carry),
-        range(runner.depth), (x1, x2, carry),
+        runner.depth, (x1, x2, carry), loop=False,
     )
     runner.finish_forward(carry)
     return y1, y2
@@ -220,10 +222,10 @@ def forward(runner, x1, x2):
 def inverse(runner, y1, y2):
     """The stack's inputs rebuilt from its outputs; variables are not
     changed (a call that changes them is not inverted by this)."""
-    carry = runner.start_forward(runner.read(), record_seeds=False)
-    x1, x2, _ = _python_loop(
+    carry = runner.start_forward(record_seeds=False)
+    x1, x2, _ = _over_blocks(
         lambda i, y1, y2, carry: inverse_block(runner, i, y1, y2, carry),
-        reversed(range(runner.depth)), (y1, y2, carry),
+        runner.depth, (y1, y2, carry), loop=False, reverse=True,
     )
     return x1, x2
 
@@ -233,26 +235,23 @@ def reversible(runner, x1, x2):
 
     Only the outputs are kept: the gradient walks back block by block,
     rebuilding each block's inputs and taking its VJPs with the forward's
-    random numbers. As a while loop for a `TemplateRunner`.
+    random numbers. Both passes are while loops for a `TemplateRunner`
+    (`runner.loops`).
     """
-
-    def step(i, y1, y2, carry):
-        return forward_block(runner, i, y1, y2, carry)
 
     @tf.custom_gradient
     def stack(x1, x2):
         with recompute.stop_recording():
-            recorded = runner.read()
-            carry = runner.start_forward(recorded, record_seeds=True)
-            if runner.loops:
-                y1, y2, carry = _while_loop(step, runner.depth, (x1, x2, carry))
-            else:
-                y1, y2, carry = _python_loop(step, range(runner.depth), (x1, x2, carry))
+            carry = runner.start_forward(record_seeds=True)
+            y1, y2, carry = _over_blocks(
+                lambda i, y1, y2, carry: forward_block(runner, i, y1, y2, carry),
+                runner.depth, (x1, x2, carry), loop=runner.loops,
+            )
             replay = runner.finish_forward(carry)
         outputs = (y1, y2)
 
         def grad_fn(dy1, dy2, variables=None):
-            return _backward(runner, recorded, replay, outputs, dy1, dy2,
+            return _backward(runner, replay, outputs, dy1, dy2,
                              list(variables or []))
 
         return [y1, y2], grad_fn
@@ -261,26 +260,26 @@ def reversible(runner, x1, x2):
     return y1, y2
 
 
-def _backward(runner, recorded, replay, outputs, dy1, dy2, variables):
+def _backward(runner, replay, outputs, dy1, dy2, variables):
     y1 = tf.stop_gradient(outputs[0])
     y2 = tf.stop_gradient(outputs[1])
     dy1 = tf.zeros_like(y1) if dy1 is None else dy1
     dy2 = tf.zeros_like(y2) if dy2 is None else dy2
     # Gradients are returned for the list TF hands us (its order differs
     # between eager and graph mode).
-    carry = runner.start_backward(recorded, replay, variables)
+    carry = runner.start_backward(replay, variables)
     if runner.loops:
         def step(i, y1, y2, dy1, dy2, carry):
             return backward_block(runner, i, y1, y2, dy1, dy2, carry)[:5]
 
-        y1, y2, dy1, dy2, carry = _while_loop(
-            step, runner.depth, (y1, y2, dy1, dy2, carry), reverse=True)
+        state = (y1, y2, dy1, dy2, carry)
     else:
         def step(i, y1, y2, dy1, dy2, carry, done):
             return backward_block(runner, i, y1, y2, dy1, dy2, carry, done)
 
-        y1, y2, dy1, dy2, carry, _ = _python_loop(
-            step, reversed(range(runner.depth)), (y1, y2, dy1, dy2, carry, []))
+        state = (y1, y2, dy1, dy2, carry, [])
+    _, _, dy1, dy2, carry, *_ = _over_blocks(
+        step, runner.depth, state, loop=runner.loops, reverse=True)
     return [dy1, dy2], runner.finish_backward(carry, variables)
 
 
@@ -293,12 +292,13 @@ class BlockRunner:
     A runner is made per call. Its `carry` is what the drivers thread
     through the blocks for it (in a while loop: loop variables).
 
-    * `read()`: what the forward pass reads before its first block.
-    * `start_forward(recorded, record_seeds)` -> carry; `forward(half, i,
-      x, carry)` -> (half `half` of block `i` on `x`, carry);
+    * `start_forward(record_seeds)` -> carry (`record_seeds`: whether a
+      backward pass will replay this forward's random numbers);
+      `forward(half, i, x, carry)` -> (half `half` of block `i` on `x`,
+      carry);
       `finish_forward(carry)` writes the variables the blocks changed and
       returns what the backward pass replays.
-    * `start_backward(recorded, replay, variables)` -> carry; `vjp(half, i,
+    * `start_backward(replay, variables)` -> carry; `vjp(half, i,
       x, dy, carry)` -> (output, gradient for `x` or None, weight gradients,
       carry); `finish_backward(carry, variables)` -> the gradient of each of
       `variables` (or None).
@@ -355,10 +355,7 @@ class PerBlockRunner(BlockRunner):
     the custom gradient (summed over the blocks that share a layer).
     """
 
-    def read(self):
-        return None
-
-    def start_forward(self, recorded, record_seeds):
+    def start_forward(self, record_seeds):
         if not record_seeds:
             return None
         self._seed_states = [
@@ -384,7 +381,7 @@ class PerBlockRunner(BlockRunner):
         states gives wrong gradients)."""
         return snapshots
 
-    def start_backward(self, recorded, replay, variables):
+    def start_backward(self, replay, variables):
         self._replay = self._replayed(replay)
         self._sources = [
             v for v in variables
@@ -509,8 +506,9 @@ class TemplateRunner(BlockRunner):
         ]
         return out, updated
 
-    def start_forward(self, recorded, record_seeds):
-        self._per_block = _per_block_values(recorded)
+    def start_forward(self, record_seeds):
+        self._recorded = self.read()
+        self._per_block = _per_block_values(self._recorded)
         return {
             half: [_array_like(self._per_block[half][j], self.depth)
                    for j in self._changing[half]]
@@ -537,7 +535,7 @@ class TemplateRunner(BlockRunner):
                     continue
                 for index, variable in enumerate(slots[j]):
                     variable.assign(array.read(index))
-        return None
+        return self._recorded
 
     @staticmethod
     def _replayed(recorded):
@@ -547,8 +545,8 @@ class TemplateRunner(BlockRunner):
         reading the advanced states instead gives wrong gradients)."""
         return recorded
 
-    def start_backward(self, recorded, replay, variables):
-        self._per_block = _per_block_values(self._replayed(recorded))
+    def start_backward(self, replay, variables):
+        self._per_block = _per_block_values(self._replayed(replay))
         return {
             half: [_array_like(self._per_block[half][j], self.depth)
                    for j in self._trainable[half]]
@@ -604,24 +602,24 @@ class _PerBlockValues:
 
     From the blocks' own variables, in graph mode a TensorArray holds each
     value as it is (no copy), where `tf.stack` plus a gather per iteration
-    held two more copies of every weight; under XLA a stacked tensor (XLA's
-    buffers did not shrink with the TensorArray and its compile grew). The
-    stacked weights' value is used as it is.
+    held two more copies of every weight; under XLA one tensor of shape
+    `(depth, ...)` (XLA's buffers did not shrink with the TensorArray and
+    its compile grew). The stacked weights' value is used as it is.
     """
 
     def __init__(self, values):
         if not isinstance(values, (list, tuple)):  # a stacked weight's value
             self.dtype = values.dtype
             self.element_shape = values.shape[1:]
-            self.array, self.stacked = None, values
+            self.array, self.tensor = None, values
             return
         self.dtype = values[0].dtype
         self.element_shape = values[0].shape
         if recompute.in_xla_context():
             self.array = None
-            self.stacked = tf.stack(values)
+            self.tensor = tf.stack(values)
         else:
-            self.stacked = None
+            self.tensor = None
             # Read by the forward and again by the backward (eager arrays
             # would otherwise clear an element on its first read).
             array = tf.TensorArray(self.dtype, size=len(values),
@@ -637,8 +635,8 @@ class _PerBlockValues:
         if isinstance(index, int):
             # A Python loop (`forward` on stacked weights) differentiates
             # through this: a slice's gradient is dense, a gather's sparse.
-            return self.stacked[index]
-        return tf.gather(self.stacked, index)
+            return self.tensor[index]
+        return tf.gather(self.tensor, index)
 
 
 def _array_like(values, size):

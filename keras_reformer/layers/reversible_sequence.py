@@ -121,7 +121,7 @@ class ReversibleSequence(keras.layers.Layer):
         loop_blocks: `"auto"`, `True` or `False`. With `True`, the blocks
             (which must all have the same structure: class, configuration
             up to names and seeds, and weight shapes) run as one loop body
-            over their stacked weights, forward and backward, so the program
+            over every block's weights, forward and backward, so the program
             (graph size, XLA compile time and memory, XLA's buffers) does
             not grow with depth. `"auto"` (default) loops when
             `reversible=True`, there are at least two blocks and they have
