@@ -6,13 +6,8 @@ import keras
 import tensorflow as tf
 
 from keras_reformer import _checks
-from keras_reformer.layers import _block_loop, _fused_vjp
+from keras_reformer.layers import _reversible_engine as engine
 from keras_reformer.ops import recompute
-
-
-def _describe(value):
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _check_blocks(blocks):
@@ -21,7 +16,7 @@ def _check_blocks(blocks):
     ):
         raise ValueError(
             "`blocks` must be a list of (f, g) pairs of Keras layers. "
-            f"Received: blocks={_describe(blocks)}"
+            f"Received: blocks={engine.describe(blocks)}"
         )
     if not blocks:
         raise ValueError(
@@ -31,20 +26,20 @@ def _check_blocks(blocks):
         raise ValueError(
             "`blocks` must be a list of (f, g) pairs; it looks like a single "
             "pair. Wrap it in a list: blocks=[(f, g)]. "
-            f"Received: blocks={_describe(blocks)}"
+            f"Received: blocks={engine.describe(blocks)}"
         )
     pairs = []
     for index, block in enumerate(blocks):
         if not isinstance(block, (list, tuple)) or len(block) != 2:
             raise ValueError(
                 f"Block {index} must be a pair (f, g) of Keras layers. "
-                f"Received: blocks[{index}]={_describe(block)}"
+                f"Received: blocks[{index}]={engine.describe(block)}"
             )
         for name, layer in zip(("f", "g"), block):
             if not isinstance(layer, keras.layers.Layer):
                 raise ValueError(
                     f"Block {index}: `{name}` must be a Keras layer. "
-                    f"Received: blocks[{index}].{name}={_describe(layer)}"
+                    f"Received: blocks[{index}].{name}={engine.describe(layer)}"
                 )
         pairs.append((block[0], block[1]))
     return pairs
@@ -70,13 +65,6 @@ class _SlotBook:
     def __init__(self, sources, block_variables):
         self.sources = sources  # [(block variables, slot variable)]
         self.block_variables = block_variables
-
-
-def _same_shape(a, b):
-    a, b = tuple(a), tuple(b)
-    return len(a) == len(b) and all(
-        x is None or y is None or x == y for x, y in zip(a, b)
-    )
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -133,7 +121,7 @@ class ReversibleSequence(keras.layers.Layer):
         loop_blocks: `"auto"`, `True` or `False`. With `True`, the blocks
             (which must all have the same structure: class, configuration
             up to names and seeds, and weight shapes) run as one loop body
-            over their stacked weights, forward and backward, so the program
+            over every block's weights, forward and backward, so the program
             (graph size, XLA compile time and memory, XLA's buffers) does
             not grow with depth. `"auto"` (default) loops when
             `reversible=True`, there are at least two blocks and they have
@@ -211,7 +199,7 @@ class ReversibleSequence(keras.layers.Layer):
                 "Received: stack_weights=True, loop_blocks=False"
             )
         if self.stack_weights:
-            reason = _block_loop.why_not_loopable(pairs, min_blocks=1)
+            reason = engine.why_not_loopable(pairs, min_blocks=1)
             if reason is not None:
                 raise ValueError(
                     "`stack_weights=True` needs blocks of one structure, but "
@@ -244,7 +232,7 @@ class ReversibleSequence(keras.layers.Layer):
                 f"tensors of the same shape. Received input shape: {input_shape}"
             )
         shape1, shape2 = (tuple(s) for s in input_shape)
-        if not _same_shape(shape1, shape2):
+        if not engine.same_shape(shape1, shape2):
             raise ValueError(
                 "ReversibleSequence expects [x1, x2] of the same shape. "
                 f"Received: x1.shape={shape1}, x2.shape={shape2}"
@@ -270,7 +258,7 @@ class ReversibleSequence(keras.layers.Layer):
             for name, layer in (("f", f), ("g", g)):
                 with recompute.throwaway_trace():
                     out = layer(spec)
-                self._check_block_output(index, name, layer, shape, out)
+                engine.check_block_output(index, name, layer, shape, out)
         if self.stack_weights:
             self._stack_from_blocks()
         self.built = True
@@ -313,7 +301,7 @@ class ReversibleSequence(keras.layers.Layer):
         variable and values when `keep_values`; every other slot gets a new
         variable holding the blocks' current values.
         """
-        reason = _block_loop.why_not_loopable(self.blocks, min_blocks=1)
+        reason = engine.why_not_loopable(self.blocks, min_blocks=1)
         if reason is not None:
             raise ValueError(
                 "`stack_weights=True` needs blocks of one structure, but "
@@ -558,15 +546,6 @@ class ReversibleSequence(keras.layers.Layer):
                 mapping.append((variable, tf.convert_to_tensor(slot.value)[index]))
         return keras.StatelessScope(state_mapping=mapping)
 
-    def _check_block_output(self, index, name, layer, shape, out):
-        out_shape = getattr(out, "shape", None)
-        if out_shape is None or not _same_shape(out_shape, shape):
-            raise ValueError(
-                f"Block {index} ({name}={layer.name!r}) must return a tensor "
-                f"of the shape of its input. Input shape: {tuple(shape)}, "
-                f"output: {_describe(out_shape if out_shape is not None else out)}"
-            )
-
     # ------------------------------------------------------------------ call
 
     def _block_kwargs(self, layer, mask, training):
@@ -583,131 +562,52 @@ class ReversibleSequence(keras.layers.Layer):
                 kwargs["query_mask"] = mask
         return kwargs
 
-    def _run(self, index, name, layer, x, kwargs):
-        out = layer(x, **kwargs)
-        if not _same_shape(out.shape, x.shape):
-            self._check_block_output(index, name, layer, x.shape, out)
-        return tf.cast(out, self._stream_dtype)
-
     def call(self, inputs, mask=None, training=None):
         if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
             raise ValueError(
                 "ReversibleSequence must be called on a list [x1, x2] of two "
-                f"tensors. Received: {_describe(inputs)}"
+                f"tensors. Received: {engine.describe(inputs)}"
             )
         x1, x2 = inputs
         self._input_shapes([tuple(x1.shape), tuple(x2.shape)])
         if isinstance(mask, (list, tuple)):
             mask = next((m for m in mask if m is not None), None)
         training = False if training is None else training
-        kwargs = [
-            (self._block_kwargs(f, mask, training), self._block_kwargs(g, mask, training))
-            for f, g in self.blocks
-        ]
         x1 = tf.cast(x1, self._stream_dtype)
         x2 = tf.cast(x2, self._stream_dtype)
         stacked = self._current_stacked()
-        if stacked is not None and not self.reversible:
-            y1, y2 = self._loop(kwargs[0]).plain(x1, x2)
-        elif self.reversible and (stacked is not None or self._loops()):
-            y1, y2 = self._loop(kwargs[0]).forward()(x1, x2)
-        elif self.reversible:
-            y1, y2 = self._reversible(x1, x2, kwargs)
+        template = stacked is not None or (self.reversible and self._loops())
+        runner = self._runner(mask, training, template, stacked)
+        if self.reversible:
+            y1, y2 = engine.reversible(runner, x1, x2)
         else:
-            y1, y2 = x1, x2
-            for index, (f, g) in enumerate(self.blocks):
-                y1 = y1 + self._run(index, "f", f, y2, kwargs[index][0])
-                y2 = y2 + self._run(index, "g", g, y1, kwargs[index][1])
+            y1, y2 = engine.forward(runner, x1, x2)
         return [tf.cast(y1, self.compute_dtype), tf.cast(y2, self.compute_dtype)]
 
-    def _loop(self, kwargs):
-        return _block_loop.BlockLoop(
-            self.blocks,
-            lambda name, layer, x, kw: self._run(0, name, layer, x, kw),
-            kwargs,
-            lambda name, layer, x, kw, dy: self._run_vjp(0, name, layer, x, kw, dy),
-            stacked=self._current_stacked(),
-        )
+    def _runner(self, mask, training, template, stacked):
+        """The runner of this call's blocks: block 0's layers as a template
+        on every block's (or the stacked) weights, or each block's own."""
+        kwargs = [
+            {half: self._block_kwargs(layer, mask, training)
+             for half, layer in (("f", f), ("g", g))}
+            for f, g in self.blocks
+        ]
+        if template:
+            return engine.TemplateRunner(
+                self.blocks, kwargs, self._stream_dtype, stacked_weights=stacked)
+        return engine.PerBlockRunner(self.blocks, kwargs, self._stream_dtype)
 
     def _loops(self):
         """Whether this call runs the blocks as one loop (see `loop_blocks`)."""
         if self.loop_blocks is False:
             return False
-        reason = _block_loop.why_not_loopable(self.blocks)
+        reason = engine.why_not_loopable(self.blocks)
         if reason is not None and self.loop_blocks is True:
             raise ValueError(
                 "ReversibleSequence(loop_blocks=True) needs blocks of one "
                 f"structure, but {reason}. Use loop_blocks='auto' or False."
             )
         return reason is None
-
-    def _reversible(self, x1, x2, kwargs):
-        blocks = self.blocks
-        states = [
-            (recompute.seed_state_variables(f), recompute.seed_state_variables(g))
-            for f, g in blocks
-        ]
-
-        @tf.custom_gradient
-        def stack(x1, x2):
-            snapshots = []
-            with recompute.stop_recording():
-                y1, y2 = x1, x2
-                for index, (f, g) in enumerate(blocks):
-                    f_seeds = recompute.snapshot(states[index][0])
-                    y1 = y1 + self._run(index, "f", f, y2, kwargs[index][0])
-                    g_seeds = recompute.snapshot(states[index][1])
-                    y2 = y2 + self._run(index, "g", g, y1, kwargs[index][1])
-                    snapshots.append((f_seeds, g_seeds))
-            outputs = (y1, y2)
-
-            def grad_fn(dy1, dy2, variables=None):
-                variables = list(variables or [])
-                # Gradients are taken against the list TF hands us (its
-                # order differs between eager and graph mode).
-                sources = [
-                    v for v in variables
-                    if v.dtype.is_floating and getattr(v, "trainable", True)
-                ]
-                totals = {}
-                y1 = tf.stop_gradient(outputs[0])
-                y2 = tf.stop_gradient(outputs[1])
-                dy1 = tf.zeros_like(y1) if dy1 is None else dy1
-                dy2 = tf.zeros_like(y2) if dy2 is None else dy2
-                done = []  # weight gradients of the half-block done last
-                for index in reversed(range(len(blocks))):
-                    f, g = blocks[index]
-                    f_seeds, g_seeds = snapshots[index]
-                    # g: y2 = x2 + g(y1). Recompute only once dy2 and the
-                    # previous half's weight gradients exist (see
-                    # gradient_dependency: ordering for XLA and the executor).
-                    y1, y2, dy1, dy2, *_ = recompute.barrier([y1, y2, dy1, dy2] + done)
-                    (y1,) = recompute.gradient_dependency([y1], [dy2] + done)
-                    g_out, (d_y1, var_grads) = self._vjp(
-                        index, "g", g, y1, kwargs[index][1],
-                        list(zip(states[index][1], g_seeds)), dy2, sources,
-                    )
-                    done = self._accumulate(totals, sources, var_grads)
-                    dy1 = dy1 + d_y1 if d_y1 is not None else dy1
-                    x2 = y2 - g_out
-                    # f: y1 = x1 + f(x2). Recompute after the total dy1 exists.
-                    x2, dy1, dy2, *_ = recompute.barrier([x2, dy1, dy2] + done)
-                    (x2,) = recompute.gradient_dependency([x2], [dy1] + done)
-                    f_out, (d_x2, var_grads) = self._vjp(
-                        index, "f", f, x2, kwargs[index][0],
-                        list(zip(states[index][0], f_seeds)), dy1, sources,
-                    )
-                    done = self._accumulate(totals, sources, var_grads)
-                    dy2 = dy2 + d_x2 if d_x2 is not None else dy2
-                    x1 = y1 - f_out
-                    y1, y2 = x1, x2
-                var_grads = [totals.get(id(v)) for v in variables]
-                return [dy1, dy2], var_grads
-
-            return [y1, y2], grad_fn
-
-        y1, y2 = stack(x1, x2)
-        return y1, y2
 
     def inverse(self, outputs, mask=None):
         """Rebuilds the inputs `[x1, x2]` from the outputs `[y1, y2]`.
@@ -717,53 +617,10 @@ class ReversibleSequence(keras.layers.Layer):
         backward pass does the same walk with the forward's random seeds.
         """
         y1, y2 = (tf.cast(y, self._stream_dtype) for y in outputs)
-        for index in reversed(range(len(self.f_layers))):
-            f, g = self.f_layers[index], self.g_layers[index]
-            with self.block_scope(index):
-                x2 = y2 - self._run(index, "g", g, y1, self._block_kwargs(g, mask, False))
-                x1 = y1 - self._run(index, "f", f, x2, self._block_kwargs(f, mask, False))
-            y1, y2 = x1, x2
-        return [tf.cast(y1, self.compute_dtype), tf.cast(y2, self.compute_dtype)]
-
-    def _vjp(self, index, name, layer, x, kwargs, seed_mapping, dy, sources):
-        """Reruns `layer` on `x` with its forward seeds; grads for x and sources."""
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            tape.watch(sources)
-            with keras.StatelessScope(state_mapping=seed_mapping):
-                out, targets, target_grads = self._run_vjp(
-                    index, name, layer, x, kwargs, dy)
-        grads = tape.gradient(targets, [x] + sources, output_gradients=target_grads)
-        return tf.stop_gradient(out), (grads[0], grads[1:])
-
-    def _run_vjp(self, index, name, layer, x, kwargs, dy):
-        """Under the caller's tape: `layer`'s output (stream dtype) and the
-        `(targets, target_grads)` whose gradient is its VJP with `dy`.
-
-        A block offering `value_and_vjp` (see `_fused_vjp`) gives its
-        output and gradients in one pass; any other is just run, its output
-        being the target.
-        """
-        fused = _fused_vjp.method_of(layer)
-        if fused is None:
-            out = self._run(index, name, layer, x, kwargs)
-            return out, [out], [dy]
-        out, targets, target_grads = fused(x, dy, **kwargs)
-        if not _same_shape(out.shape, x.shape):
-            self._check_block_output(index, name, layer, x.shape, out)
-        return tf.cast(out, self._stream_dtype), targets, target_grads
-
-    @staticmethod
-    def _accumulate(totals, sources, grads):
-        """Adds `grads` into `totals`; returns the ones that are not None."""
-        present = []
-        for variable, grad in zip(sources, grads):
-            if grad is None:
-                continue
-            present.append(grad)
-            key = id(variable)
-            totals[key] = grad if key not in totals else totals[key] + grad
-        return present
+        stacked = self._current_stacked()
+        runner = self._runner(mask, False, stacked is not None, stacked)
+        x1, x2 = engine.inverse(runner, y1, y2)
+        return [tf.cast(x1, self.compute_dtype), tf.cast(x2, self.compute_dtype)]
 
     # ------------------------------------------------------------ keras API
 
