@@ -130,3 +130,19 @@ gradient_registry = _private(
     "forgetting the custom gradients of throwaway (symbolic) traces",
     _gradient_registry,
 )
+
+
+def _quantize_filter():
+    from keras.src.quantizers.utils import should_quantize_layer
+
+    return should_quantize_layer
+
+
+# Keras' reading of `quantize(filters=...)` (a regex, a list of them or a
+# callable), so that a Reformer model can narrow the calibrated modes to its
+# blocks and still honour the user's filters exactly as Keras would.
+should_quantize_layer = _private(
+    "keras.src.quantizers.utils.should_quantize_layer",
+    "combining a user's quantize filters with the calibrated modes' own",
+    _quantize_filter,
+)

@@ -4,9 +4,8 @@ import contextlib
 
 from keras_reformer.layers.reversible_sequence import ReversibleSequence
 
-# Keras' calibrated modes run a model's blocks one after another on
-# calibration data (`sequential_blocks`); a reversible stack's blocks are
-# (f, g) pairs on two streams, which that machinery does not model.
+# Keras' calibrated modes: they run the model stage by stage on calibration
+# data (see `_calibration.py`).
 CALIBRATED_MODES = ("gptq", "awq")
 
 
@@ -32,13 +31,7 @@ def blocks_in_sync(model):
     model.train_function = model.test_function = model.predict_function = None
 
 
-def check_quantization_mode(mode, config):
-    """Refuses the calibrated modes (before any layer is changed)."""
+def calibrated_mode(mode, config):
+    """Whether `quantize(mode, config)` is one of Keras' calibrated modes."""
     mode = mode if mode is not None else getattr(config, "mode", None)
-    if mode in CALIBRATED_MODES:
-        raise ValueError(
-            f"quantize(mode={mode!r}) is not supported by Reformer models: "
-            "Keras' calibrated quantization runs a model's blocks one after "
-            "another, and a reversible stack's blocks are (f, g) pairs on two "
-            "streams. Supported modes: 'int8', 'int4', 'float8'."
-        )
+    return mode in CALIBRATED_MODES

@@ -16,7 +16,8 @@ from keras_reformer.layers.sinusoidal_position_embedding import (
 )
 from keras_reformer.layers.token_id_check import TokenIdCheck
 from keras_reformer.data._token_id_inputs import TokenIdInputs
-from keras_reformer.models._stacks import blocks_in_sync, check_quantization_mode
+from keras_reformer.models._calibration import block_layers_only, quantization_stages
+from keras_reformer.models._stacks import blocks_in_sync, calibrated_mode
 
 POSITION_EMBEDDINGS = ("axial", "sinusoidal", None)
 
@@ -314,10 +315,43 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """`keras.Model.quantize`, also with stacked weights: the stack's
         blocks are quantized from their trained values (see
-        `ReversibleSequence.quantize`)."""
-        check_quantization_mode(mode, config)
+        `ReversibleSequence.quantize`).
+
+        The calibrated modes ("gptq", "awq", with Keras' `GPTQConfig` /
+        `AWQConfig` holding the calibration texts and a tokenizer) quantize
+        the reversible blocks' layers, calibrated on the activations the
+        forward pass gives them; the embedding stays as it is.
+        """
+        if calibrated_mode(mode, config):
+            filters = block_layers_only(self, filters)
         with blocks_in_sync(self):
             super().quantize(mode, config=config, filters=filters, **kwargs)
+
+    def save_own_variables(self, store):
+        # Keras 3.15 writes GPTQ/AWQ `EinsumDense` weights without their zero
+        # points and then cannot load them: refuse here rather than write a
+        # file that does not load.
+        modes = {
+            getattr(layer, "quantization_mode", None) for layer in self._flatten_layers()
+        }
+        calibrated = sorted(m for m in modes if calibrated_mode(m, None))
+        if calibrated:
+            raise ValueError(
+                f"A model quantized with {calibrated[0]!r} cannot be saved with "
+                f"Keras {keras.__version__}: Keras writes the calibrated modes' "
+                "weights without their zero points, and the file does not load "
+                "again. Save the float model and call `quantize` after loading "
+                "it; 'int8', 'int4' and 'float8' models save and reload."
+            )
+        super().save_own_variables(store)
+
+    def get_quantization_layer_structure(self, mode=None):
+        """The stages Keras' calibrated modes run (see `quantize`): the
+        embedding, then one stage per reversible (f, g) block on both
+        streams. None for the other modes."""
+        if not calibrated_mode(mode, None):
+            return None
+        return quantization_stages(self)
 
     def set_num_hashes(self, num_hashes):
         """Change the hash rounds of every attention layer (no retraining).

@@ -7,7 +7,8 @@ import tensorflow as tf
 from keras import ops
 
 from keras_reformer import _checks, _token_ids
-from keras_reformer.models._stacks import blocks_in_sync, check_quantization_mode
+from keras_reformer.models._calibration import block_layers_only
+from keras_reformer.models._stacks import blocks_in_sync, calibrated_mode
 from keras_reformer.data._token_id_inputs import TokenIdInputs
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_causal_lm_decoder import CachedDecoder
@@ -302,9 +303,20 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         self.train_function = self.test_function = self.predict_function = None
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """`keras.Model.quantize` (int8, int4, float8), also with stacked
-        weights (see `ReformerBackbone.quantize`)."""
-        check_quantization_mode(mode, config)
+        """`keras.Model.quantize`, also with stacked weights (see
+        `ReformerBackbone.quantize`). "int8", "int4" and "float8" quantize
+        the head too; the calibrated modes ("gptq", "awq") quantize the
+        reversible blocks' layers only, calibrated on the activations of the
+        backbone's forward pass, e.g.
+        `lm.quantize("gptq", config=keras.quantizers.GPTQConfig(texts,
+        lm.preprocessor.tokenizer, sequence_length=512))`."""
+        if calibrated_mode(mode, config):
+            filters = block_layers_only(self.backbone, filters)
         with blocks_in_sync(self):
             super().quantize(mode, config=config, filters=filters, **kwargs)
         self.generate_function = None
+
+    def get_quantization_layer_structure(self, mode=None):
+        """The backbone's stages for the calibrated modes (see
+        `ReformerBackbone.get_quantization_layer_structure`)."""
+        return self.backbone.get_quantization_layer_structure(mode)

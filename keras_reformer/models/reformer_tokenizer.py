@@ -149,6 +149,9 @@ class ReformerTokenizer(ByteTokenizer):
         super().__init__(
             sequence_length=sequence_length, dtype=dtype, **_FIXED, **kwargs
         )
+        # No weights to build. Built, so that `model.quantize` (which first
+        # checks that every layer of the model is built) passes over it.
+        self.built = True
 
     # ------------------------------------------------------- vocabulary
 

@@ -169,12 +169,3 @@ def test_quantized_model_saves_reloads_and_exports(tmp_path, stack_weights):
     served = tf.saved_model.load(export).signatures["serving_default"](
         token_ids=tf.constant(inputs["token_ids"]))["logits"]
     np.testing.assert_allclose(served.numpy(), want, atol=1e-5)
-
-
-def test_calibrated_modes_are_refused_before_anything_changes():
-    lm = reformer()
-    before = [np.array(v) for v in lm.weights]
-    for mode in ("gptq", "awq"):
-        with pytest.raises(ValueError, match=f"(?i){mode}"):
-            lm.quantize(mode)
-    assert all(np.array_equal(a, np.array(v)) for a, v in zip(before, lm.weights))
