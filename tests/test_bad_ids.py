@@ -282,6 +282,7 @@ def mirrored():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # one Mirrored training process for the module (35-100 s on 2 cores)
 @pytest.mark.parametrize("bad", BAD_IDS)
 @pytest.mark.parametrize("kind", ["model", "wrapper"])
 def test_mirrored_prepare_fit_refuses_bad_id(mirrored, kind, bad):
@@ -298,6 +299,7 @@ def test_mirrored_prepare_fit_refuses_bad_id(mirrored, kind, bad):
     assert not result["changed"]
 
 
+@pytest.mark.slow  # one Mirrored training process for the module (35-100 s on 2 cores)
 def test_mirrored_prepare_fit_refuses_bad_id_in_a_later_batch(mirrored):
     # The model's own fit's tf.data check failed here without an error (the
     # multi-device iterator raised OutOfRange, the end of the data for fit).
@@ -306,6 +308,7 @@ def test_mirrored_prepare_fit_refuses_bad_id_in_a_later_batch(mirrored):
     assert_names_id(result["message"], VOCAB, (0, BAD_AT[1]))
 
 
+@pytest.mark.slow  # one Mirrored training process for the module (35-100 s on 2 cores)
 def test_mirrored_prepare_fit_trains_valid_ids(mirrored):
     # Run after the five bad-id fits in the same process: with a check in
     # one replica only, a replica waiting in the gradient all-reduce was

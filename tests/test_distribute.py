@@ -153,6 +153,7 @@ def test_mirrored_fit_with_xla_per_replica_matches_single_device(mirrored_xla):
     assert r["replicas_identical"] is True
 
 
+@pytest.mark.slow  # ~30 s; the per-block layout's comparisons below stay in the default run
 def test_mirrored_fit_with_stacked_weights_matches_single_device():
     """stack_weights=True (2 blocks, one (2, ...) variable per kind of
     weight) under MirroredStrategy with XLA per replica."""
@@ -164,6 +165,7 @@ def test_mirrored_fit_with_stacked_weights_matches_single_device():
     assert r["replicas_identical"] is True
 
 
+@pytest.mark.slow  # a second Mirrored training process (~15 s)
 def test_mirrored_fit_without_xla_matches_too(mirrored_xla, mirrored_graph):
     r = mirrored_graph
     assert r["outer_jit_compile"] is False and r["reference_jit_compile"] is False

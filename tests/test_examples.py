@@ -70,6 +70,7 @@ def bits_per_byte_untrained(files, flags):
     return float(np.mean(losses)) / math.log(2)
 
 
+@pytest.mark.slow  # ~30 s; XLA training is tested in tests/models and tests/layers
 def test_train_lm_learns_with_xla(tmp_path):
     import collections
     import math
@@ -103,6 +104,7 @@ def test_train_lm_learns_with_xla(tmp_path):
     assert "sample:" in out
 
 
+@pytest.mark.slow  # two example processes (~30 s)
 def test_train_lm_resumes_after_a_crash(tmp_path):
     run_dir = os.fspath(tmp_path / "run")
     # Smoke: 2 epochs x 3 steps; killed during the 2nd epoch, after step 4.
@@ -161,6 +163,7 @@ def test_generate_from_preset_smoke():
     assert "generated (top_k):\ndef main(" in out
 
 
+@pytest.mark.slow  # ~30 s; Mirrored fit is compared with one device in tests/test_distribute.py
 def test_train_lm_mirrored_on_two_logical_cpus(tmp_path):
     run_dir = os.fspath(tmp_path / "run")
     out = run("train_lm.py", "--smoke", "--jit", "on", "--strategy", "mirrored",
@@ -180,6 +183,7 @@ def test_mix_into_keras_smoke(tmp_path):
     assert out.count("reloaded predictions identical: True") == 3
 
 
+@pytest.mark.slow  # ~30 s; the export and its serving are tested in tests/test_export.py
 def test_export_and_serve_smoke(tmp_path):
     out = run("export_and_serve.py", "--smoke", "--export-dir", os.fspath(tmp_path)).stdout
     # A byte-level ReformerCausalLM: 256 bytes, start and end tokens.
@@ -189,6 +193,7 @@ def test_export_and_serve_smoke(tmp_path):
     assert "saved_model_cli run" in out and "--signature_def generate_text" in out
 
 
+@pytest.mark.slow  # ~20 s; the duplication task model is checked by test_duplication_reach_smoke
 def test_duplication_task_smoke(tmp_path):
     out = run("duplication_task.py", "--smoke", "--logdir", os.fspath(tmp_path)).stdout
     assert "| train \\ eval | LSH-1 | LSH-2 |" in out

@@ -220,6 +220,7 @@ def test_train_lm_two_workers_match_one_device(tmp_path):
     assert diff < 1e-4, diff
 
 
+@pytest.mark.slow  # two worker processes, one killed (~15-20 s)
 def test_train_lm_worker_death_stops_the_other(tmp_path):
     # Worker 1 dies abruptly (os._exit, no goodbye) after its 2nd step.
     procs = start_workers(

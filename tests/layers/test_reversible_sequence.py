@@ -184,12 +184,14 @@ def test_forward_equals_hand_written_stack():
 
 @pytest.mark.parametrize("mode,depth,loop", [
     ("eager", 6, "auto"),
-    ("graph", 6, "auto"),
-    ("graph", 6, False),
+    ("graph", 3, "auto"),
+    ("graph", 2, False),
     ("jit", 2, "auto"),
     ("jit", 2, False),
     # Compiling 6 blocks twice takes ~45 s on 2 cores.
     pytest.param("jit", 6, False, marks=pytest.mark.slow),
+    # The unrolled path at depth 6 in graph mode (~25 s); depth 2 above.
+    pytest.param("graph", 6, False, marks=pytest.mark.slow),
 ])
 def test_gradients_equal_autodiff_with_dropout_and_lsh(mode, depth, loop):
     """Dropout everywhere, training, LSH, a padding mask: every gradient.
@@ -427,7 +429,9 @@ def test_mixed_precision(policy):
             lambda u, v: layer([u, v], training=True), weights, a, b))(x1, x2))
     for g in results[0]:
         assert np.isfinite(np.asarray(tf.cast(g, tf.float32))).all()
-    assert_all_close(results[0], results[1], 2e-2)
+    # The two paths round in a different order: a few units of the compute
+    # dtype's last place (float16 keeps 11 significant bits, bfloat16 8).
+    assert_all_close(results[0], results[1], 2e-2 if policy == "mixed_float16" else 6e-2)
 
 
 def test_mixed_precision_fit_jit():

@@ -187,6 +187,7 @@ def model_of(stack_weights, **extra):
     return ReformerCausalLM(backbone_of(stack_weights, **extra))
 
 
+@pytest.mark.slow  # two models fitted (~25 s); one training step is compared with per-block autodiff above
 def test_fit_matches_per_block_model():
     """Same initial weights, same batches: same losses and trained weights
     (under XLA, the path stacking is for; graph mode is checked above)."""

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from keras_reformer.layers import LSHAttention
 from keras_reformer.lsh import decoding as lsh_decode
+from keras_reformer.ops import buffers
 
 LENGTH = 70  # crosses 8 chunks of 8; with 2 buckets each bucket overflows its ring
 
@@ -127,7 +128,7 @@ def test_compiled_decode_loop_equals_full_pass(jit):
     @tf.function(jit_compile=jit)
     def decode(cache, x):
         if not jit:
-            cache = lsh_decode.own(cache)
+            cache = buffers.own(cache)
         position = tf.constant(lengths, tf.int32)
 
         def body(i, position, cache, outputs):
@@ -154,17 +155,3 @@ def test_compiled_decode_loop_equals_full_pass(jit):
     # The caller's cache is untouched: the loop overwrote its own copy.
     for k, t in cache.items():
         np.testing.assert_array_equal(t.numpy(), before[k])
-
-
-def test_set_rows_in_place_and_copying_agree():
-    buffer = tf.reshape(tf.range(24, dtype=tf.float32), [2, 3, 4])
-    rows = tf.constant([0, 5])
-    updates = tf.constant([[-1.0] * 4, [-2.0] * 4])
-    expected = buffer.numpy().reshape(6, 4)
-    expected[[0, 5]] = updates.numpy()
-    copied = lsh_decode.set_rows(buffer, rows, updates, in_place=False)
-    np.testing.assert_array_equal(copied.numpy().reshape(6, 4), expected)
-    in_place = tf.function(
-        lambda b: lsh_decode.set_rows(lsh_decode.own(b), rows, updates, True))(buffer)
-    np.testing.assert_array_equal(in_place.numpy().reshape(6, 4), expected)
-    assert buffer.numpy()[0, 0, 0] == 0.0  # `own` copied before overwriting

@@ -23,7 +23,7 @@ LENGTH = 64
 TOKENIZER = ReformerTokenizer()
 TEXTS = [
     "".join(chr(c) for c in np.random.default_rng(i).integers(32, 127, LENGTH))
-    for i in range(12)
+    for i in range(8)
 ]
 
 pytestmark = pytest.mark.usefixtures("no_gc_on_variable_delete")
