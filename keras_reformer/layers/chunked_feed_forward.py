@@ -5,6 +5,7 @@ from keras import activations, constraints, initializers, regularizers
 from keras import ops
 
 from keras_reformer import _checks
+from keras_reformer._dense_arguments import dense_arguments_config
 # Reading weights in their own dtype (float32 under mixed precision) inside
 # call() needs autocast switched off; Keras exposes no public scope for it.
 from keras_reformer._compat import AutocastScope
@@ -330,15 +331,7 @@ class ChunkedFeedForward(keras.layers.Layer):
                 "chunk_size": self.chunk_size,
                 "output_dim": self.output_dim,
                 "use_bias": self.use_bias,
-                "kernel_initializer": initializers.serialize(self.kernel_initializer),
-                "bias_initializer": initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
-                "activity_regularizer": regularizers.serialize(
-                    self.activity_regularizer
-                ),
-                "kernel_constraint": constraints.serialize(self.kernel_constraint),
-                "bias_constraint": constraints.serialize(self.bias_constraint),
+                **dense_arguments_config(self),
                 "seed": self.seed,
             }
         )

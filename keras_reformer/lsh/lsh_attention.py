@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from keras_reformer import _checks
+from keras_reformer._dense_arguments import dense_arguments_config
 from keras_reformer._compat import get_keras_mask, set_keras_mask
 from keras_reformer._seeds import resolve_seed
 from keras_reformer.lsh import (
@@ -611,15 +612,7 @@ class LSHAttention(keras.layers.Layer):
                 "num_chunks_before": self.num_chunks_before,
                 "num_chunks_after": self.num_chunks_after,
                 "factorize_above": self.factorize_above,
-                "kernel_initializer": initializers.serialize(self.kernel_initializer),
-                "bias_initializer": initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
-                "activity_regularizer": regularizers.serialize(
-                    self.activity_regularizer
-                ),
-                "kernel_constraint": constraints.serialize(self.kernel_constraint),
-                "bias_constraint": constraints.serialize(self.bias_constraint),
+                **dense_arguments_config(self),
                 "seed": self.seed,
             }
         )
