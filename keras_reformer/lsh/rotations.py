@@ -16,6 +16,7 @@ _DRAWS = 6
 _HALF = 0xFFFF
 
 
+@tf.autograph.experimental.do_not_convert
 def deterministic_normal(shape, seed):
     """Approximately standard-normal float32 numbers, reproducible everywhere.
 
@@ -40,6 +41,11 @@ def deterministic_normal(shape, seed):
     return tf.cast(total, tf.float32) * (1.0 / 65536.0) - 6.0
 
 
+# Plain TensorFlow ops over Python loops: nothing for autograph to convert.
+# Converted, it was once called as another converted function of the layer
+# (`inference_rotations`, with this one's four arguments) late in a long
+# test process: autograph's conversion cache is kept out of this path.
+@tf.autograph.experimental.do_not_convert
 def draw_rotations(key_dim, factors, num_hashes, seed):
     """One (key_dim, num_hashes, n / 2) rotation per bucket factor n.
 
