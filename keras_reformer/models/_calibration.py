@@ -31,11 +31,12 @@ import keras
 import tensorflow as tf
 
 from keras_reformer import _compat
+from keras_reformer.models._stacks import CALIBRATED_MODES
 
 
-def _all_positions(streams):
+def _all_positions(x):
     # Calibration samples are whole windows of text: no padding.
-    return tf.ones(tf.shape(streams)[:2], tf.bool)
+    return tf.ones(tf.shape(x)[:2], tf.bool)
 
 
 class EmbeddingStage(keras.layers.Layer):
@@ -53,11 +54,7 @@ class EmbeddingStage(keras.layers.Layer):
         token_ids = tf.convert_to_tensor(token_ids)
         if token_ids.shape.rank == 1:  # Keras feeds one sample at a time
             token_ids = token_ids[None]
-        x = backbone.token_embedding(backbone.token_id_check(token_ids))
-        if backbone.position_embedding is not None:
-            x = x + backbone.position_embedding(x)
-        if backbone.short_convolution is not None:
-            x = x + backbone.short_convolution(x, mask=_all_positions(x))
+        x = backbone.embed(token_ids, _all_positions(token_ids), training=False)
         return tf.concat([x, x], axis=-1)
 
 
@@ -69,7 +66,7 @@ def _hooks_reachable(stage):
     called through that hook for the duration."""
     patched = [
         layer for layer in stage._flatten_layers(include_self=False)
-        if getattr(layer, "quantization_mode", None) in ("gptq", "awq")
+        if getattr(layer, "quantization_mode", None) in CALIBRATED_MODES
         and callable(vars(layer).get("call"))
         and getattr(vars(layer)["call"], "__self__", None) is not layer
     ]

@@ -225,13 +225,8 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         # === Functional model ===
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
-        x = self.token_embedding(self.token_id_check(token_ids))
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(x)
         mask = keras.ops.cast(padding_mask, "bool")
-        if self.short_convolution is not None:
-            x = x + self.short_convolution(x, mask=mask)
-        x = self.embedding_dropout(x)
+        x = self.embed(token_ids, mask)
         y1, y2 = self.reversible_stack([x, x], mask=[mask, mask])
         outputs = self.final_norm(self.concat_streams([y1, y2]))
         super().__init__(
@@ -326,6 +321,17 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             filters = block_layers_only(self, filters)
         with blocks_in_sync(self):
             super().quantize(mode, config=config, filters=filters, **kwargs)
+
+    def embed(self, token_ids, padding_mask, training=None):
+        """The layers before the reversible stack: token embedding, position
+        embedding, short convolution and embedding dropout; `padding_mask`
+        (B, L) bool. The stack's two streams both start from the result."""
+        x = self.token_embedding(self.token_id_check(token_ids))
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x)
+        if self.short_convolution is not None:
+            x = x + self.short_convolution(x, mask=padding_mask)
+        return self.embedding_dropout(x, training=training)
 
     def save_own_variables(self, store):
         # Keras 3.15 writes GPTQ/AWQ `EinsumDense` weights without their zero
