@@ -23,11 +23,3 @@ def pytest_xdist_auto_num_workers(config):
     by the end of a run), and TensorFlow already spreads one test's ops over
     the cores, so more processes than cores only adds memory."""
     return max(1, min(os.cpu_count() or 1, 4))
-
-
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (the default in pyproject.toml): one test process per core,
-    at most 4. Each process holds its own TensorFlow runtime (about 1-2 GB
-    by the end of a run), and TensorFlow already spreads one test's ops over
-    the cores, so more processes than cores only adds memory."""
-    return max(1, min(os.cpu_count() or 1, 4))
