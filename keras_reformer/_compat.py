@@ -1,7 +1,8 @@
-"""Every import of private Keras / TensorFlow internals, in one place.
+"""Every import of private Keras / keras-hub / TensorFlow internals, in one place.
 
 The library needs a few things that neither Keras nor TensorFlow exposes
-publicly. Each is imported here, once, so that an upgrade that moves one
+publicly (nor keras-hub, whose tokenizer and preprocessor methods ours
+override). Each is imported here, once, so that an upgrade that moves one
 fails here with a message naming it (tests/test_compat.py imports each), and
 so that a Keras backend other than TensorFlow is refused clearly instead of
 failing deep inside a layer.
@@ -145,4 +146,40 @@ should_quantize_layer = _private(
     "keras.src.quantizers.utils.should_quantize_layer",
     "combining a user's quantize filters with the calibrated modes' own",
     _quantize_filter,
+)
+
+
+def _keras_hub_presets():
+    from keras_hub.src.utils import preset_utils
+
+    return preset_utils
+
+
+# keras-hub's preset file names and its loader of a preset's serialized
+# layers: a tokenizer or preprocessor saved alone (no backbone config, which
+# the public `from_preset` needs to pick a class) is read with the loader.
+keras_hub_presets = _private(
+    "keras_hub.src.utils.preset_utils",
+    "preset file names and loading a tokenizer-only preset",
+    _keras_hub_presets,
+)
+
+
+def _keras_hub_tensor_utils():
+    from keras_hub.src.utils import tensor_utils
+
+    tensor_utils.preprocessing_function  # noqa: B018  (fail here if moved)
+    tensor_utils.strip_to_ragged  # noqa: B018
+    tensor_utils.canonicalize_python_token_inputs  # noqa: B018
+    return tensor_utils
+
+
+# The tokenizer and preprocessor override keras-hub methods that keras-hub
+# wraps with `preprocessing_function` (inputs to tf tensors on the CPU); the
+# overrides are wrapped the same way, and reuse its input canonicalization
+# and special-token stripping so they behave as the methods they replace.
+keras_hub_tensor_utils = _private(
+    "keras_hub.src.utils.tensor_utils",
+    "wrapping tokenizer overrides as keras-hub wraps the methods they replace",
+    _keras_hub_tensor_utils,
 )

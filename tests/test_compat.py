@@ -104,3 +104,27 @@ def test_real_other_backend_refused(backend, module):
     assert result.returncode != 0
     assert EXPECTED_MESSAGE in result.stderr
     assert f"keras.backend.backend()={backend!r}" in result.stderr
+
+
+def test_keras_hub_presets():
+    from keras_hub.src.utils import preset_utils
+
+    assert _compat.keras_hub_presets is preset_utils
+    # The names a preset directory's files have, as save_to_preset writes them.
+    assert preset_utils.CONFIG_FILE == "config.json"
+    assert preset_utils.TOKENIZER_CONFIG_FILE == "tokenizer.json"
+    assert preset_utils.PREPROCESSOR_CONFIG_FILE == "preprocessor.json"
+    assert callable(preset_utils.KerasPresetLoader(".", config=None).load_tokenizer)
+
+
+def test_keras_hub_tensor_utils():
+    import tensorflow as tf
+    from keras_hub.src.utils import tensor_utils
+
+    assert _compat.keras_hub_tensor_utils is tensor_utils
+    rows, batched = tensor_utils.canonicalize_python_token_inputs([1, 2])
+    assert (rows, batched) == ([[1, 2]], False)
+    ragged = tensor_utils.strip_to_ragged(
+        tf.constant([[7, 1, 2, 0]]), tf.constant([[True, True, True, False]]), [7]
+    )
+    assert ragged.to_list() == [[1, 2]]

@@ -5,13 +5,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras_hub.models import CausalLMPreprocessor
-from keras_hub.src.utils.preset_utils import PREPROCESSOR_CONFIG_FILE
-from keras_hub.src.utils.preset_utils import KerasPresetLoader
-from keras_hub.src.utils.tensor_utils import preprocessing_function
-from keras_hub.src.utils.tensor_utils import strip_to_ragged
 from keras_hub.tokenizers import Tokenizer
 
 from keras_reformer import _checks
+from keras_reformer._compat import keras_hub_presets
+from keras_reformer._compat import keras_hub_tensor_utils
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
 from keras_reformer.models.reformer_tokenizer import check_strings
@@ -183,7 +181,7 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
         x = {**x, "padding_mask": np.asarray(mask).astype(bool)}
         return super()._generate_postprocess_python(x)
 
-    @preprocessing_function
+    @keras_hub_tensor_utils.preprocessing_function
     def _generate_postprocess_tf(self, x):
         # The base converts to NumPy first, which a traced graph cannot do;
         # these are the same steps on tensors, with core ops only.
@@ -191,7 +189,7 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
             self.build(None)
         token_ids = tf.convert_to_tensor(x["token_ids"])
         padding_mask = tf.convert_to_tensor(x["padding_mask"])
-        ragged = strip_to_ragged(
+        ragged = keras_hub_tensor_utils.strip_to_ragged(
             token_ids, padding_mask, self.tokenizer.special_token_ids
         )
         return self.tokenizer.detokenize(ragged)
@@ -199,7 +197,10 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
     # ---------------------------------------------------------- presets
 
     @classmethod
-    def from_preset(cls, preset, config_file=PREPROCESSOR_CONFIG_FILE, **kwargs):
+    def from_preset(
+        cls, preset, config_file=keras_hub_presets.PREPROCESSOR_CONFIG_FILE,
+        **kwargs,
+    ):
         """Loads a preprocessor from a keras-hub preset.
 
         A full preset (with the backbone's `config.json`) loads the keras-hub
@@ -212,6 +213,6 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
             **kwargs: overrides of the saved config (e.g. `sequence_length`).
         """
         if local_without_backbone(preset, config_file):
-            loader = KerasPresetLoader(preset, config=None)
+            loader = keras_hub_presets.KerasPresetLoader(preset, config=None)
             return loader.load_preprocessor(cls, config_file, **kwargs)
         return super().from_preset(preset, config_file=config_file, **kwargs)

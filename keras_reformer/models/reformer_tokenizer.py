@@ -6,14 +6,11 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from keras_hub.src.utils.preset_utils import CONFIG_FILE
-from keras_hub.src.utils.preset_utils import TOKENIZER_CONFIG_FILE
-from keras_hub.src.utils.preset_utils import KerasPresetLoader
-from keras_hub.src.utils.tensor_utils import canonicalize_python_token_inputs
-from keras_hub.src.utils.tensor_utils import preprocessing_function
 from keras_hub.tokenizers import ByteTokenizer
 
 from keras_reformer import _checks
+from keras_reformer._compat import keras_hub_presets
+from keras_reformer._compat import keras_hub_tensor_utils
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.text import byte_tokenizer
 
@@ -193,7 +190,7 @@ class ReformerTokenizer(ByteTokenizer):
         check_strings("inputs", inputs)
         return super().tokenize(inputs)
 
-    @preprocessing_function
+    @keras_hub_tensor_utils.preprocessing_function
     def _tokenize_tf(self, inputs):
         # Replaces the base's `tf.strings.bytes_split` (one string per byte)
         # with the core-op split of `keras_reformer.text`.
@@ -212,7 +209,7 @@ class ReformerTokenizer(ByteTokenizer):
                 tokens = tf.ensure_shape(tokens, [self.sequence_length])
         return tokens
 
-    @preprocessing_function
+    @keras_hub_tensor_utils.preprocessing_function
     def _detokenize_tf(self, inputs):
         ids = inputs
         if not isinstance(ids, tf.RaggedTensor):
@@ -231,7 +228,9 @@ class ReformerTokenizer(ByteTokenizer):
     def _detokenize_python(self, inputs):
         # The base drops every 0 and decodes; here 0 is a byte and the
         # special tokens are dropped instead.
-        rows, batched = canonicalize_python_token_inputs(inputs)
+        rows, batched = keras_hub_tensor_utils.canonicalize_python_token_inputs(
+            inputs
+        )
         outputs = []
         for row in rows:
             row = [i for i in row if i not in (START_TOKEN_ID, END_TOKEN_ID)]
@@ -260,7 +259,10 @@ class ReformerTokenizer(ByteTokenizer):
         pass
 
     @classmethod
-    def from_preset(cls, preset, config_file=TOKENIZER_CONFIG_FILE, **kwargs):
+    def from_preset(
+        cls, preset, config_file=keras_hub_presets.TOKENIZER_CONFIG_FILE,
+        **kwargs,
+    ):
         """Loads a tokenizer from a keras-hub preset.
 
         A full preset (with the backbone's `config.json`) loads the keras-hub
@@ -268,9 +270,8 @@ class ReformerTokenizer(ByteTokenizer):
         (no backbone) loads from its tokenizer config.
         """
         if local_without_backbone(preset, config_file):
-            return KerasPresetLoader(preset, config=None).load_tokenizer(
-                cls, config_file, **kwargs
-            )
+            loader = keras_hub_presets.KerasPresetLoader(preset, config=None)
+            return loader.load_tokenizer(cls, config_file, **kwargs)
         return super().from_preset(preset, config_file=config_file, **kwargs)
 
 
@@ -281,11 +282,12 @@ def local_without_backbone(preset, config_file):
     from `config_file` directly."""
     if not (isinstance(preset, str) and os.path.isdir(preset)):
         return False
-    if os.path.exists(os.path.join(preset, CONFIG_FILE)):
+    backbone_config = keras_hub_presets.CONFIG_FILE
+    if os.path.exists(os.path.join(preset, backbone_config)):
         return False
     if not os.path.exists(os.path.join(preset, config_file)):
         raise ValueError(
-            f"Preset directory {preset!r} has neither {CONFIG_FILE} nor "
+            f"Preset directory {preset!r} has neither {backbone_config} nor "
             f"{config_file}. Received: preset={preset!r}"
         )
     return True
