@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras_reformer as kr  # noqa: E402
 from duplication_task import (  # noqa: E402
     accuracy, add_model_arguments, held_out_data, make_model, set_num_hashes,
+    write_csv,
 )
 
 
@@ -118,6 +119,9 @@ def main(argv=None):
     p.add_argument("--eval-rounds", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--smoke", action="store_true",
                    help="a few seconds on a small untrained model (see above)")
+    p.add_argument("--csv", default=None,
+                   help="also write the classes to this CSV (one row per trained "
+                        "and evaluated number of rounds)")
     add_model_arguments(p)  # as given to duplication_task.py
     args = p.parse_args(argv)
     if args.smoke:
@@ -132,6 +136,7 @@ def main(argv=None):
     inputs, targets, _ = data
     half = args.length // 2
     names = ("split by the hash", "same bucket, crowded out", "in reach")
+    rows = []
     for train_rounds in args.train_rounds:
         model = make_model(args, train_rounds)
         model.load_weights(weights_path(args.weights_dir, train_rounds))
@@ -145,18 +150,27 @@ def main(argv=None):
             hits = logits.argmax(-1)[:, half:] == targets[:, half:]
             cls = classify(buckets, args.length, reach)
             cells = []
+            row = {"train": f"LSH-{train_rounds}", "eval": f"LSH-{rounds}",
+                   "accuracy": f"{100 * hits.mean():.1f}%"}
             for c, name in enumerate(names):
                 sel = cls == c
                 acc = f"{100 * hits[sel].mean():.1f}%" if sel.any() else "-"
                 cells.append(f"{name}: {100 * sel.mean():.1f}% of queries, accuracy {acc}")
+                row[name] = f"{100 * sel.mean():.1f}% ({acc})"
             used = len(np.unique(buckets[..., :args.length - 1]))
             print(f"eval LSH-{rounds}: accuracy {100 * hits.mean():.1f}%; "
                   + "; ".join(cells) + f"; {used} buckets used")
+            rows.append({**row, "buckets_used": used})
         set_num_hashes(model, train_rounds)
         for chunks_before in (1, 2, 4):
             acc = accuracy_with_reach(model, data, chunks_before)
             print(f"eval LSH-{train_rounds}, num_chunks_before={chunks_before} "
                   f"(reach {chunks_before * args.bucket_size}): accuracy {100 * acc:.1f}%")
+            for row in rows:
+                if row["train"] == f"LSH-{train_rounds}" and row["eval"] == row["train"]:
+                    row[f"reach_{chunks_before * args.bucket_size}"] = f"{100 * acc:.1f}%"
+    if args.csv:
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

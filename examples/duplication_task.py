@@ -147,6 +147,9 @@ def main(argv=None):
     p.add_argument("--weights-dir", default=None,
                    help="save each trained LSH model's weights here "
                         "(LSH-<rounds>.weights.h5), e.g. for duplication_reach.py")
+    p.add_argument("--csv", default=None,
+                   help="also write the table to this CSV (one row per model and "
+                        "evaluation; what docs/duplication_task.md shows)")
     p.add_argument("--no-jit", dest="jit", action="store_false")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -164,7 +167,7 @@ def main(argv=None):
         p.error(f"--eval-every must be >= 1, got {args.eval_every}")
 
     held_out = held_out_data(args)
-    table, curves = {}, {}
+    table, curves, seconds = {}, {}, {}
     kinds = [f"LSH-{r}" for r in args.train_rounds]
     if args.full_attention:
         kinds.append("full")
@@ -198,7 +201,8 @@ def main(argv=None):
                     tf.summary.scalar("held_out_accuracy", acc, step=step + 1)
                     tf.summary.scalar("loss", float(np.asarray(loss)), step=step + 1)
         writer.flush()
-        print(f"trained {kind} for {args.steps} steps in {time.time() - start:.0f}s")
+        seconds[kind] = time.time() - start
+        print(f"trained {kind} for {args.steps} steps in {seconds[kind]:.0f}s")
         if args.weights_dir and kind != "full":
             os.makedirs(args.weights_dir, exist_ok=True)
             model.save_weights(os.path.join(args.weights_dir, f"{kind}.weights.h5"))
@@ -222,7 +226,43 @@ def main(argv=None):
     if "full" in table:
         print(f"| full attention (MultiHeadAttention) | {100 * table['full']:.1f}% "
               f"(every column) |")
+    if args.csv:
+        write_csv(args.csv, csv_rows(args, table, seconds))
     return table
+
+
+def csv_rows(args, table, seconds):
+    """One row per (trained model, evaluation): the LSH models once per
+    evaluated number of rounds, full attention once (eval "no hashing")."""
+    grid = "x".join(map(str, args.axial_shape)) if args.axial_shape else "derived"
+    common = {"length": args.length, "steps": args.steps, "batch": args.batch_size,
+              "grid": grid, "value_shift": args.value_shift}
+    rows = []
+    for kind, train_s in seconds.items():
+        if kind == "full":
+            cells = [("no hashing", table["full"])]
+            model = "full attention (MultiHeadAttention)"
+        else:
+            cells = [(f"LSH-{r}", table[int(kind[4:]), r]) for r in args.eval_rounds]
+            model = kind
+        for eval_name, acc in cells:
+            rows.append({**common, "model": model, "eval": eval_name,
+                         "accuracy": f"{100 * acc:.1f}%", "train_s": f"{train_s:.0f}"})
+    return rows
+
+
+def write_csv(path, rows):
+    """`rows` (dicts) to `path`, replacing it; a key missing from a row is an
+    empty cell."""
+    import csv
+
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
 
 
 def plot_curves(curves, args, path):

@@ -3,6 +3,7 @@ train_lm's keras-hub preset loads and generates.
 
 Multi-worker runs of train_lm.py are in tests/test_multiworker.py."""
 
+import csv
 import json
 import os
 import subprocess
@@ -195,7 +196,15 @@ def test_export_and_serve_smoke(tmp_path):
 
 @pytest.mark.slow  # ~20 s; the duplication task model is checked by test_duplication_reach_smoke
 def test_duplication_task_smoke(tmp_path):
-    out = run("duplication_task.py", "--smoke", "--logdir", os.fspath(tmp_path)).stdout
+    out = run("duplication_task.py", "--smoke", "--logdir", os.fspath(tmp_path),
+              "--csv", os.fspath(tmp_path / "table.csv")).stdout
+    with open(tmp_path / "table.csv") as f:  # the printed table, one row per cell
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["eval"]) for r in rows] == [
+        ("LSH-1", "LSH-1"), ("LSH-1", "LSH-2"),
+        ("full attention (MultiHeadAttention)", "no hashing")]
+    for row in rows:
+        assert f" {row['accuracy']} |" in out
     assert "| train \\ eval | LSH-1 | LSH-2 |" in out
     assert "| LSH-1 |" in out
     assert "| full attention (MultiHeadAttention) |" in out  # the reference row
@@ -210,8 +219,17 @@ def test_help(script):
     assert "--smoke" in run(script, "--help").stdout
 
 
-def test_duplication_reach_smoke():
-    out = run("duplication_reach.py", "--smoke").stdout
+def test_duplication_reach_smoke(tmp_path):
+    out = run("duplication_reach.py", "--smoke", "--csv", os.fspath(tmp_path / "r.csv")).stdout
+    with open(tmp_path / "r.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["eval"] for r in rows] == ["LSH-1", "LSH-2"]
+    for row in rows:  # the printed figures, and the classes cover every query
+        assert f"eval {row['eval']}: accuracy {row['accuracy']};" in out
+        shares = [float(row[c].split("%")[0]) for c in
+                  ("split by the hash", "same bucket, crowded out", "in reach")]
+        assert abs(sum(shares) - 100) < 0.2
+    assert rows[0]["reach_64"] and not rows[1]["reach_64"]
     assert "## trained LSH-1 (" in out
     for rounds in (1, 2):  # --smoke's --eval-rounds
         assert f"eval LSH-{rounds}: accuracy" in out
