@@ -5,7 +5,7 @@ Setup: one causal ReformerCausalLM for all points (a
 ReformerBackbone of 2 layers, d_model 256, 4 heads x 64, bucket 64, 2
 hashes, byte vocabulary with start and end tokens: 258), its
 `max_sequence_length` the longest prompt plus the new tokens, so every
-prompt length sees the same bucket count. Batch 1, greedy
+prompt length sees the same bucket count. Batch `--batch` (default 1), greedy
 (`lm.compile(sampler="greedy")`), no stop tokens. Each point runs in a
 fresh process.
 
@@ -87,13 +87,14 @@ def timed(fn, repeats):
     return best
 
 
-def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny):
+def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny,
+          batch=1):
     import numpy as np
     import tensorflow as tf
 
     lm = build(max_length, tiny)
-    ids = np.random.default_rng(0).integers(0, 256, size=(1, prompt)).astype(np.int32)
-    record = dict(kind=kind, prompt=prompt, max_sequence_length=max_length,
+    ids = np.random.default_rng(0).integers(0, 256, size=(batch, prompt)).astype(np.int32)
+    record = dict(kind=kind, prompt=prompt, batch=batch, max_sequence_length=max_length,
                   device="GPU" if tf.config.list_physical_devices("GPU") else "CPU")
     if kind in ("cached", "cached_graph"):
         jit = kind == "cached"
@@ -110,8 +111,9 @@ def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny):
         assert (out["token_ids"][:, :prompt] == ids).all() and out["padding_mask"].all()
         t_short, t_long = timed(short, repeats), timed(long, repeats)
         per_token = (t_long - t_short) / (new_tokens - 1)
+        # tokens/s counts every row's token; per-token time is one step.
         record.update(new_tokens=new_tokens, seconds=t_long, prompt_ms=1e3 * t_short,
-                      per_token_ms=1e3 * per_token, tokens_per_s=1.0 / per_token,
+                      per_token_ms=1e3 * per_token, tokens_per_s=batch / per_token,
                       jit=jit)
     else:
         width = prompt + uncached_tokens
@@ -120,35 +122,38 @@ def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny):
         def next_token(token_ids, padding_mask, index):
             logits = lm({"token_ids": token_ids, "padding_mask": padding_mask},
                         training=False)
-            return tf.argmax(logits[0, index - 1], output_type=tf.int32)
+            return tf.argmax(logits[:, index - 1], axis=-1, output_type=tf.int32)
 
         def run(tokens):
             inputs = padded_prompt(ids, width)
             token_ids = tf.constant(inputs["token_ids"])
             padding_mask = tf.constant(inputs["padding_mask"], tf.int32)
+            rows = tf.range(batch)
             for index in range(prompt, prompt + tokens):
                 token = next_token(token_ids, padding_mask, tf.constant(index))
-                token_ids = tf.tensor_scatter_nd_update(token_ids, [[0, index]], [token])
-                padding_mask = tf.tensor_scatter_nd_update(padding_mask, [[0, index]], [1])
+                at = tf.stack([rows, tf.fill([batch], index)], axis=1)
+                token_ids = tf.tensor_scatter_nd_update(token_ids, at, token)
+                padding_mask = tf.tensor_scatter_nd_update(
+                    padding_mask, at, tf.ones([batch], tf.int32))
             return token_ids
 
         run(1)  # trace
         seconds = timed(lambda: run(uncached_tokens), repeats)
         record.update(new_tokens=uncached_tokens, seconds=seconds,
                       per_token_ms=1e3 * seconds / uncached_tokens,
-                      tokens_per_s=uncached_tokens / seconds, jit=False)
+                      tokens_per_s=batch * uncached_tokens / seconds, jit=False)
     _common.emit(record)
 
 
-def torch_peer_point(prompt, new_tokens, max_length, repeats):
+def torch_peer_point(prompt, new_tokens, max_length, repeats, batch=1):
     """The PyTorch peer's `generate(use_cache=True)` (HF transformers'
     ReformerModelWithLMHead, benchmarks/peers/hf_generate.py) with the same
     shape and bucket count (`--max-length`), in its own venv and process.
     Returns a record with the keys of `point`'s."""
     record = _common.run_peer("hf_generate.py", [
         "--prompt-length", prompt, "--new-tokens", new_tokens,
-        "--max-length", max_length, "--repeats", repeats])
-    record.update(kind="torch", prompt=prompt)
+        "--max-length", max_length, "--repeats", repeats, "--batch", batch])
+    record.update(kind="torch", prompt=prompt, batch=batch)
     if record.get("status") == "ok":
         record.update(per_token_ms=1e3 * record["per_token_s"],
                       prompt_ms=1e3 * record["prompt_s"], jit=False)
@@ -193,8 +198,8 @@ def plot(rows, path):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("generated tokens / s (batch 1)")
-    ax.set_title("Generation, batch 1: keras-hub generate (cached), uncached, "
+    ax.set_ylabel("generated tokens / s (all rows)")
+    ax.set_title("Generation: keras-hub generate (cached), uncached, "
                  "PyTorch peer", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -235,6 +240,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--uncached-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="prompts generated at once (tokens/s counts all rows)")
     parser.add_argument("--kinds", nargs="+", default=["cached", "uncached"],
                         choices=["cached", "cached_graph", "uncached", "torch"],
                         help="cached: keras-hub generate() under XLA; cached_graph: "
@@ -264,9 +271,9 @@ def main():
     if args.csv is None:
         args.csv = "tmp_generate_smoke.csv" if args.smoke else "generate.csv"
     if args.point:
-        kind, prompt, new, uncached, max_length, repeats, tiny = args.point
+        kind, prompt, new, uncached, max_length, repeats, tiny, batch = args.point
         point(kind, int(prompt), int(new), int(uncached), int(max_length),
-              int(repeats), tiny == "1")
+              int(repeats), tiny == "1", int(batch))
         return
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (per-token time is a difference)")
@@ -275,6 +282,8 @@ def main():
         _common.require_peer(parser)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1. Received: {args.rounds}")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1. Received: {args.batch}")
     rows = []
     for prompt in args.prompts:
         for round_ in range(args.rounds):
@@ -282,12 +291,12 @@ def main():
                 _common.progress(f"[{round_ + 1}/{args.rounds}] {kind} prompt={prompt}")
                 if kind == "torch":
                     record = torch_peer_point(prompt, args.new_tokens, max_length,
-                                              args.repeats)
+                                              args.repeats, args.batch)
                 else:
                     record = _common.run_point(
                         os.path.abspath(__file__),
                         [kind, prompt, args.new_tokens, args.uncached_tokens,
-                         max_length, args.repeats, int(args.tiny)],
+                         max_length, args.repeats, int(args.tiny), args.batch],
                     )
                 record.setdefault("kind", kind)
                 record.setdefault("prompt", prompt)

@@ -30,6 +30,7 @@ def main():
                         help="positions and buckets to size the model for "
                              "(default prompt length + new tokens)")
     parser.add_argument("--repeats", type=hf_common.positive_int, default=2)
+    parser.add_argument("--batch", type=hf_common.positive_int, default=1)
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (per-token time is a difference)")
@@ -45,7 +46,7 @@ def main():
     c = hf_common.CONFIG["bucket_size"]
     # A fixed hash seed: cached decoding must hash with the prompt's rotations.
     model = hf_common.build(-(-max_length // c) * c, hash_seed=0).eval()
-    ids = torch.randint(0, hf_common.CONFIG["vocabulary_size"], (1, args.prompt_length),
+    ids = torch.randint(0, hf_common.CONFIG["vocabulary_size"], (args.batch, args.prompt_length),
                         generator=torch.Generator().manual_seed(0))
 
     def run(new):
@@ -73,10 +74,10 @@ def main():
     per_token = (t_long - t_short) / (args.new_tokens - 1)
     hf_common.emit({
         "kind": "torch", "prompt_length": args.prompt_length,
-        "new_tokens": args.new_tokens, "max_length": max_length,
+        "new_tokens": args.new_tokens, "max_length": max_length, "batch": args.batch,
         "per_token_s": round(per_token, 6), "prompt_s": round(t_short, 4),
         "seconds": round(t_long, 4),
-        "tokens_per_s": round(1.0 / per_token, 2) if per_token > 0 else None,
+        "tokens_per_s": round(args.batch / per_token, 2) if per_token > 0 else None,
         "peak_rss_mb": round(hf_common.peak_rss_mb()), "threads": cores,
         **hf_common.versions(),
     })
