@@ -162,18 +162,19 @@ def attend_rows(qk, v, index, context):
     """
     settings = context.settings
     count, rounds, positions = qk.shape[0], index.order.shape[1], qk.shape[1]
-    if count is None or positions is None or rounds is None:
-        return _attend_group(qk, v, index, 0, context)
-    budget = settings.group_elements
-    group = group_size(count, rounds * positions * settings.width, budget)
-    if group == count:
-        # Everything fits at once: autodiff keeps the probabilities.
-        return _attend_group(qk, v, index, 0, context)
-    if group == 1 and rounds > 1 and rounds * positions * settings.width > budget:
-        # One row's rounds do not fit at once (64K tokens and beyond with
-        # the default budget): one (row, round) at a time.
-        return _loop_rounds(qk, v, index, context)
-    return _loop_groups(qk, v, index, context, group)
+    if None not in (count, rounds, positions):
+        budget = settings.group_elements
+        row_elements = rounds * positions * settings.width
+        group = group_size(count, row_elements, budget)
+        if group < count:
+            if group == 1 and rounds > 1 and row_elements > budget:
+                # One row's rounds do not fit at once (64K tokens and beyond
+                # with the default budget): one (row, round) at a time.
+                return _loop_rounds(_attend_rounds, qk, v, index, context)
+            return _loop_groups(_attend_group, qk, v, index, context, group)
+    # Everything fits at once (or the sizes are known only at run time):
+    # autodiff keeps the probabilities.
+    return _attend_group(qk, v, index, 0, context)
 
 
 def group_size(count, item_elements, budget=GROUP_ELEMENTS):
@@ -442,9 +443,11 @@ def softmax_attention(queries, keys, values, bias, keep=None):
     return attend(queries, keys, values, bias, keep)
 
 
-def _loop_groups(qk, v, index, context, group):
-    """`_attend_group` over groups of `group` rows in a loop whose gradient
-    recomputes each group instead of keeping its intermediates."""
+def _loop_groups(attend_group, qk, v, index, context, group):
+    """`attend_group` (`_attend_group`) over groups of `group` rows in a loop
+    whose gradient recomputes each group instead of keeping its
+    intermediates. The loop knows only the shape of the work, not the
+    attention it repeats."""
     count, positions = qk.shape[0], qk.shape[1]
     groups = count // group
 
@@ -459,7 +462,7 @@ def _loop_groups(qk, v, index, context, group):
     @tf.custom_gradient
     def looped(qk, v, *fields):
         (out,) = over_groups(
-            lambda i: (_attend_group(*group_inputs(i, qk, v, fields), i, context),),
+            lambda i: (attend_group(*group_inputs(i, qk, v, fields), i, context),),
             groups, [_spec(v)])
 
         def grad(d_out):
@@ -467,7 +470,7 @@ def _loop_groups(qk, v, index, context, group):
                 q, w, part = group_inputs(i, qk, v, fields)
                 with tf.GradientTape() as tape:
                     tape.watch([q, w])
-                    out = _attend_group(q, w, part, i, context)
+                    out = attend_group(q, w, part, i, context)
                 # d_out enters the recomputation's gradient, so XLA cannot
                 # hoist the recomputation into the forward pass.
                 return tuple(tape.gradient(out, [q, w], tf.gather(d_out, i)))
@@ -486,9 +489,10 @@ def _loop_groups(qk, v, index, context, group):
     return tf.reshape(out, [count, positions, v.shape[-1]])
 
 
-def _loop_rounds(qk, v, index, context):
-    """`_attend_group` one (row, round) at a time, in a loop whose gradient
-    recomputes each round instead of keeping its intermediates.
+def _loop_rounds(attend_rounds, qk, v, index, context):
+    """`attend_rounds` (`_attend_rounds`) one (row, round) at a time, the
+    rounds combined, in a loop whose gradient recomputes each round instead
+    of keeping its intermediates.
 
     The rounds of a row are combined as they come (a running logsumexp),
     so besides one round's logits only the combined output and each round's
@@ -499,7 +503,7 @@ def _loop_rounds(qk, v, index, context):
     rounds = index.order.shape[1]
 
     def round_inputs(row, r, fields):
-        """The (1, ...) slices of row `row`, round `r`, as `_attend_rounds`
+        """The (1, ...) slices of row `row`, round `r`, as `attend_rounds`
         takes them."""
         part = {}
         for name, x in zip(RowIndex._fields, fields):
@@ -512,9 +516,9 @@ def _loop_rounds(qk, v, index, context):
         # Item row * R + r numbers the dropout seed, forward and backward.
         # Reshapes, not indexing: the gradient of a slice is a zero-filled
         # full-size copy (StridedSliceGrad), one per round.
-        out, lse = _attend_rounds(tf.expand_dims(q, 0), tf.expand_dims(w, 0),
-                                  round_inputs(row, r, fields), row * rounds + r,
-                                  context)
+        out, lse = attend_rounds(tf.expand_dims(q, 0), tf.expand_dims(w, 0),
+                                 round_inputs(row, r, fields), row * rounds + r,
+                                 context)
         return (tf.reshape(out, [positions, v.shape[-1]]),
                 tf.reshape(lse, [positions]))
 

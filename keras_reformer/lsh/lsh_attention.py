@@ -26,6 +26,67 @@ from keras_reformer.lsh import (
 DEFAULT_MAX_LENGTH = 2048
 
 
+def _prod(sizes):
+    total = 1
+    for size in sizes:
+        total = total * size
+    return total
+
+
+def _size(tensor, axis):
+    static = tensor.shape[axis]
+    return static if static is not None else tf.shape(tensor)[axis]
+
+
+class Folded:
+    """An input `(B, ..., F)` folded to `(B', L, F)` by the layer's
+    `attention_axes`, and the way back.
+
+    B' is the product of the batch-like axes (`free`, batch first), L the
+    product of the attention axes, in order. The layer folds its input and
+    masks on the way in and unfolds its output on the way out; everything
+    between works on `(B', L)`.
+    """
+
+    def __init__(self, x, axes):
+        self.free, self.attention = axes
+        rank = len(x.shape)
+        self.identity = self.free == (0,) and self.attention == (1,)
+        self.free_sizes = [_size(x, a) for a in self.free]
+        self.attention_sizes = [_size(x, a) for a in self.attention]
+        self.perm = list(self.free) + list(self.attention)
+        if self.identity:
+            self.tensor = x
+            return
+        x = tf.transpose(x, self.perm + [rank - 1])
+        self.tensor = tf.reshape(x, [self.batch, self.length, x.shape[-1]])
+
+    @property
+    def batch(self):
+        return _prod(self.free_sizes)
+
+    @property
+    def length(self):
+        return _prod(self.attention_sizes)
+
+    def apply(self, mask):
+        """A mask of the query's shape without features -> (B', L)."""
+        if mask is None or self.identity:
+            return mask
+        mask = tf.transpose(mask, self.perm)
+        return tf.reshape(mask, [self.batch, self.length])
+
+    def unfold(self, out):
+        """(B', L, *out_shape) -> the query's leading axes + out_shape."""
+        if self.identity:
+            return out
+        trailing = out.shape[2:].as_list()
+        out = tf.reshape(out, self.free_sizes + self.attention_sizes + trailing)
+        leading = len(self.perm)
+        inverse = [self.perm.index(a) for a in range(leading)]
+        return tf.transpose(out, inverse + list(range(leading, leading + len(trailing))))
+
+
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class LSHAttention(keras.layers.Layer):
     """Shared-QK locality-sensitive-hashing self-attention (Reformer).
@@ -495,13 +556,17 @@ class LSHAttention(keras.layers.Layer):
             )
         # The mask is consumed here; the projections must not see it.
         set_keras_mask(x, None)
-        axes = self._axes(rank)
 
-        # Masks: the input folded to (B, L, F), its key masks and the
-        # query-key mask mapped along; a key nobody may attend to is padding.
-        folded = masks.fold(x, axes)
+        # The layer's own work first: the input and its key masks folded to
+        # (B, L) by `attention_axes`, then projected.
+        folded = Folded(x, self._axes(rank))
         x = folded.tensor
         key_masks = [folded.apply(m) for m in (query_mask, value_mask, key_mask)]
+        gate = self.gate_dense(x) if self.use_gate else None
+        qk, v = self.project(x)
+
+        # Masks: the query-key mask mapped along; a key nobody may attend to
+        # is padding.
         query_key_mask = None
         if attention_mask is not None:
             query_key_mask = masks.broadcast_query_key_mask(
@@ -512,12 +577,10 @@ class LSHAttention(keras.layers.Layer):
         valid, causal_rows = masks.valid_keys(
             key_masks, query_key_mask, batch, length, causal
         )
-
-        # Projections, padded to whole chunks.
-        gate = self.gate_dense(x) if self.use_gate else None
-        qk, v = self.project(x)
         if self.value_shift:
             v = value_shift.shifted_values(v, valid)
+
+        # Padded to whole chunks.
         c = self.bucket_size
         padded_length = -(-length // c) * c
         pad = padded_length - length
@@ -573,8 +636,7 @@ class LSHAttention(keras.layers.Layer):
                 out = dense() if covers else hashed()
             else:
                 out = tf.cond(covers, dense, hashed)  # length known only at run time
-        out = self.attend_output(out[:, :, :length] if padded else out, gate)
-        out = folded.unfold(out)
+        out = folded.unfold(self.attend_output(out[:, :, :length] if padded else out, gate))
         if query_mask is not None:
             set_keras_mask(out, query_mask)
         return out

@@ -1,75 +1,14 @@
-"""The masks of LSHAttention: MultiHeadAttention's mask forms and axes.
+"""The masks of LSHAttention: MultiHeadAttention's mask forms.
 
-`MultiHeadAttention` accepts inputs of any rank (attention over
-`attention_axes`, the other axes batch-like) and an `attention_mask` that
-broadcasts to its scores `(B, *free, heads, *T, *S)`. LSH attention works on
-`(batch, length, features)`; these helpers fold an input into that form, map
-the masks along, find the keys some query may attend to, and unfold the
-output. A query-key mask is a (Bm, Hm, L, L) bool tensor of allowed
-(query, key), Bm in {1, B}, Hm in {1, heads}.
+`MultiHeadAttention` accepts an `attention_mask` that broadcasts to its
+scores `(B, *free, heads, *T, *S)`. LSH attention works on the input folded
+to `(batch, length)` by the layer (`lsh_attention.Folded`); these helpers map
+the masks along and find the keys some query may attend to. A query-key mask
+is a (Bm, Hm, L, L) bool tensor of allowed (query, key), Bm in {1, B},
+Hm in {1, heads}.
 """
 
 import tensorflow as tf
-
-
-def _prod(sizes):
-    total = 1
-    for size in sizes:
-        total = total * size
-    return total
-
-
-def _size(tensor, axis):
-    static = tensor.shape[axis]
-    return static if static is not None else tf.shape(tensor)[axis]
-
-
-class Folded:
-    """An input `(B, ..., F)` folded to `(B', L, F)` and the way back.
-
-    B' is the product of the batch-like axes (`free`, batch first), L the
-    product of the attention axes, in order.
-    """
-
-    def __init__(self, x, axes):
-        self.free, self.attention = axes
-        rank = len(x.shape)
-        self.identity = self.free == (0,) and self.attention == (1,)
-        self.free_sizes = [_size(x, a) for a in self.free]
-        self.attention_sizes = [_size(x, a) for a in self.attention]
-        self.perm = list(self.free) + list(self.attention)
-        if self.identity:
-            self.tensor = x
-            return
-        x = tf.transpose(x, self.perm + [rank - 1])
-        self.tensor = tf.reshape(
-            x, [_prod(self.free_sizes), _prod(self.attention_sizes), x.shape[-1]]
-        )
-
-    @property
-    def length(self):
-        return _prod(self.attention_sizes)
-
-    def apply(self, mask):
-        """A mask of the query's shape without features -> (B', L)."""
-        if mask is None or self.identity:
-            return mask
-        mask = tf.transpose(mask, self.perm)
-        return tf.reshape(mask, [_prod(self.free_sizes), self.length])
-
-    def unfold(self, out):
-        """(B', L, *out_shape) -> the query's leading axes + out_shape."""
-        if self.identity:
-            return out
-        trailing = out.shape[2:].as_list()
-        out = tf.reshape(out, self.free_sizes + self.attention_sizes + trailing)
-        leading = len(self.perm)
-        inverse = [self.perm.index(a) for a in range(leading)]
-        return tf.transpose(out, inverse + list(range(leading, leading + len(trailing))))
-
-
-def fold(x, axes):
-    return Folded(x, axes)
 
 
 def broadcast_query_key_mask(mask, folded, heads):
@@ -109,7 +48,7 @@ def broadcast_query_key_mask(mask, folded, heads):
     mask = tf.broadcast_to(mask, tf.stack(target) if _dynamic(target) else target)
     length = folded.length
     return tf.reshape(mask, [
-        1 if free_one else _prod(folded.free_sizes), 1 if head_one else heads,
+        1 if free_one else folded.batch, 1 if head_one else heads,
         length, length,
     ])
 
