@@ -1,7 +1,7 @@
 """The accelerator check: the figures a GPU machine is wanted for, in one run.
 
 `bash benchmarks/accelerator_check.sh` runs this driver (`--smoke`: the
-same checks, shrunk to run on a CPU in a couple of minutes). Every check is
+same checks, shrunk to run on a CPU: about 2 CPU-minutes). Every check is
 a fresh Python process (an out-of-memory error or a crash ends only that
 check, and each peak is the check's own) with its own timeout, inside a
 budget that keeps the whole run under 10 minutes. In order:
@@ -132,8 +132,8 @@ def decode_point(prompt, new_tokens, repeats, smoke):
 
 POINTS = {
     "device": lambda: {},
-    "train_step": lambda length, dtype, steps, smoke, model="reformer": train_point(
-        model, int(length), dtype, int(steps), smoke == "1"),
+    "train_step": lambda length, dtype, steps, smoke: train_point(
+        "reformer", int(length), dtype, int(steps), smoke == "1"),
     "mha_train_step": lambda length, dtype, steps, smoke: train_point(
         "mha", int(length), dtype, int(steps), smoke == "1"),
     "depth_memory": lambda length, dtype, steps, smoke, blocks: depth_point(
