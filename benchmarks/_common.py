@@ -29,6 +29,17 @@ def current_rss_mb():
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def best_time(fn, repeats):
+    """The best of `repeats` wall-clock timings of `fn()`, in seconds (the
+    least disturbed by other load on the machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def emit(record):
     """Called in the child: print the point's result as the last line."""
     print("RESULT " + json.dumps(record), flush=True)

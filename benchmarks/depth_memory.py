@@ -93,6 +93,30 @@ def build_stack(depth, reversible, loop_blocks="auto", stack_weights=False):
                                         stack_weights=stack_weights)
 
 
+def make_step(stack, jit, optimizer=None):
+    """The benchmark's step of a built `stack`, a `tf.function` (XLA if
+    `jit`) of the input: forward, gradients of a sum-of-squares loss on
+    concat(y1, y2) with respect to the input and every weight, and
+    `optimizer`'s update if one is given. Returns (loss, a sum of gradients)."""
+    import tensorflow as tf
+
+    weights = stack.trainable_variables
+
+    @tf.function(jit_compile=jit)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y1, y2 = stack([x, x], training=True)
+            loss = tf.reduce_sum(tf.square(y1)) + tf.reduce_sum(tf.square(y2))
+        grads = tape.gradient(loss, [x] + weights)
+        if optimizer is not None:
+            optimizer.apply(grads[1:], weights)
+            return loss, tf.reduce_sum(grads[0])
+        return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+
+    return step
+
+
 def point(kind, depth, mode, repeats, length=LENGTH, adam=False):
     if mode in MODE_FLAGS:  # before TensorFlow starts XLA
         _common.add_xla_flags(MODE_FLAGS[mode])
@@ -126,18 +150,7 @@ def point(kind, depth, mode, repeats, length=LENGTH, adam=False):
     if optimizer is not None:
         optimizer.build(weights)
 
-    @tf.function(jit_compile=jit)
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y1, y2 = stack([x, x], training=True)
-            loss = tf.reduce_sum(tf.square(y1)) + tf.reduce_sum(tf.square(y2))
-        grads = tape.gradient(loss, [x] + weights)
-        if optimizer is not None:
-            optimizer.apply(grads[1:], weights)
-            return loss, tf.reduce_sum(grads[0])
-        return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
-
+    step = make_step(stack, jit, optimizer)
     before = _common.current_rss_mb()
     start = time.perf_counter()
     step(x)[0].numpy()  # trace, compile, run

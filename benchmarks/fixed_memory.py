@@ -47,7 +47,6 @@ def main():
     args.steps = 1
     _common.check_length_and_steps(parser, args)
 
-    import numpy as np
     import tensorflow as tf
 
     import train_step
@@ -61,9 +60,7 @@ def main():
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     net = train_step.build("reformer", args.length, False)
     record["rss_build_mb"] = rss_mb()
-    x = np.random.default_rng(0).integers(1, 256, size=(1, args.length)).astype("int32")
-    y = np.roll(x, -1, axis=1)
-    x = {"token_ids": x, "padding_mask": np.ones_like(x)}
+    x, y = train_step.batch("reformer", args.length)
     if args.python_heap:
         import tracemalloc
 

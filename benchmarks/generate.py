@@ -45,7 +45,6 @@ Writes benchmarks/results/generate.csv and docs/generate_benchmark.png
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -78,13 +77,29 @@ def padded_prompt(ids, width):
     return {"token_ids": token_ids, "padding_mask": padding_mask}
 
 
-def timed(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def cached_timing(lm, ids, new_tokens, repeats, jit):
+    """keras-hub's `generate()` (greedy) from the prompt `ids`, compiled with
+    XLA or not: best of `repeats` runs of width `prompt + 1` (the prompt
+    pass and one token) and of `prompt + new_tokens`; the difference over
+    `new_tokens - 1` is the per-token decode time (one step, all rows);
+    tokens/s counts every row's token."""
+    batch, prompt = ids.shape
+    lm.compile(sampler="greedy", jit_compile=jit)
+
+    def run(total):
+        inputs = padded_prompt(ids, total)
+        return lambda: lm.generate(inputs, stop_token_ids=None)
+
+    short, long = run(prompt + 1), run(prompt + new_tokens)
+    out = short()
+    long()  # compile both
+    # The prompt comes back unchanged, and the new token is a real one.
+    assert (out["token_ids"][:, :prompt] == ids).all() and out["padding_mask"].all()
+    t_short = _common.best_time(short, repeats)
+    t_long = _common.best_time(long, repeats)
+    per_token = (t_long - t_short) / (new_tokens - 1)
+    return dict(new_tokens=new_tokens, seconds=t_long, prompt_ms=1e3 * t_short,
+                per_token_ms=1e3 * per_token, tokens_per_s=batch / per_token, jit=jit)
 
 
 def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny,
@@ -97,24 +112,7 @@ def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny,
     record = dict(kind=kind, prompt=prompt, batch=batch, max_sequence_length=max_length,
                   device="GPU" if tf.config.list_physical_devices("GPU") else "CPU")
     if kind in ("cached", "cached_graph"):
-        jit = kind == "cached"
-        lm.compile(sampler="greedy", jit_compile=jit)
-
-        def run(total):
-            inputs = padded_prompt(ids, total)
-            return lambda: lm.generate(inputs, stop_token_ids=None)
-
-        short, long = run(prompt + 1), run(prompt + new_tokens)
-        out = short()
-        long()  # compile both
-        # The prompt comes back unchanged, and the new token is a real one.
-        assert (out["token_ids"][:, :prompt] == ids).all() and out["padding_mask"].all()
-        t_short, t_long = timed(short, repeats), timed(long, repeats)
-        per_token = (t_long - t_short) / (new_tokens - 1)
-        # tokens/s counts every row's token; per-token time is one step.
-        record.update(new_tokens=new_tokens, seconds=t_long, prompt_ms=1e3 * t_short,
-                      per_token_ms=1e3 * per_token, tokens_per_s=batch / per_token,
-                      jit=jit)
+        record.update(cached_timing(lm, ids, new_tokens, repeats, jit=kind == "cached"))
     else:
         width = prompt + uncached_tokens
 
@@ -138,7 +136,7 @@ def point(kind, prompt, new_tokens, uncached_tokens, max_length, repeats, tiny,
             return token_ids
 
         run(1)  # trace
-        seconds = timed(lambda: run(uncached_tokens), repeats)
+        seconds = _common.best_time(lambda: run(uncached_tokens), repeats)
         record.update(new_tokens=uncached_tokens, seconds=seconds,
                       per_token_ms=1e3 * seconds / uncached_tokens,
                       tokens_per_s=batch * uncached_tokens / seconds, jit=False)

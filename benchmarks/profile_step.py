@@ -217,16 +217,12 @@ def point(length, jit, steps, ffn_chunk):
     if jit:  # before TensorFlow starts XLA
         dump_dir = tempfile.mkdtemp(prefix="profile_step_hlo_")
         _common.add_xla_flags(f"{XLA_TRACE_FLAGS} --xla_dump_to={dump_dir}")
-    import numpy as np
     import tensorflow as tf
 
     if ffn_chunk:
         train_step.CONFIG["feedforward_chunk_size"] = ffn_chunk
     net = train_step.build("reformer", length, jit)
-    rng = np.random.default_rng(0)
-    x = rng.integers(1, 256, size=(1, length)).astype("int32")
-    y = np.roll(x, -1, axis=1)
-    x = {"token_ids": x, "padding_mask": np.ones_like(x)}
+    x, y = train_step.batch("reformer", length)
     walls = []
     for _ in range(4):  # two warm-up steps, then two timed ones
         start = time.perf_counter()

@@ -142,33 +142,36 @@ def add_utilisation(row, gflops):
     return row
 
 
-def build(model, length, jit):
+def build(model, length, jit, config=None):
+    """The reference model (`config`, default CONFIG), compiled with Adam;
+    layers take Keras' global dtype policy (e.g. "mixed_bfloat16")."""
     import keras
 
     import keras_reformer as kr
 
+    config = config or CONFIG
     keras.utils.set_random_seed(0)
     if model == "reformer":
         net = kr.models.ReformerCausalLM(kr.models.ReformerBackbone(
-            **CONFIG, max_sequence_length=length, causal=True, dropout=0.0,
+            **config, max_sequence_length=length, causal=True, dropout=0.0,
             attention_dropout=0.0, seed=0,
         ))
     else:
-        d = CONFIG["hidden_dim"]
+        d = config["hidden_dim"]
         tokens = keras.Input((length,), dtype="int32")
         # (No position embedding: its cost is negligible either way.)
-        x = keras.layers.Embedding(CONFIG["vocabulary_size"], d)(tokens)
-        for _ in range(CONFIG["num_layers"]):
+        x = keras.layers.Embedding(config["vocabulary_size"], d)(tokens)
+        for _ in range(config["num_layers"]):
             y = keras.layers.LayerNormalization()(x)
-            y = keras.layers.MultiHeadAttention(CONFIG["num_heads"], CONFIG["key_dim"])(
+            y = keras.layers.MultiHeadAttention(config["num_heads"], config["key_dim"])(
                 y, y, use_causal_mask=True
             )
             x = x + y
             y = keras.layers.LayerNormalization()(x)
-            y = keras.layers.Dense(CONFIG["intermediate_dim"], activation="gelu")(y)
+            y = keras.layers.Dense(config["intermediate_dim"], activation="gelu")(y)
             x = x + keras.layers.Dense(d)(y)
         x = keras.layers.LayerNormalization()(x)
-        net = keras.Model(tokens, keras.layers.Dense(CONFIG["vocabulary_size"])(x))
+        net = keras.Model(tokens, keras.layers.Dense(config["vocabulary_size"])(x))
     # No metrics, for either model (a ReformerCausalLM comes compiled with a
     # weighted accuracy, which `weighted_metrics=None` would keep).
     net.compile(
@@ -179,24 +182,32 @@ def build(model, length, jit):
     return net
 
 
-def point(model, length, jit, steps):
+def batch(model, length):
+    """One batch (batch size 1) of random bytes and their next bytes: the
+    inputs `model` ("reformer": a keras-hub dict; "mha": the ids) and the
+    labels."""
     import numpy as np
 
-    net = build(model, length, jit)
-    rng = np.random.default_rng(0)
-    x = rng.integers(1, 256, size=(1, length)).astype("int32")
+    x = np.random.default_rng(0).integers(1, 256, size=(1, length)).astype("int32")
     y = np.roll(x, -1, axis=1)
     if model == "reformer":
         x = {"token_ids": x, "padding_mask": np.ones_like(x)}
-    base = _common.current_rss_mb()
+    return x, y
+
+
+def best_step(net, x, y, steps):
+    """Two warm-up `train_on_batch` calls (the first compiles), then the
+    best of `steps` timed ones, in seconds."""
     for _ in range(2):
         net.train_on_batch(x, y)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        net.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
-    seconds = min(times)
+    return _common.best_time(lambda: net.train_on_batch(x, y), steps)
+
+
+def point(model, length, jit, steps):
+    net = build(model, length, jit)
+    x, y = batch(model, length)
+    base = _common.current_rss_mb()
+    seconds = best_step(net, x, y, steps)
     _common.emit({
         "model": model, "length": length, "jit": jit,
         "step_s": round(seconds, 4), "tokens_per_s": round(length / seconds),

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The accelerator check: one command on a machine with a GPU, under 10
+# minutes, one JSON line per figure on stdout (progress on stderr).
+#
+#   bash benchmarks/accelerator_check.sh            # on the GPU machine
+#   bash benchmarks/accelerator_check.sh --smoke    # every check, tiny, on a CPU
+#
+# What it runs and prints: benchmarks/accelerator_check.py and
+# docs/benchmarks.md ("The accelerator check"). It downloads nothing. Only
+# when keras_reformer cannot be imported does it install, with the README's
+# own command (a .venv in the checkout, `pip install -e ".[dev]"`).
+# $PYTHON picks the interpreter (default: the checkout's .venv if there is
+# one, else python3). Exit status: 0 when every check is "ok", 1 when one is
+# not, 2 for a bad argument or a machine whose TensorFlow sees no GPU.
+set -euo pipefail
+
+usage="usage: bash benchmarks/accelerator_check.sh [--smoke]"
+args=()
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) args=(--smoke) ;;
+        -h | --help) echo "$usage"; exit 0 ;;
+        *) echo "accelerator_check.sh: unknown argument '$arg'" >&2
+           echo "$usage" >&2
+           exit 2 ;;
+    esac
+done
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+    if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
+
+if ! "$python" -c "import keras_reformer.models" 2>/dev/null; then
+    echo "accelerator_check.sh: keras_reformer is not importable with $python;" \
+         "installing as the README says" >&2
+    python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" >&2
+    python=python
+fi
+exec "$python" benchmarks/accelerator_check.py ${args[@]+"${args[@]}"}
