@@ -212,11 +212,33 @@ def test_duplication_task_smoke(tmp_path):
         assert any(n.startswith("events.out") for n in os.listdir(tmp_path / kind))
 
 
-@pytest.mark.parametrize("script", ["train_lm.py", "mix_into_keras.py",
-                                    "export_and_serve.py", "duplication_task.py",
-                                    "duplication_reach.py", "generate_from_preset.py"])
-def test_help(script):
-    assert "--smoke" in run(script, "--help").stdout
+EXAMPLES = ["train_lm.py", "mix_into_keras.py", "export_and_serve.py",
+            "duplication_task.py", "duplication_reach.py", "generate_from_preset.py"]
+# Every example's `main(["--help"])` in one process: TensorFlow loads once,
+# not once per example. Each help is printed between two markers.
+HELP = """
+import contextlib, importlib, io, sys
+sys.path.insert(0, sys.argv[1])
+for script in sys.argv[2:]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            importlib.import_module(script[:-3]).main(["--help"])
+        except SystemExit as stop:
+            assert stop.code == 0, (script, stop.code)
+    print(f"<<{script}>>" + out.getvalue() + "<<end>>")
+"""
+
+
+def test_help():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", HELP, os.path.join(ROOT, "examples"),
+                          *EXAMPLES], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for script in EXAMPLES:
+        help_text = out.stdout.split(f"<<{script}>>")[1].split("<<end>>")[0]
+        assert "usage:" in help_text and "--smoke" in help_text, script
 
 
 def test_duplication_reach_smoke(tmp_path):
