@@ -6,6 +6,22 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import gc  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property-based tests (hypothesis). The default run is reproducible (a fixed
+# sequence of examples, no example database) and small; the tests marked
+# `slow` (`-m slow`) raise `max_examples` themselves and draw fresh examples
+# at every run. No deadline: the first call of a layer configuration traces
+# it, and graph/XLA examples compile.
+settings.register_profile(
+    "default", deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "slow", deadline=None, derandomize=False, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("default")
 
 
 @pytest.fixture
@@ -15,14 +31,6 @@ def no_gc_on_variable_delete(monkeypatch):
     with a large heap, that is most of a quantization test's time (65-77 s
     each in CI). Collection frees memory; it does not change any result."""
     monkeypatch.setattr(gc, "collect", lambda *args, **kwargs: 0)
-
-
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (the default in pyproject.toml): one test process per core,
-    at most 4. Each process holds its own TensorFlow runtime (about 1-2 GB
-    by the end of a run), and TensorFlow already spreads one test's ops over
-    the cores, so more processes than cores only adds memory."""
-    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def pytest_xdist_auto_num_workers(config):
