@@ -252,9 +252,10 @@ def reference(layer, x, kwargs):
                                 strict=layer.value_shift, **settings_)
     attended = ref.lsh_reference(qk, v, buckets, n_buckets, valid, layer.bucket_size,
                                  value_shift=layer.value_shift, **settings_)
-    # A query with no allowed key in any round has no specified output
-    # (except with shifted values: zeros).
-    checked = valid & (layer.value_shift | allowed.any(axis=(1, 2, 4)))
+    # A query with no allowed key in any round (of some head: the heads
+    # share the output projection) has no specified output, except with
+    # shifted values (zeros).
+    checked = valid & (layer.value_shift | allowed.any(axis=(2, 4)).all(axis=1))
     shift = ref.shift_matrix(valid) if layer.value_shift else None
     return Expected(valid, checked, allowed, shift, ref.output_projection(layer, attended))
 
@@ -525,3 +526,29 @@ def test_profiles_are_registered():
     assert settings.default.derandomize and settings.default.deadline is None
     assert not settings.get_profile("slow").derandomize
     assert keras.config.dtype_policy().name == "float32"
+
+
+# ------------------------------------------- cases found, kept as regular tests
+
+
+def test_found_shared_mask_causal_rule_per_batch_row():
+    # A (T, T) mask shared by the batch, with per-row padding: on row 0's
+    # real positions it admits no later key (the causal rule), on row 1's it
+    # does (key 14 for query 12). The rule was decided once for the shared
+    # mask over the union of the rows' real positions, so row 0's outputs
+    # depended on row 1. Now each row follows its own rule.
+    layer = layer_for(Config(num_heads=1, bucket_size=2, num_hashes=2,
+                             num_chunks_after=1))
+    length = 16
+    x = np.random.default_rng(0).normal(size=(2, length, FEATURES)).astype("float32")
+    mask = np.tri(length, dtype=bool)
+    mask[12, 14] = True
+    valid = np.ones((2, length), bool)
+    valid[0, 12:] = False
+    both = np.asarray(layer(x, query_mask=valid, attention_mask=mask))
+    alone = np.asarray(layer(x[:1], query_mask=valid[:1], attention_mask=mask))
+    causal = np.asarray(layer(x[:1], query_mask=valid[:1], use_causal_mask=True))
+    np.testing.assert_allclose(both[0, :12], alone[0, :12], atol=1e-6)
+    np.testing.assert_allclose(alone[0, :12], causal[0, :12], atol=1e-6)
+    kwargs = call_kwargs(False, valid, mask)
+    assert_close(both, reference(layer, x, kwargs).output, 1e-4, valid)
