@@ -6,6 +6,24 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import gc  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+# Property-based tests (hypothesis). The default run is reproducible (a fixed
+# sequence of examples, no example database) and small; the tests marked
+# `slow` (`-m slow`) raise `max_examples` themselves and draw fresh examples
+# at every run. No deadline: the first call of a layer configuration traces
+# it, and graph/XLA examples compile. No "explain" phase after shrinking
+# (minutes of reruns, for comments on which draws matter).
+_PHASES = [p for p in Phase if p != Phase.explain]
+settings.register_profile(
+    "default", deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow], phases=_PHASES,
+)
+settings.register_profile(
+    "slow", deadline=None, derandomize=False, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow], phases=_PHASES,
+)
+settings.load_profile("default")
 
 
 @pytest.fixture

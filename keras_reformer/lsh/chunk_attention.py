@@ -73,17 +73,18 @@ class ChunkSettings:
 
 # The run-time tensors besides the queries and values, closed over by the
 # loops: `length` L; `query_key_mask` None or (M, L * L) bool explicit masks
-# of allowed (query, key), M mask rows; `causal_rows` None or (M,) bool, the
-# mask rows that follow the causal rule; `seed` the (2,) int32 dropout seed.
+# of allowed (query, key), M mask rows; `causal_rows` None or (K,) bool, the
+# causal-rule flags, K flag rows; `seed` the (2,) int32 dropout seed.
 _Context = collections.namedtuple(
     "_Context", ["settings", "length", "query_key_mask", "causal_rows", "seed"]
 )
 
 # Per row: `order`, `inverse`, `bucket` (rows, R, L) int32 (sorted slot ->
 # position, its inverse, the bucket at each sorted slot); `valid` (rows, L)
-# bool; `mask_index` (rows,) int32, the row's row of the explicit masks.
+# bool; `mask_index`, `causal_index` (rows,) int32, the row's row of the
+# explicit masks and of the causal-rule flags.
 RowIndex = collections.namedtuple(
-    "RowIndex", ["order", "inverse", "bucket", "valid", "mask_index"]
+    "RowIndex", ["order", "inverse", "bucket", "valid", "mask_index", "causal_index"]
 )
 _PER_ROUND = ("order", "inverse", "bucket")
 
@@ -106,8 +107,9 @@ def attend(qk, values, sorted_order, valid, settings, *,
         settings: `ChunkSettings`.
         query_key_mask: optional (Bm, Hm, L, L) bool mask of allowed
             (query, key), Bm in {1, B}, Hm in {1, H} (broadcast).
-        causal_rows: optional (Bm, Hm) bool: mask rows that admit no later
-            key, which then follow the causal rule (see `chunk_bias`).
+        causal_rows: optional (Bc, Hc) bool, Bc in {1, B}, Hc in {1, H}:
+            rows whose mask admits no later key, which then follow the
+            causal rule (see `chunk_bias`).
         dropout_seed: (2,) int32 seed of the attention dropout.
 
     Returns:
@@ -126,14 +128,19 @@ def attend(qk, values, sorted_order, valid, settings, *,
         """(B, ...) -> (B * H, ...): the same row for every head."""
         return rows(tf.repeat(x[:, None], heads, axis=1))
 
-    mask_index = tf.zeros([batch, heads], tf.int32)
+    def broadcast_index(x):
+        """(B, H) int32: each (batch, head)'s row of `x` (Bx, Hx, ...)
+        flattened to (Bx * Hx, ...), Bx in {1, B}, Hx in {1, H}."""
+        if x is None:
+            return tf.zeros([batch, heads], tf.int32)
+        b_index = tf.range(batch)[:, None] if x.shape[0] != 1 else tf.zeros([batch, 1], tf.int32)
+        h_index = tf.range(heads)[None, :] if x.shape[1] != 1 else tf.zeros([1, heads], tf.int32)
+        return b_index * x.shape[1] + h_index
+
     flat_mask = flat_causal = None
     if query_key_mask is not None:
-        mask_b, mask_h = query_key_mask.shape[0], query_key_mask.shape[1]
-        b_index = tf.range(batch)[:, None] if mask_b != 1 else tf.zeros([batch, 1], tf.int32)
-        h_index = tf.range(heads)[None, :] if mask_h != 1 else tf.zeros([1, heads], tf.int32)
-        mask_index = b_index * mask_h + h_index
-        flat_mask = tf.reshape(query_key_mask, [mask_b * mask_h, -1])
+        flat_mask = tf.reshape(
+            query_key_mask, [query_key_mask.shape[0] * query_key_mask.shape[1], -1])
         if causal_rows is not None:
             flat_causal = tf.reshape(causal_rows, [-1])
     index = RowIndex(
@@ -141,7 +148,8 @@ def attend(qk, values, sorted_order, valid, settings, *,
         inverse=rows(sorted_order.inverse),
         bucket=rows(sorted_order.buckets),
         valid=per_row(valid),
-        mask_index=rows(mask_index),
+        mask_index=rows(broadcast_index(query_key_mask)),
+        causal_index=rows(broadcast_index(causal_rows)),
     )
     context = _Context(settings, length, flat_mask, flat_causal, dropout_seed)
     out = attend_rows(rows(qk), rows(values), index, context)
@@ -224,12 +232,16 @@ def _attend_rounds(qk, v, index, group_index, context):
         bucket=chunks(index.bucket),
         valid=chunks(tf.gather(index.valid, order, axis=1, batch_dims=1)),
     )
-    mask_index = chunks(tf.broadcast_to(index.mask_index[:, None, None], tf.shape(order)))
+    def per_chunk_row(x):
+        """(g,) -> (g * R,): a row's value for each of its rounds."""
+        return chunks(tf.broadcast_to(x[:, None, None], tf.shape(order)))[:, 0, 0]
+
     sorted_qk = chunks(gather_rounds(qk, order, inverse))
     sorted_v = chunks(gather_rounds(v, order, inverse))
     with tf.name_scope("chunk_attention"):  # scopes name the profile's categories
         out, lse = _attend_chunks(
-            sorted_qk, sorted_v, slots, mask_index[:, 0, 0], group_index, context
+            sorted_qk, sorted_v, slots, per_chunk_row(index.mask_index),
+            per_chunk_row(index.causal_index), group_index, context
         )
     out = unsort_rounds(
         tf.reshape(out, [count, rounds, length, v.shape[-1]]), order, inverse
@@ -238,7 +250,7 @@ def _attend_rounds(qk, v, index, group_index, context):
     return out, lse
 
 
-def _attend_chunks(q, v, slots, mask_index, group_index, context):
+def _attend_chunks(q, v, slots, mask_index, causal_index, group_index, context):
     """Sorted chunks (g * R, N, C, ...): keys, windows, mask, dropout,
     attention -> out (g * R, N, C, E), lse (g * R, N, C).
 
@@ -255,7 +267,7 @@ def _attend_chunks(q, v, slots, mask_index, group_index, context):
     if context.query_key_mask is not None:
         mask_rows = tf.gather(context.query_key_mask, mask_index)
     if context.causal_rows is not None:
-        causal_rows = tf.gather(context.causal_rows, mask_index)
+        causal_rows = tf.gather(context.causal_rows, causal_index)
     bias = chunk_bias(slots, window, settings, mask_rows, causal_rows,
                       context.length, dtype=q.dtype)
     keep = None

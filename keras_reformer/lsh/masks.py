@@ -72,7 +72,7 @@ def valid_keys(key_masks, query_key_mask, batch, length, causal):
 
     Returns:
         valid: (B, L) bool; a key that no query may attend to is padding.
-        causal_rows: None, or (Bm, Hm) bool: the rows of a non-causal call
+        causal_rows: None, or (B, Hm) bool: the rows of a non-causal call
             whose query-key mask admits no later key (`admits_no_later_key`).
     """
     valid = tf.ones([batch, length], tf.bool)
@@ -89,16 +89,24 @@ def valid_keys(key_masks, query_key_mask, batch, length, causal):
 
 
 def admits_no_later_key(query_key_mask, valid):
-    """(Bm, Hm) bool: no real query of the row may attend to a later real key.
+    """(B, Hm) bool: no real query of the row may attend to a later real key.
 
     Such a mask (lower-triangular, maybe merged with padding) asks for
     causal attention, so those rows follow the causal rule: plain chunk
     windows would let later tokens decide which earlier keys a query sees.
+    Decided per batch row, on that row's real positions, also for a mask
+    shared by the batch (Bm = 1): a row's rule, hence its outputs, must not
+    depend on the other rows of its batch.
     """
     length = tf.shape(query_key_mask)[-1]
     positions = tf.range(length)
     later = positions[None, :] > positions[:, None]  # (query, key)
-    real = tf.reduce_any(valid, axis=0, keepdims=True) if query_key_mask.shape[0] == 1 else valid
-    both_real = tf.logical_and(real[:, :, None], real[:, None, :])[:, None]
-    future = tf.logical_and(tf.logical_and(query_key_mask, later), both_real)
-    return tf.logical_not(tf.reduce_any(future, axis=[2, 3]))
+    future = tf.cast(tf.logical_and(query_key_mask, later), tf.float32)
+    real = tf.cast(valid, tf.float32)
+    # Allowed later (real query, real key) pairs per row, without a
+    # (B, Hm, L, L) tensor for a shared mask: sums of ones, exact enough
+    # for a comparison with zero.
+    equation = "bq,hqk,bk->bh" if query_key_mask.shape[0] == 1 else "bq,bhqk,bk->bh"
+    if query_key_mask.shape[0] == 1:
+        future = future[0]
+    return tf.einsum(equation, real, future, real) == 0

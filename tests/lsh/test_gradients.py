@@ -18,26 +18,6 @@ from tests.lsh import lsh_reference as ref
 FEATURES = 12
 
 
-def reference_loss(weights, x, allowed, target):
-    """float64 loss of dense LSH attention; allowed: (B, H, R, L, L) bool."""
-    wq, bq, wv, bv, wo, bo = weights
-    qk = tf.einsum("blc,che->bhle", x, wq) + bq[None, :, None, :]
-    v = tf.einsum("blc,che->bhle", x, wv) + bv[None, :, None, :]
-    keys = qk / tf.norm(qk, axis=-1, keepdims=True)
-    logits = tf.einsum("bhld,bhmd->bhlm", qk, keys) / np.sqrt(qk.shape[-1])
-    length = x.shape[1]
-    eye = tf.eye(length, dtype=tf.bool)
-    logits = tf.where(eye, tf.constant(ref.SELF, tf.float64), logits)
-    logits = logits[:, :, None]  # (B, H, 1, L, L) against R rounds
-    logits = tf.where(allowed, logits, tf.constant(ref.MASK, tf.float64))
-    lse = tf.reduce_logsumexp(logits, -1)  # (B, H, R, L)
-    outs = tf.einsum("bhrlm,bhme->bhrle", tf.exp(logits - lse[..., None]), v)
-    weights_r = tf.nn.softmax(lse, axis=2)
-    attended = tf.einsum("bhrl,bhrle->bhle", weights_r, outs)
-    out = tf.einsum("bhle,heo->blo", attended, wo) + bo
-    return tf.reduce_sum(out * target)
-
-
 @pytest.mark.parametrize(
     "length,num_hashes,causal,padded",
     [(32, 2, True, False), (40, 3, False, True), (29, 4, True, True)],
@@ -79,7 +59,7 @@ def test_all_gradients_match_float64_reference(length, num_hashes, causal, padde
     weights = [tf.constant(np.asarray(v), tf.float64) for v in variables]
     with tf.GradientTape() as tape:
         tape.watch([x64] + weights)
-        loss64 = reference_loss(weights, x64, allowed, target * valid[..., None])
+        loss64 = ref.dense_lsh_loss_tf(weights, x64, allowed, target * valid[..., None])
     want = tape.gradient(loss64, [x64] + weights)
 
     names = ["x", "qk kernel", "qk bias", "value kernel", "value bias",
