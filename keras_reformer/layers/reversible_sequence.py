@@ -420,7 +420,9 @@ class ReversibleSequence(keras.layers.Layer):
                     "`ReversibleSequence.quantize`, `ReformerBackbone.quantize` "
                     "or `ReformerCausalLM.quantize`."
                 )
-            self._stack_from_blocks()
+            # After a load (see above) the blocks hold the values: every
+            # slot is made from them.
+            self._stack_from_blocks(keep_values=not self._needs_block_values)
         elif self._needs_block_values:
             # Loaded through the blocks (see above): take their values.
             with tf.init_scope():

@@ -376,6 +376,25 @@ def test_quantizing_the_blocks_behind_the_stack():
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert any(v.dtype == "int8" for v in stacks[0].weights)
 
+    # After a load (the blocks hold the loaded values; the stack takes them
+    # before its next use), every slot comes from the blocks, also those
+    # that quantizing leaves in place (biases, norms).
+    stacks = [built(ReversibleSequence(blocks_of(2), stack_weights=s)) for s in (True, False)]
+    rng = np.random.default_rng(13)
+    for pair, pair0 in zip(*(stack.blocks for stack in stacks)):
+        for v, w in zip([v for layer in pair for v in layer.variables],
+                        [v for layer in pair0 for v in layer.variables]):
+            if v.dtype == "float32":
+                value = v.numpy() + rng.normal(size=v.shape) * 0.1
+                v.assign(value)
+                w.assign(value)
+    stacks[0].load_own_variables({})  # a load: the blocks were filled
+    for stack in stacks:
+        keras.Model.quantize(keras.Sequential([g for _, g in stack.blocks]), "int8")
+    outs = [[np.asarray(y) for y in stack([x, x])] for stack in stacks]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
     stack = built(ReversibleSequence(blocks_of(2), stack_weights=True))
     kernel = next(v for v in stack._stacked["g"] if v.path.endswith("kernel"))
     kernel.assign(kernel.numpy() + 0.1)  # trained: the blocks' values are stale
