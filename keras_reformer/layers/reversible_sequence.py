@@ -152,10 +152,11 @@ class ReversibleSequence(keras.layers.Layer):
             stay the slots' templates: after `quantize` or `enable_lora`
             (see `quantize`) the slots follow their variables. Weights are
             saved through the blocks, so files of either layout load into
-            the other. `"auto"` (default) stacks when the stack loops
+            the other. `"auto"` (default) stacks blocks that can loop
             (`loop_blocks` not `False`, at least two blocks of one
-            structure, see `loop_blocks`) and keeps each block's own
-            weights otherwise; `stacked` says which it chose once the
+            structure, see `loop_blocks`; also with `reversible=False`, so
+            that both settings have one weight layout) and keeps each
+            block's own weights otherwise; `stacked` says which it chose once the
             layer is built. `False`: each block keeps its own weights (the
             earlier default: a saved config without this key loads as
             `False`).
@@ -274,7 +275,7 @@ class ReversibleSequence(keras.layers.Layer):
 
     def _stacks_weights(self):
         """Whether the built stack holds its weights stacked (see
-        `stack_weights`; "auto": whenever the blocks loop)."""
+        `stack_weights`; "auto": whenever the blocks can loop)."""
         if self.stack_weights != "auto":
             return self.stack_weights
         return self.loop_blocks is not False and engine.why_not_loopable(self.blocks) is None
