@@ -34,8 +34,13 @@ depth ratio is formed from `net_mb` (peak minus idle) and also given raw.
         --modes xla graph --depths 2 8 16 --adam --csv depth_memory_1k_adam.csv
                                           # per-block cost with Adam's update
 
-Kind `stacked` is `reversible` with `stack_weights=True` (one (depth, ...)
-variable per kind of block weight). `--adam` adds an Adam update of every
+Kind `reversible` keeps each block's weights (`stack_weights=False`);
+`stacked` is the same with `stack_weights=True` (one (depth, ...) variable
+per kind of block weight); `sequential` is your own blocks the documented
+way, `keras.Sequential([LayerNormalization(), LSHAttention(...)])` and
+`keras.Sequential([LayerNormalization(), ChunkedFeedForward(...)])`
+(not causal), under ReversibleSequence's defaults (`stack_weights="auto"`
+stacks them). `--adam` adds an Adam update of every
 weight to the step, as `model.fit` would run it.
 """
 
@@ -49,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 MODES = ("graph", "xla", "xla_memsched", "xla_lowmem")
-KINDS = ("reversible", "stacked", "unrolled", "plain")
+KINDS = ("reversible", "stacked", "sequential", "unrolled", "plain")
 MODE_FLAGS = {
     "xla_memsched": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
     "xla_lowmem": "--xla_cpu_use_fusion_emitters=false",
@@ -58,10 +63,24 @@ LENGTH, D_MODEL, HEADS, KEY_DIM = 16384, 256, 4, 64
 BUCKET, HASHES, FFN_DIM, FFN_CHUNK = 64, 2, 1024, 512
 
 
-def build_stack(depth, reversible, loop_blocks="auto", stack_weights=False):
+def build_stack(depth, reversible, loop_blocks="auto", stack_weights=False,
+                sequential=False):
     import keras
 
     import keras_reformer as kr
+
+    if sequential:  # the documented way to bring your own blocks
+        def half(layer):
+            return keras.Sequential([keras.layers.LayerNormalization(), layer])
+
+        blocks = [
+            (half(kr.layers.LSHAttention(HEADS, KEY_DIM, bucket_size=BUCKET,
+                                         num_hashes=HASHES, seed=2 * i)),
+             half(kr.layers.ChunkedFeedForward(FFN_DIM, dropout=0.1,
+                                               chunk_size=FFN_CHUNK, seed=2 * i + 1)))
+            for i in range(depth)
+        ]
+        return kr.layers.ReversibleSequence(blocks)
 
     class Attention(keras.layers.Layer):
         def __init__(self, seed, **kwargs):
@@ -132,13 +151,16 @@ def point(kind, depth, mode, repeats, length=LENGTH, adam=False):
         _common.emit({"kind": "idle", "depth": 0, "mode": "-",
                       "peak_rss_mb": round(_common.peak_rss_mb())})
         return
-    # "reversible" runs identical blocks as one loop body (the default,
-    # loop_blocks="auto"); "unrolled" is the same stack with a copy of the
-    # program per block (loop_blocks=False); "stacked" loops over weights
-    # the stack holds stacked itself (stack_weights=True).
+    # "reversible" runs identical blocks as one loop body over each block's
+    # own weights (loop_blocks="auto", stack_weights=False); "unrolled" is
+    # the same stack with a copy of the program per block
+    # (loop_blocks=False); "stacked" loops over weights the stack holds
+    # stacked itself (stack_weights=True); "sequential" is keras.Sequential
+    # blocks with ReversibleSequence's defaults (stacked by "auto").
     stack = build_stack(depth, reversible=(kind != "plain"),
                         loop_blocks=False if kind == "unrolled" else "auto",
-                        stack_weights=kind == "stacked")
+                        stack_weights=kind == "stacked",
+                        sequential=kind == "sequential")
     # Built as a functional model builds it (symbolically), not by an eager
     # call, whose kernels and caches are not what a model.fit user pays.
     stack.build([tuple(x.shape)] * 2)
@@ -202,6 +224,7 @@ def point(kind, depth, mode, repeats, length=LENGTH, adam=False):
 
 
 LABELS = {"reversible": "reversible (looped blocks)",
+          "sequential": "keras.Sequential blocks, defaults",
           "stacked": "reversible, stacked weights (stack_weights=True)",
           "unrolled": "reversible, unrolled (loop_blocks=False)",
           "plain": "reversible=False"}
@@ -215,7 +238,8 @@ def plot(rows, idle, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"graph": "C0", "xla": "C1", "xla_memsched": "C2", "xla_lowmem": "C3"}
-    styles = {"reversible": "-", "stacked": "-.", "unrolled": ":", "plain": "--"}
+    styles = {"reversible": "o-", "stacked": "o-.", "sequential": "s-.",
+              "unrolled": "o:", "plain": "o--"}
     for kind in KINDS:
         for mode in MODES:
             ok = [r for r in rows if r["kind"] == kind and r["mode"] == mode
@@ -225,9 +249,9 @@ def plot(rows, idle, path):
             label = f"{LABELS[kind]}, {mode}"
             depths = [r["depth"] for r in ok]
             axes[0].plot(depths, [r["peak_rss_mb"] - idle for r in ok],
-                         "o" + styles[kind], color=colors[mode], label=label)
+                         styles[kind], color=colors[mode], label=label)
             axes[1].plot(depths, [r["tf_step_peak_mb"] for r in ok],
-                         "o" + styles[kind], color=colors[mode], label=label)
+                         styles[kind], color=colors[mode], label=label)
     for ax, title in zip(axes, ("peak RSS minus idle process (MiB)",
                                 "TF allocator peak of a warmed-up step (MiB)")):
         ax.set_xlabel("blocks (f, g pairs)")

@@ -90,6 +90,17 @@ def boolean(name, value):
     return bool(value)
 
 
+def auto_or_boolean(name, value):
+    """`value` if it is "auto", else as a python bool (see `boolean`)."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"`{name}` must be one of 'auto', True or False. Received: {name}={value!r}"
+        )
+    return bool(value)
+
+
 def instance(name, value, classes, allowed, allow_none=False):
     """`value` if it is an instance of `classes` (or None when
     `allow_none`); `allowed` says what is in the message, e.g.

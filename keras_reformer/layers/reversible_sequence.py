@@ -55,6 +55,14 @@ def _slot_name(half, j, kind, layer):
     return f"{half}_{j}_{kind.name}"
 
 
+def _holds(variables, slot):
+    """Whether the stacked `slot` holds the values of `variables`, stacked."""
+    with tf.init_scope():
+        values = [tf.convert_to_tensor(v.value) for v in variables]
+        return bool(tf.reduce_all(tf.equal(
+            tf.convert_to_tensor(slot.value), tf.stack(values))))
+
+
 class _SlotBook:
     """What the stacked slots were made from: per slot, the blocks'
     variables it stacks. A plain object, out of Keras' variable tracking
@@ -127,24 +135,31 @@ class ReversibleSequence(keras.layers.Layer):
             `reversible=True`, there are at least two blocks and they have
             one structure, and unrolls otherwise; `False` always unrolls.
             The result is the same either way.
-        stack_weights: bool. If `True`, the stack holds its weights itself,
-            one variable of shape `(num_blocks, ...)` per weight of a block
-            (initialized from the blocks' own values at build time), the
-            way JAX users scan over stacked layers. The blocks must have one
-            structure; they run as one loop body (`loop_blocks` must not be
-            `False`). Gradients and optimizer updates are then one tensor
-            per kind of weight instead of one per block, so under XLA the
-            compiled step (and its compile memory) no longer grows with
-            depth (docs/benchmarks.md, "Stacked weights"). The blocks' own
+        stack_weights: `"auto"`, `True` or `False`. If `True`, the stack
+            holds its weights itself, one variable of shape
+            `(num_blocks, ...)` per weight of a block (initialized from the
+            blocks' own values at build time), the way JAX users scan over
+            stacked layers. The blocks must have one structure; they run as
+            one loop body (`loop_blocks` must not be `False`). Gradients and
+            optimizer updates are then one tensor per kind of weight
+            instead of one per block, so under XLA the compiled step (and
+            its compile memory) no longer grows with depth
+            (docs/benchmarks.md, "Stacked weights"). The blocks' own
             variables are not trained and are not among the stack's
             `weights`/`variables`: to run block `i` on its trained weights
             outside the stack, do so under `stack.block_scope(i)` (or write
             them into the blocks with `sync_blocks()`). The blocks' layers
             stay the slots' templates: after `quantize` or `enable_lora`
             (see `quantize`) the slots follow their variables. Weights are
-            saved through the blocks, so files of either setting load into
-            the other. Defaults to `False` (each block keeps its own
-            weights).
+            saved through the blocks, so files of either layout load into
+            the other. `"auto"` (default) stacks blocks that can loop
+            (`loop_blocks` not `False`, at least two blocks of one
+            structure, see `loop_blocks`; also with `reversible=False`, so
+            that both settings have one weight layout) and keeps each
+            block's own weights otherwise; `stacked` says which it chose once the
+            layer is built. `False`: each block keeps its own weights (the
+            earlier default: a saved config without this key loads as
+            `False`).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -177,7 +192,7 @@ class ReversibleSequence(keras.layers.Layer):
     """
 
     def __init__(self, blocks, reversible=True, loop_blocks="auto",
-                 stack_weights=False, **kwargs):
+                 stack_weights="auto", **kwargs):
         super().__init__(**kwargs)
         pairs = _check_blocks(blocks)
         # Two flat lists, so that Keras tracks every layer (and each weight
@@ -185,20 +200,15 @@ class ReversibleSequence(keras.layers.Layer):
         self.f_layers = [f for f, _ in pairs]
         self.g_layers = [g for _, g in pairs]
         self.reversible = _checks.boolean("reversible", reversible)
-        if not (loop_blocks is True or loop_blocks is False or loop_blocks == "auto"):
-            raise ValueError(
-                "`loop_blocks` must be one of 'auto', True or False. "
-                f"Received: loop_blocks={loop_blocks!r}"
-            )
-        self.loop_blocks = loop_blocks
-        self.stack_weights = _checks.boolean("stack_weights", stack_weights)
-        if self.stack_weights and loop_blocks is False:
+        self.loop_blocks = _checks.auto_or_boolean("loop_blocks", loop_blocks)
+        self.stack_weights = _checks.auto_or_boolean("stack_weights", stack_weights)
+        if self.stack_weights is True and self.loop_blocks is False:
             raise ValueError(
                 "`stack_weights=True` runs the blocks as one loop body over the "
                 "stacked weights; it cannot be combined with loop_blocks=False. "
                 "Received: stack_weights=True, loop_blocks=False"
             )
-        if self.stack_weights:
+        if self.stack_weights is True:
             reason = engine.why_not_loopable(pairs, min_blocks=1)
             if reason is not None:
                 raise ValueError(
@@ -259,13 +269,27 @@ class ReversibleSequence(keras.layers.Layer):
                 with recompute.throwaway_trace():
                     out = layer(spec)
                 engine.check_block_output(index, name, layer, shape, out)
-        if self.stack_weights:
+        if self._stacks_weights():
             self._stack_from_blocks()
         self.built = True
 
+    def _stacks_weights(self):
+        """Whether the built stack holds its weights stacked (see
+        `stack_weights`; "auto": whenever the blocks can loop)."""
+        if self.stack_weights != "auto":
+            return self.stack_weights
+        return self.loop_blocks is not False and engine.why_not_loopable(self.blocks) is None
+
+    @property
+    def stacked(self):
+        """Whether this stack holds its weights as `(num_blocks, ...)`
+        variables (`stack_weights=True`, or `"auto"` on blocks of one
+        structure); False before it is built."""
+        return self._stacked is not None
+
     # ------------------------------------------------------ stacked weights
     #
-    # With `stack_weights=True` the stack's variables are the trained ones
+    # With stacked weights the stack's variables are the trained ones
     # and the blocks' own variables are templates: they give each slot its
     # shape, dtype, trainability and meaning. Three things keep the two in
     # step. (1) A change of the blocks' variables (`enable_lora`, which adds
@@ -304,7 +328,7 @@ class ReversibleSequence(keras.layers.Layer):
         reason = engine.why_not_loopable(self.blocks, min_blocks=1)
         if reason is not None:
             raise ValueError(
-                "`stack_weights=True` needs blocks of one structure, but "
+                "Stacked weights need blocks of one structure, but "
                 f"{reason} (after a change of the blocks' layers?)."
             )
         book = getattr(self, "_book", None)
@@ -376,22 +400,30 @@ class ReversibleSequence(keras.layers.Layer):
         if self._blocks_changed():
             current = {id(v) for block in self._block_variables()
                        for variables in block for v in variables}
-            vanished = [
+            # A replaced variable (quantize) was read by whatever replaced
+            # it: right if the blocks held the stack's values (nothing
+            # trained since the stack was built, loaded or synced).
+            stale = [
                 slot.path for made_from, slot in self._book.sources
                 if not all(id(v) in current for v in made_from)
+                and not self._needs_block_values
+                and not _holds(made_from, slot)
             ]
-            if vanished:
+            if stale:
                 raise ValueError(
-                    "The blocks' layers of this ReversibleSequence("
-                    "stack_weights=True) replaced variables that the stack "
-                    f"holds ({', '.join(vanished[:3])}), without reading the "
-                    "stack's trained values (e.g. `quantize` called on the "
-                    "layers themselves, or through a model that is not a "
-                    "keras_reformer model). Quantize through "
+                    f"The blocks' layers of ReversibleSequence {self.name!r} "
+                    "(whose weights are stacked) replaced variables that the "
+                    f"stack holds ({', '.join(stale[:3])}), reading the blocks' "
+                    "values, which are not the stack's trained ones (e.g. "
+                    "`quantize` called on the layers themselves, or through "
+                    "`keras.Model.quantize`). Call `sync_blocks()` on the stack "
+                    "before changing its blocks' layers, or quantize through "
                     "`ReversibleSequence.quantize`, `ReformerBackbone.quantize` "
                     "or `ReformerCausalLM.quantize`."
                 )
-            self._stack_from_blocks()
+            # After a load (see above) the blocks hold the values: every
+            # slot is made from them.
+            self._stack_from_blocks(keep_values=not self._needs_block_values)
         elif self._needs_block_values:
             # Loaded through the blocks (see above): take their values.
             with tf.init_scope():
@@ -475,7 +507,7 @@ class ReversibleSequence(keras.layers.Layer):
             return super().load_own_variables(store)
         if len(store.keys()):
             raise ValueError(
-                f"Layer {self.name!r} (stack_weights=True) keeps its weights "
+                f"Layer {self.name!r} (stacked weights) keeps its weights "
                 "in its blocks' entries of a weights file, but the file has "
                 f"{len(store.keys())} entries of its own: it was written by "
                 "another layout of the stack."
@@ -664,6 +696,8 @@ class ReversibleSequence(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        # Saved before "auto" was the default: each block kept its weights.
+        config.setdefault("stack_weights", False)
         blocks = [
             (
                 keras.saving.deserialize_keras_object(f),

@@ -12,7 +12,7 @@ CALIBRATED_MODES = ("gptq", "awq")
 def _stacks(model):
     return [
         layer for layer in model._flatten_layers()
-        if isinstance(layer, ReversibleSequence) and layer.stack_weights
+        if isinstance(layer, ReversibleSequence) and layer.stacked
     ]
 
 
@@ -21,7 +21,7 @@ def blocks_in_sync(model):
     """Around a change of the blocks' layers (keras' `quantize`, keras-hub's
     `enable_lora`), which reads and replaces the blocks' own variables:
     before it, the blocks take the stacked (trained) values; after it, every
-    stack with `stack_weights=True` is made again from its blocks."""
+    stack whose weights are stacked is made again from its blocks."""
     stacks = _stacks(model)
     for stack in stacks:
         stack.sync_blocks()

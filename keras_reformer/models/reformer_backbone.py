@@ -93,12 +93,17 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             Defaults to False (the paper's model).
         causal: True for a language model, False for an encoder.
         reversible: False computes the same function with ordinary autodiff.
-        stack_weights: bool. If True, the reversible stack holds each kind
-            of block weight as one `(num_layers, ...)` variable
+        stack_weights: bool. If True (default), the reversible stack holds
+            each kind of block weight as one `(num_layers, ...)` variable
             (`ReversibleSequence(stack_weights=True)`): under XLA the
             compiled step then stops growing with depth (see
-            docs/benchmarks.md, "Stacked weights"). Saved weights load
-            into either setting. Defaults to False.
+            docs/benchmarks.md, "Stacked weights"). `reversible_stack`'s
+            variables are then the trained ones; the blocks' layers are
+            their templates (`reversible_stack.block_scope(i)` runs block
+            `i` on its trained weights, `sync_blocks()` writes them into
+            the blocks). False keeps one set of variables per block (the
+            default before version 0.2, and what a saved config without
+            this key loads as). Saved weights load into either setting.
         seed: seeds the random parts of the computation: the hash
             rotations and the dropout masks (None: drawn, stored in the
             config). The initial weights follow Keras' global seed, as for
@@ -129,7 +134,7 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         causal=True,
         reversible=True,
         seed=None,
-        stack_weights=False,
+        stack_weights=True,
         dtype=None,
         **kwargs,
     ):
@@ -289,6 +294,11 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             "stack_weights": self.stack_weights,
         })
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Saved before stacked weights were the default: per-block weights.
+        return super().from_config({"stack_weights": False, **config})
 
     # ---------------------------------------- keras-hub: LoRA, quantization
 

@@ -35,7 +35,9 @@ def stack_of(depth, loop, ffn_dim=16):
     keras.utils.set_random_seed(0)
     blocks = [(Attention(seed=i), ChunkedFeedForward(ffn_dim, chunk_size=4, seed=i))
               for i in range(depth)]
-    stack = ReversibleSequence(blocks, loop_blocks=loop)
+    # The loop over each block's own variables ("auto" would stack them:
+    # tests/layers/test_stacked_weights.py).
+    stack = ReversibleSequence(blocks, loop_blocks=loop, stack_weights=False)
     stack.build([(None, None, FEATURES)] * 2)
     return stack
 

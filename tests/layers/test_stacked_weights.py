@@ -1,4 +1,5 @@
-"""ReversibleSequence(stack_weights=True): the stack holds (depth, ...) weights.
+"""ReversibleSequence(stack_weights=True, or "auto", the default, on blocks of
+one structure): the stack holds (depth, ...) weights.
 
 References are independent of the stacked path: a residual stack written
 out here block by block with ordinary autodiff over each block's own
@@ -61,7 +62,8 @@ def slot_gradients(stack, grads):
 def test_outputs_gradients_and_seed_states_match_per_block_autodiff(mode, reversible):
     depth = 2
     reference_blocks = blocks_of(depth)
-    built(ReversibleSequence(reference_blocks, reversible=False))  # builds them
+    built(ReversibleSequence(reference_blocks, reversible=False,
+                             stack_weights=False))  # builds them
     stack = built(ReversibleSequence(blocks_of(depth), reversible=reversible,
                                      stack_weights=True))
     x = tf.random.normal((2, 12, FEATURES), seed=1)
@@ -111,7 +113,8 @@ def test_outputs_gradients_and_seed_states_match_per_block_autodiff(mode, revers
 def test_weights_are_the_stacked_variables_only():
     depth = 4
     stack = built(ReversibleSequence(blocks_of(depth), stack_weights=True))
-    per_block = built(ReversibleSequence(blocks_of(depth)))
+    per_block = built(ReversibleSequence(blocks_of(depth), stack_weights=False))
+    assert not per_block.stacked
     assert len(stack.variables) == len(per_block.variables) // depth
     assert all(v.shape[0] == depth for v in stack.variables)
     assert stack.count_params() == per_block.count_params()
@@ -162,14 +165,38 @@ def test_arguments():
     with pytest.raises(ValueError, match=r"`stack_weights=True` needs blocks of one "
                                          r"structure, but block 1's `g`"):
         ReversibleSequence(different, stack_weights=True)
-    with pytest.raises(ValueError, match=r"`stack_weights` must be True or False. "
-                                         r"Received: stack_weights='yes'"):
+    with pytest.raises(ValueError, match=r"`stack_weights` must be one of 'auto', True "
+                                         r"or False. Received: stack_weights='yes'"):
         ReversibleSequence(blocks_of(2), stack_weights="yes")
     stack = ReversibleSequence(blocks_of(2), stack_weights=True)
     config = stack.get_config()
     assert config["stack_weights"] is True
     again = ReversibleSequence.from_config(config)
     assert again.stack_weights is True
+
+
+def test_auto_stacks_the_blocks_that_loop():
+    # The default: stacked weights exactly when the blocks run as one loop.
+    assert ReversibleSequence(blocks_of(2)).stack_weights == "auto"
+    assert built(ReversibleSequence(blocks_of(2))).stacked
+    assert built(ReversibleSequence(blocks_of(2), reversible=False)).stacked
+    assert not built(ReversibleSequence(blocks_of(1))).stacked
+    assert not built(ReversibleSequence(blocks_of(2), loop_blocks=False)).stacked
+    assert not built(ReversibleSequence(blocks_of(2), stack_weights=False)).stacked
+    different = [(Attention(), ChunkedFeedForward(16, chunk_size=4)),
+                 (Attention(), ChunkedFeedForward(32, chunk_size=4))]
+    assert not built(ReversibleSequence(different)).stacked
+    shared = ChunkedFeedForward(16, chunk_size=4)
+    assert not built(ReversibleSequence([(Attention(), shared),
+                                         (Attention(), shared)])).stacked
+    # The choice is remade from the config; a config saved before "auto"
+    # (no key) keeps each block's weights, as it did.
+    config = ReversibleSequence(blocks_of(2)).get_config()
+    assert config["stack_weights"] == "auto"
+    assert built(ReversibleSequence.from_config(config)).stacked
+    del config["stack_weights"]
+    old = built(ReversibleSequence.from_config(config))
+    assert old.stack_weights is False and not old.stacked
 
 
 TINY = dict(vocabulary_size=40, num_layers=3, hidden_dim=16, num_heads=2,
@@ -336,10 +363,43 @@ def test_quantize_through_the_stack_uses_the_trained_values():
 
 
 @pytest.mark.usefixtures("no_gc_on_variable_delete")
-def test_quantizing_the_blocks_behind_the_stack_is_a_clear_error():
+def test_quantizing_the_blocks_behind_the_stack():
+    # `keras.Model.quantize` of a model holding the stack quantizes the
+    # blocks' layers from the blocks' own values: right while they hold the
+    # stack's (untrained, synced), a clear error once the stack trained.
+    x = tf.constant(np.random.default_rng(12).normal(size=(1, 8, FEATURES)), tf.float32)
+    stacks = [built(ReversibleSequence(blocks_of(2), stack_weights=s)) for s in (True, False)]
+    for stack in stacks:
+        keras.Model.quantize(keras.Sequential([g for _, g in stack.blocks]), "int8")
+    outs = [[np.asarray(y) for y in stack([x, x])] for stack in stacks]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert any(v.dtype == "int8" for v in stacks[0].weights)
+
+    # After a load (the blocks hold the loaded values; the stack takes them
+    # before its next use), every slot comes from the blocks, also those
+    # that quantizing leaves in place (biases, norms).
+    stacks = [built(ReversibleSequence(blocks_of(2), stack_weights=s)) for s in (True, False)]
+    rng = np.random.default_rng(13)
+    for pair, pair0 in zip(*(stack.blocks for stack in stacks)):
+        for v, w in zip([v for layer in pair for v in layer.variables],
+                        [v for layer in pair0 for v in layer.variables]):
+            if v.dtype == "float32":
+                value = v.numpy() + rng.normal(size=v.shape) * 0.1
+                v.assign(value)
+                w.assign(value)
+    stacks[0].load_own_variables({})  # a load: the blocks were filled
+    for stack in stacks:
+        keras.Model.quantize(keras.Sequential([g for _, g in stack.blocks]), "int8")
+    outs = [[np.asarray(y) for y in stack([x, x])] for stack in stacks]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
     stack = built(ReversibleSequence(blocks_of(2), stack_weights=True))
+    kernel = next(v for v in stack._stacked["g"] if v.path.endswith("kernel"))
+    kernel.assign(kernel.numpy() + 0.1)  # trained: the blocks' values are stale
     model_of_layers = keras.Sequential([stack.blocks[0][1], stack.blocks[1][1]])
-    keras.Model.quantize(model_of_layers, "int8")  # the blocks' own (untrained) values
-    x = tf.zeros((1, 8, FEATURES))
-    with pytest.raises(ValueError, match="ReversibleSequence.quantize"):
+    keras.Model.quantize(model_of_layers, "int8")  # the blocks' own (stale) values
+    with pytest.raises(ValueError, match=r"Call `sync_blocks\(\)` on the stack.*"
+                                         r"ReversibleSequence.quantize"):
         stack([x, x])

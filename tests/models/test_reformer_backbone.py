@@ -195,8 +195,22 @@ def test_config_round_trip():
     for key in ("vocabulary_size", "num_layers", "hidden_dim", "num_heads", "key_dim",
                 "intermediate_dim", "feedforward_chunk_size", "bucket_size",
                 "num_hashes", "num_buckets", "dropout", "attention_dropout",
-                "max_sequence_length", "axial_shape", "causal", "reversible", "seed"):
+                "max_sequence_length", "axial_shape", "causal", "reversible", "seed",
+                "stack_weights"):
         assert key in config
+
+
+def test_stacked_weights_are_the_default_and_old_configs_keep_theirs():
+    model = ReformerBackbone(**SMALL)
+    assert model.stack_weights is True and model.reversible_stack.stacked
+    config = model.get_config()
+    assert config["stack_weights"] is True
+    assert ReformerBackbone.from_config(config).reversible_stack.stacked
+    # A config saved when per-block weights were the default has no key.
+    del config["stack_weights"]
+    old = ReformerBackbone.from_config(config)
+    assert old.stack_weights is False and not old.reversible_stack.stacked
+    assert old.get_config()["stack_weights"] is False
 
 
 def test_keras_file_round_trip_in_fresh_process(tmp_path):
