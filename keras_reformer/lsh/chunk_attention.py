@@ -8,7 +8,11 @@ rows at once take `rows * rounds * L * W` floats (at 64K tokens, 4 heads and
 processed a group of rows at a time, from sorting to the combination of the
 rounds, in a `tf.while_loop` whose gradient recomputes each group instead of
 keeping its intermediates: memory stays at one group's worth, forward and
-backward, whatever the length.
+backward, whatever the length. A group is one (row, round) at the least;
+when even that exceeds the budget (from 16K tokens with the defaults), its
+chunks are attended a range at a time, each range reading its windows from
+the sorted row padded with outside chunks, and the backward pass recomputes
+range by range too.
 
 Shapes use: B batch, H heads, R hash rounds, L (padded) length, N = L / C
 chunks of C = bucket_size positions, W keys per chunk, D key width, E value
@@ -257,12 +261,30 @@ def _attend_chunks(q, v, slots, mask_index, causal_index, group_index, context):
     Keys are derived from the sorted queries here rather than gathered, so
     that no full-length copy of them is kept for the backward pass.
     """
-    settings = context.settings
-    before, after = settings.chunks_before, settings.chunks_after
+    before, after = context.settings.chunks_before, context.settings.chunks_after
     window = Slots(*[
         look_around(field, before, after, outside)
         for field, outside in zip(slots, _OUTSIDE)
     ])
+    seed = None
+    if context.settings.dropout_rate > 0:
+        # Folding the group index into the step's seed gives every group
+        # (and, with a fresh step seed, every step) an independent mask;
+        # `seed + [0, g]` made group g of one step reuse group 0's mask of
+        # a later step.
+        seed = tf.random.experimental.stateless_fold_in(context.seed, group_index)
+    return _attend_windows(
+        q, look_around(unit_keys(q), before, after), look_around(v, before, after),
+        slots, window, mask_index, seed, context,
+    )
+
+
+def _attend_windows(q, keys, v, slots, window, mask_index, seed, context):
+    """Chunks of queries (items, n, C, D) against their windows of keys and
+    values (items, n, W, ...) and slots (`Slots` of (items, n, C) and
+    (items, n, W)): mask, dropout (from `seed`), attention -> out
+    (items, n, C, E), lse (items, n, C)."""
+    settings = context.settings
     mask_rows = causal_rows = None
     if context.query_key_mask is not None:
         mask_rows = tf.gather(context.query_key_mask, mask_index)
@@ -272,19 +294,9 @@ def _attend_chunks(q, v, slots, mask_index, causal_index, group_index, context):
                       context.length, dtype=q.dtype)
     keep = None
     if settings.dropout_rate > 0:
-        # Folding the group index into the step's seed gives every group
-        # (and, with a fresh step seed, every step) an independent mask;
-        # `seed + [0, g]` made group g of one step reuse group 0's mask of
-        # a later step.
-        seed = tf.random.experimental.stateless_fold_in(context.seed, group_index)
         keep = keep_mask(tf.shape(bias), settings.dropout_rate, seed, q.dtype)
     out, lse = softmax_attention(
-        q * (1.0 / math.sqrt(float(q.shape[-1]))),
-        look_around(unit_keys(q), before, after),
-        look_around(v, before, after),
-        bias,
-        keep,
-    )
+        q * (1.0 / math.sqrt(float(q.shape[-1]))), keys, v, bias, keep)
     return out, lse[..., 0]
 
 
@@ -524,15 +536,34 @@ def _loop_rounds(attend_rounds, qk, v, index, context):
                           else own_row[None])
         return RowIndex(**part)
 
+    span = _range_span(positions, context.settings)
+
     def attend(row, r, q, w, fields):
         # Item row * R + r numbers the dropout seed, forward and backward.
         # Reshapes, not indexing: the gradient of a slice is a zero-filled
         # full-size copy (StridedSliceGrad), one per round.
-        out, lse = attend_rounds(tf.expand_dims(q, 0), tf.expand_dims(w, 0),
-                                 round_inputs(row, r, fields), row * rounds + r,
-                                 context)
+        part, item = round_inputs(row, r, fields), row * rounds + r
+        if span is None:
+            out, lse = attend_rounds(tf.expand_dims(q, 0), tf.expand_dims(w, 0),
+                                     part, item, context)
+        else:
+            out, lse = _ranged_forward(q, w, part, item, span, context)
         return (tf.reshape(out, [positions, v.shape[-1]]),
                 tf.reshape(lse, [positions]))
+
+    def round_grad(row, r, q, w, fields, d_mine, weight, d_dot_mine):
+        """The gradients for q and w of round r's share of the combined
+        output (whose gradient is `d_mine`)."""
+        if span is not None:
+            return _ranged_grad(q, w, round_inputs(row, r, fields), row * rounds + r,
+                                span, context, d_mine, weight, d_dot_mine)
+        with tf.GradientTape() as tape:
+            tape.watch([q, w])
+            out, round_lse = attend(row, r, q, w, fields)
+        # combined = sum_r softmax(lse)_r out_r: the gradients of out_r
+        # and lse_r, from the recomputed out_r.
+        d_out, d_round_lse = _round_output_grads(out, d_mine, weight, d_dot_mine)
+        return tape.gradient([out, round_lse], [q, w], [d_out, d_round_lse])
 
     @tf.custom_gradient
     def looped(qk, v, *fields):
@@ -566,17 +597,8 @@ def _loop_rounds(attend_rounds, qk, v, index, context):
                 d_dot_mine = tf.reduce_sum(d_mine * mine, axis=-1)
 
                 def body(r, d_q, d_w):
-                    with tf.GradientTape() as tape:
-                        tape.watch([q, w])
-                        out, round_lse = attend(row, r, q, w, fields)
-                    # combined = sum_r softmax(lse)_r out_r: the gradients
-                    # of out_r and lse_r, from the recomputed out_r.
-                    weight = tf.gather(weights, r)
-                    d_out = d_mine * weight[:, None]
-                    d_round_lse = weight * (
-                        tf.reduce_sum(d_mine * out, axis=-1) - d_dot_mine)
-                    g_q, g_w = tape.gradient([out, round_lse], [q, w],
-                                             [d_out, d_round_lse])
+                    g_q, g_w = round_grad(row, r, q, w, fields, d_mine,
+                                          tf.gather(weights, r), d_dot_mine)
                     return r + 1, d_q + g_q, d_w + g_w
 
                 _, d_q, d_w = tf.while_loop(
@@ -596,6 +618,168 @@ def _loop_rounds(attend_rounds, qk, v, index, context):
     if context.settings.strict:
         combined = zero_without_key(combined, tf.stop_gradient(lse), axis=1)
     return combined
+
+
+def _round_output_grads(out, d_combined, weight, d_dot_combined):
+    """The gradients of one round's output and logsumexp, from the
+    gradient `d_combined` of the rounds' combination (`combine_rounds`),
+    the round's weight (its softmax share) and `sum(d_combined *
+    combined, -1)`; positions in any one order, the features last."""
+    d_out = d_combined * weight[..., None]
+    d_lse = weight * (tf.reduce_sum(d_combined * out, axis=-1) - d_dot_combined)
+    return d_out, d_lse
+
+
+def _range_span(positions, settings):
+    """Chunks per range when one (row, round) is attended a range of chunks
+    at a time (its N * C * W logits above `group_elements`: from 16K tokens
+    with the defaults), or None (all chunks at once). A range holds at least
+    the chunks a window reaches outside its own chunk."""
+    size, width = settings.bucket_size, settings.width
+    chunks = positions // size
+    if chunks * size * width <= settings.group_elements:
+        return None
+    span = group_size(chunks, size * width, settings.group_elements)
+    halo = settings.chunks_before + settings.chunks_after
+    return span if halo <= span < chunks else None
+
+
+# One (row, round) in sorted order: `q`, `v` (1, before + N + after, C, ...)
+# the sorted chunks between `chunks_before` and `chunks_after` chunks of
+# zeros, `slots` the same for `Slots` (outside slots there), so that a range
+# of chunks reads its windows by slicing; `order` and `inverse` (L,).
+_SortedRound = collections.namedtuple(
+    "_SortedRound", ["q", "v", "slots", "mask_index", "order", "inverse"])
+
+
+def _sort_round(q, v, index, context):
+    """q (L, D), v (L, E) and their round's `RowIndex` (one row, one round)
+    as a `_SortedRound`."""
+    settings = context.settings
+    size, length = settings.bucket_size, q.shape[0]
+    order, inverse = index.order[0, 0], index.inverse[0, 0]
+
+    def padded_chunks(x, value):
+        x = tf.reshape(x, [1, length // size, size] + x.shape[1:].as_list())
+        pads = [[0, 0], [settings.chunks_before, settings.chunks_after]]
+        return tf.pad(x, pads + [[0, 0]] * (len(x.shape) - 2), constant_values=value)
+
+    fields = Slots(position=order, bucket=index.bucket[0, 0],
+                   valid=tf.gather(index.valid[0], order))
+    with tf.name_scope("lsh_gather"):
+        sorted_q, sorted_v = tf.gather(q, order), tf.gather(v, order)
+    return _SortedRound(
+        q=padded_chunks(sorted_q, 0.0), v=padded_chunks(sorted_v, 0.0),
+        slots=Slots(*[padded_chunks(f, o) for f, o in zip(fields, _OUTSIDE)]),
+        mask_index=index.mask_index, order=order, inverse=inverse,
+    )
+
+
+def _slab(x, i, span, halo):
+    """Chunks [i * span, i * span + span + halo) of a padded round tensor."""
+    begin = tf.stack([0, i * span] + [0] * (len(x.shape) - 2))
+    return tf.slice(x, begin, [1, span + halo] + x.shape[2:].as_list())
+
+
+def _range_seed(context, item, i):
+    """The dropout seed of range i of item `item` (None without dropout)."""
+    if context.settings.dropout_rate == 0:
+        return None
+    fold = tf.random.experimental.stateless_fold_in
+    return fold(fold(context.seed, item), i)
+
+
+def _attend_range(sorted_round, i, item, span, context, q=None, v=None):
+    """Range i of a `_SortedRound`'s chunks (or of the slabs `q`, `v`
+    given for it): out (1, span, C, E), lse (1, span, C)."""
+    settings = context.settings
+    before, after = settings.chunks_before, settings.chunks_after
+    halo = before + after
+    q = _slab(sorted_round.q, i, span, halo) if q is None else q
+    v = _slab(sorted_round.v, i, span, halo) if v is None else v
+    slots = Slots(*[_slab(f, i, span, halo) for f in sorted_round.slots])
+
+    def own(x):
+        return x[:, before:before + span]
+
+    def windows(x):
+        return tf.concat([x[:, before + o:before + o + span]
+                          for o in range(-before, after + 1)], axis=2)
+
+    with tf.name_scope("chunk_attention"):
+        return _attend_windows(
+            own(q), windows(unit_keys(q)), windows(v),
+            Slots(*[own(f) for f in slots]), Slots(*[windows(f) for f in slots]),
+            sorted_round.mask_index, _range_seed(context, item, i), context,
+        )
+
+
+def _ranged_forward(q, v, index, item, span, context):
+    """`_attend_rounds` of one (row, round), q (L, D) and v (L, E), a range
+    of `span` chunks at a time: out (L, E) and lse (L,)."""
+    sorted_round = _sort_round(q, v, index, context)
+    size, length, width = context.settings.bucket_size, q.shape[0], v.shape[-1]
+
+    def one(i):
+        out, lse = _attend_range(sorted_round, i, item, span, context)
+        return out[0], lse[0]
+
+    out, lse = over_groups(one, length // (size * span), [
+        tf.TensorSpec([span, size, width], v.dtype), tf.TensorSpec([span, size], v.dtype)])
+    with tf.name_scope("lsh_unsort"):
+        inverse = sorted_round.inverse
+        return (tf.gather(tf.reshape(out, [length, width]), inverse),
+                tf.gather(tf.reshape(lse, [length]), inverse))
+
+
+def _ranged_grad(q, v, index, item, span, context, d_combined, weight,
+                 d_dot_combined):
+    """The gradients for q (L, D) and v (L, E) of one round's share of the
+    combined output, recomputed a range of `span` chunks at a time (see
+    `_round_output_grads` for the other arguments, in original order)."""
+    sorted_round = _sort_round(q, v, index, context)
+    settings = context.settings
+    size, length = settings.bucket_size, q.shape[0]
+    halo = settings.chunks_before + settings.chunks_after
+    order = sorted_round.order
+
+    def sorted_chunks(x):
+        return tf.reshape(tf.gather(x, order), [1, length // size, size] + x.shape[1:].as_list())
+
+    upstream = [sorted_chunks(x) for x in (d_combined, weight, d_dot_combined)]
+
+    def one(i):
+        q_slab = _slab(sorted_round.q, i, span, halo)
+        v_slab = _slab(sorted_round.v, i, span, halo)
+        with tf.GradientTape() as tape:
+            tape.watch([q_slab, v_slab])
+            out, lse = _attend_range(sorted_round, i, item, span, context, q_slab, v_slab)
+        d_out, d_lse = _round_output_grads(
+            out, *[_slab(x, i, span, 0) for x in upstream])
+        g_q, g_v = tape.gradient([out, lse], [q_slab, v_slab], [d_out, d_lse])
+        return g_q[0], g_v[0]
+
+    slabs = over_groups(one, length // (size * span), [
+        tf.TensorSpec([span + halo, size, x.shape[-1]], x.dtype) for x in (q, v)])
+    with tf.name_scope("lsh_unsort"):
+        return [tf.gather(_fold_slabs(g, span, settings.chunks_before, length), sorted_round.inverse)
+                for g in slabs]
+
+
+def _fold_slabs(slabs, span, before, length):
+    """Per-range gradients (ranges, span + halo, C, D) of the padded chunks
+    each range read, summed where ranges overlap: (L, D) in sorted order."""
+    ranges, halo = slabs.shape[0], slabs.shape[1] - span
+    rest = slabs.shape[2:].as_list()
+    trailing = [[0, 0]] * len(rest)
+    total = tf.reshape(slabs[:, :span], [ranges * span] + rest)
+    if halo:
+        # Range i's last `halo` chunks are the first ones of range i + 1.
+        tail = tf.pad(slabs[:, span:], [[0, 0], [0, span - halo]] + trailing)
+        tail = tf.reshape(tail, [ranges * span] + rest)
+        total = (tf.pad(total, [[0, span]] + trailing)
+                 + tf.pad(tail, [[span, 0]] + trailing))
+    return tf.reshape(total[before:before + ranges * span], [length, rest[-1]])
 
 
 def _spec(x):

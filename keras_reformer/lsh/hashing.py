@@ -50,15 +50,30 @@ def _hash(vectors, rotations):
     buckets = None
     stride = None
     for rotation in rotations:
-        projected = tf.einsum("bhld,drk->bhrlk", vectors, rotation)
-        index = tf.argmax(
-            tf.concat([projected, -projected], axis=-1),
-            axis=-1,
-            output_type=tf.int32,
-        )
+        if buckets is not None:
+            # One factor's projection at a time: the next waits for this one.
+            with tf.control_dependencies([buckets]):
+                vectors = tf.identity(vectors)
+        index = _half_argmax(tf.einsum("bhld,drk->bhlrk", vectors, rotation))
+        index = tf.transpose(index, [0, 1, 3, 2])  # (B, H, R, L)
         size = 2 * tf.shape(rotation)[-1]
         if buckets is None:
             buckets, stride = index, size
         else:
             buckets, stride = buckets + stride * index, stride * size
     return buckets
+
+
+def _half_argmax(projected):
+    """`argmax(concat([projected, -projected], -1))` without the (2x wider)
+    concatenation: the largest entry of `projected` if it is at least the
+    negated smallest (the first half wins ties, as in the concatenation),
+    else the smallest's index plus the half width. Over the last axis."""
+    top = tf.reduce_max(projected, axis=-1)
+    bottom = tf.reduce_min(projected, axis=-1)
+    width = tf.shape(projected)[-1]
+    return tf.where(
+        top >= -bottom,
+        tf.argmax(projected, axis=-1, output_type=tf.int32),
+        tf.argmin(projected, axis=-1, output_type=tf.int32) + width,
+    )

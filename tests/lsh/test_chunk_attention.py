@@ -28,10 +28,14 @@ def run(qk, v, buckets, valid, budget, **kwargs):
 
 
 # Every pair of (causal rule, mode), every (rule, budget) and every (mode,
-# budget) once: 9 cases cover what the 18 of the full product would.
-PAIRWISE = [(causal, mode, (3072, 1024)[(i + j) % 2])
+# budget) once: 12 cases cover what the 36 of the full product would.
+# Budgets: one row per group; one (row, round) per iteration; ranges of 2
+# chunks; ranges of 1 chunk.
+PAIRWISE = [(causal, mode, budget)
             for i, causal in enumerate([False, True, "strict"])
-            for j, mode in enumerate(["eager", "graph", "jit"])]
+            for j, mode in enumerate(["eager", "graph", "jit"])
+            for k, budget in enumerate([3072, 1024, 256, 128])
+            if (i + j + k) % 3 == 0]
 
 
 @pytest.mark.parametrize("causal, mode, budget", PAIRWISE)
@@ -45,7 +49,8 @@ def test_grouped_equals_single_pass(causal, mode, budget):
         fn = tf.function(run, jit_compile=mode == "jit")
     # 4 (batch, head) rows of 3 rounds x 64 x 16 logits: a budget of 3072
     # gives one row per group (4 loop iterations); 1024, one (row, round)
-    # per iteration (12), the rounds combined after the loop.
+    # per iteration (12), the rounds combined after the loop; 256 and 128,
+    # each (row, round) a range of 2 or 1 of its 8 chunks at a time.
     out_a, grads_a = fn(qk, v, buckets, valid, 2**30, **kwargs)
     out_b, grads_b = fn(qk, v, buckets, valid, budget, **kwargs)
     np.testing.assert_allclose(out_a, out_b, atol=1e-5)
@@ -61,10 +66,11 @@ def test_group_size_divides_rows():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("budget", [2**30, 1024, 512])
+@pytest.mark.parametrize("budget", [2**30, 1024, 512, 256])
 def test_gradient_with_dropout_matches_finite_differences(budget, causal):
     # Budgets: all at once; one row per loop iteration (2 rounds x 32 x 16
-    # logits); one (row, round) per iteration.
+    # logits); one (row, round) per iteration; that a range of 2 of its 4
+    # chunks at a time.
     # float64 all the way, so central differences are an independent
     # reference good to ~1e-8: the hand-written softmax backward, the
     # permutation gathers and the recomputing group loop must match at 1e-4.
