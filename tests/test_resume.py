@@ -249,7 +249,7 @@ def kill_in_second_epoch(procs, backup_dir, timeout=600):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_train_lm_killed_mid_epoch_resumes_bit_identical(tmp_path, workers):
     """One process (~1.5 min on 2 shared cores); two loopback workers, worker
-    1 killed, then both started again (~5 min)."""
+    1 killed, then both started again (~4 min)."""
     from tests import test_multiworker as mw
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
