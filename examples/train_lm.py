@@ -30,8 +30,9 @@ writes the table).
 
 A killed run started again with the same --run-dir resumes from its last
 checkpoint (keras.callbacks.BackupAndRestore, written at every epoch end):
-weights, optimizer state and step count, and it skips the training batches
-it already consumed.
+weights, optimizer state, step count and the layers' hashing and dropout
+streams, and it skips the training batches it already consumed; it ends
+with the weights of an uninterrupted run, bit for bit.
 
 Training is Keras' `model.fit` under every strategy, prepared by
 `keras_reformer.distribute.prepare_fit`: XLA compiles the whole step on one
@@ -151,39 +152,6 @@ def parse_args(argv=None):
         p.error(f"--temperature must be >= 0 and --top-k >= 1. Received: "
                 f"--temperature {args.temperature}, --top-k {args.top_k}")
     return args
-
-
-class SeedStateBackup(keras.callbacks.Callback):
-    """Backs up the models' random-number states beside BackupAndRestore's.
-
-    `save_weights` leaves out `keras.random.SeedGenerator` states, which
-    draw the dropout masks and the training-time LSH rotations; without them
-    a resumed run would replay the randomness of the first steps. Saved at
-    every epoch end into the backup folder (so deleted with it when training
-    completes) and restored at the start, after the weights.
-    """
-
-    def __init__(self, backup_dir):
-        super().__init__()
-        self.path = os.path.join(backup_dir, "seed_states.npz")
-        self.weights_path = os.path.join(backup_dir, "latest.weights.h5")
-
-    def _states(self):
-        return [v for v in self.model.variables if v.name == "seed_generator_state"]
-
-    def on_train_begin(self, logs=None):
-        if os.path.exists(self.path) and os.path.exists(self.weights_path):
-            saved = np.load(self.path)
-            states = self._states()
-            if len(saved.files) == len(states):
-                for i, variable in enumerate(states):
-                    variable.assign(saved[f"state_{i}"])
-
-    def on_epoch_end(self, epoch, logs=None):
-        values = {f"state_{i}": keras.ops.convert_to_numpy(v.value)
-                  for i, v in enumerate(self._states())}
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        np.savez(self.path, **values)
 
 
 class BatchCounter(keras.callbacks.Callback):
@@ -365,7 +333,6 @@ def main(argv=None):
         # default): Keras resumes at the start of an epoch, so mid-epoch
         # checkpoints would replay that epoch's first steps.
         keras.callbacks.BackupAndRestore(backup_dir),
-        SeedStateBackup(backup_dir),
         # Scalars per epoch (loss, accuracy, val_*, learning_rate) and the
         # graph of the training step.
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"),

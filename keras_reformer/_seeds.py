@@ -38,3 +38,59 @@ def fresh_initializer(initializer, offset):
     if isinstance(seed, int) and not isinstance(seed, bool):
         config["seed"] = seed + offset
     return initializer.__class__.from_config(config)
+
+
+# Weights-file entries of a layer's `SeedGenerator` states, after the
+# layer's own numbered entries ("0", "1", ...).
+_STATE_KEY = "seed_generator_state_{}"
+
+
+class _FirstEntries:
+    """A read-only view of a weights-file store without its seed states:
+    what Keras' own `load_own_variables` expects to find."""
+
+    def __init__(self, store, keys):
+        self._store, self._keys = store, keys
+
+    def keys(self):
+        return list(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def __getitem__(self, key):
+        return self._store[key]
+
+
+class SeedStatesInWeights:
+    """Mixin for a `keras.layers.Layer`: its `SeedGenerator` states are
+    saved and loaded with its variables.
+
+    Keras leaves seed-generator states out of `save_own_variables`, so
+    `model.save_weights`, `model.save` and `BackupAndRestore` would bring a
+    layer's dropout and hashing streams back to their initial state. With
+    this mixin they are written as extra entries (`seed_generator_state_0`,
+    ...) beside the layer's own; a file without them (written before, or by
+    a layer without generators) still loads and leaves the states as they
+    are.
+    """
+
+    def _saved_seed_states(self):
+        return [generator.state for generator in self._seed_generators]
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for i, state in enumerate(self._saved_seed_states()):
+            store[_STATE_KEY.format(i)] = state
+
+    def load_own_variables(self, store):
+        states = self._saved_seed_states()
+        names = [_STATE_KEY.format(i) for i in range(len(states))]
+        if states and all(name in store for name in names):
+            for name, state in zip(names, states):
+                state.assign(store[name])
+            store = _FirstEntries(store, [k for k in store.keys() if k not in names])
+        super().load_own_variables(store)

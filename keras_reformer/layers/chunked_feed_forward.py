@@ -9,7 +9,7 @@ from keras_reformer._dense_arguments import dense_arguments_config
 # Reading weights in their own dtype (float32 under mixed precision) inside
 # call() needs autocast switched off; Keras exposes no public scope for it.
 from keras_reformer._compat import AutocastScope
-from keras_reformer._seeds import fresh_initializer, resolve_seed
+from keras_reformer._seeds import SeedStatesInWeights, fresh_initializer, resolve_seed
 from keras_reformer.ops import sequence_slices
 from keras_reformer.ops.dropout import dropout
 
@@ -26,7 +26,7 @@ def _differentiated(variable):
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ChunkedFeedForward(keras.layers.Layer):
+class ChunkedFeedForward(SeedStatesInWeights, keras.layers.Layer):
     """Position-wise feed-forward network, computed over slices of the sequence.
 
     Computes `Dense(intermediate_dim) -> activation -> dropout -> Dense(d)`

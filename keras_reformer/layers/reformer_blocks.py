@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
+from keras_reformer.layers._dropout import Dropout
 from keras_reformer.layers._layer_norm import LayerNorm
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.lsh.lsh_attention import LSHAttention
@@ -50,7 +51,7 @@ class AttentionBlock(keras.layers.Layer):
             num_heads, key_dim, dropout=attention_dropout, seed=seed,
             dtype=self.dtype_policy, name="attention", **self.attention_kwargs,
         )
-        self.dropout = keras.layers.Dropout(
+        self.dropout = Dropout(
             dropout, seed=seed + 1, dtype=self.dtype_policy
         )
         self.supports_masking = True
@@ -125,7 +126,7 @@ class FeedForwardBlock(keras.layers.Layer):
             chunk_size=chunk_size, seed=seed, dtype=self.dtype_policy,
             name="feed_forward",
         )
-        self.dropout = keras.layers.Dropout(
+        self.dropout = Dropout(
             dropout, seed=seed + 1, dtype=self.dtype_policy
         )
         self.supports_masking = True

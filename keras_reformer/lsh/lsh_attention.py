@@ -9,7 +9,7 @@ from keras import constraints, initializers, regularizers
 from keras_reformer import _checks
 from keras_reformer._dense_arguments import dense_arguments_config
 from keras_reformer._compat import get_keras_mask, set_keras_mask
-from keras_reformer._seeds import resolve_seed
+from keras_reformer._seeds import SeedStatesInWeights, resolve_seed
 from keras_reformer.lsh import (
     chunk_attention,
     decoding,
@@ -88,7 +88,7 @@ class Folded:
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class LSHAttention(keras.layers.Layer):
+class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
     """Shared-QK locality-sensitive-hashing self-attention (Reformer).
 
     Each head projects the input once to `qk` (queries; keys are the

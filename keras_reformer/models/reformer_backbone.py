@@ -6,6 +6,7 @@ import keras_hub
 from keras_reformer import _checks
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
+from keras_reformer.layers._dropout import Dropout
 from keras_reformer.layers._layer_norm import LayerNorm
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
 from keras_reformer.layers.reformer_blocks import AttentionBlock, FeedForwardBlock
@@ -190,7 +191,7 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             self.short_convolution = ShortConvolution(
                 short_convolution, causal=causal, dtype=dtype, name="short_convolution"
             )
-        self.embedding_dropout = keras.layers.Dropout(
+        self.embedding_dropout = Dropout(
             dropout, seed=seed, dtype=dtype, name="embedding_dropout"
         )
         # The bucket count comes from max_sequence_length, never from a
