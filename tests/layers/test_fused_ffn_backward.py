@@ -60,9 +60,13 @@ def stack_of(depth=2, loop="auto", dropout=0.2, dtype=None, activation="gelu",
              seed=10 * i + 5, dtype=dtype))
         for i in range(depth)
     ]
-    stack = ReversibleSequence(blocks, loop_blocks=loop, dtype=dtype)
+    # Per-block weights in both: the two sequences share the blocks, and
+    # the gradients are compared variable by variable.
+    stack = ReversibleSequence(blocks, loop_blocks=loop, dtype=dtype,
+                               stack_weights=False)
     stack.build([(None, None, FEATURES)] * 2)
-    plain = ReversibleSequence(blocks, reversible=False, dtype=dtype)
+    plain = ReversibleSequence(blocks, reversible=False, dtype=dtype,
+                               stack_weights=False)
     plain.build([(None, None, FEATURES)] * 2)
     return stack, plain
 
