@@ -149,20 +149,11 @@ should_quantize_layer = _private(
 )
 
 
+
 def _keras_hub_presets():
     from keras_hub.src.utils import preset_utils
 
     return preset_utils
-
-
-# keras-hub's preset file names and its loader of a preset's serialized
-# layers: a tokenizer or preprocessor saved alone (no backbone config, which
-# the public `from_preset` needs to pick a class) is read with the loader.
-keras_hub_presets = _private(
-    "keras_hub.src.utils.preset_utils",
-    "preset file names and loading a tokenizer-only preset",
-    _keras_hub_presets,
-)
 
 
 def _keras_hub_tensor_utils():
@@ -174,12 +165,37 @@ def _keras_hub_tensor_utils():
     return tensor_utils
 
 
-# The tokenizer and preprocessor override keras-hub methods that keras-hub
-# wraps with `preprocessing_function` (inputs to tf tensors on the CPU); the
-# overrides are wrapped the same way, and reuse its input canonicalization
-# and special-token stripping so they behave as the methods they replace.
-keras_hub_tensor_utils = _private(
-    "keras_hub.src.utils.tensor_utils",
-    "wrapping tokenizer overrides as keras-hub wraps the methods they replace",
-    _keras_hub_tensor_utils,
-)
+# keras-hub's private modules, imported when first used (by the models'
+# tokenizer and preprocessor), not when the layers load: keras-hub's
+# utilities load TF Text, which the layers and `keras_reformer.text` never
+# need.
+#
+# - keras_hub_presets: the preset file names and the loader of a preset's
+#   serialized layers. A tokenizer or preprocessor saved alone (no backbone
+#   config, which the public `from_preset` needs to pick a class) is read
+#   with the loader.
+# - keras_hub_tensor_utils: the tokenizer and preprocessor override
+#   keras-hub methods that keras-hub wraps with `preprocessing_function`
+#   (inputs to tf tensors on the CPU); the overrides are wrapped the same
+#   way, and reuse its input canonicalization and special-token stripping
+#   so they behave as the methods they replace.
+_LAZY = {
+    "keras_hub_presets": (
+        "keras_hub.src.utils.preset_utils",
+        "preset file names and loading a tokenizer-only preset",
+        _keras_hub_presets,
+    ),
+    "keras_hub_tensor_utils": (
+        "keras_hub.src.utils.tensor_utils",
+        "wrapping tokenizer overrides as keras-hub wraps the methods they replace",
+        _keras_hub_tensor_utils,
+    ),
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = _private(*_LAZY[name])
+    globals()[name] = value
+    return value

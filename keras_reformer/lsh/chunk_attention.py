@@ -275,14 +275,16 @@ def _attend_chunks(q, v, slots, mask_index, causal_index, group_index, context):
         seed = tf.random.experimental.stateless_fold_in(context.seed, group_index)
     return _attend_windows(
         q, look_around(unit_keys(q), before, after), look_around(v, before, after),
-        slots, window, mask_index, seed, context,
+        slots, window, mask_index, causal_index, seed, context,
     )
 
 
-def _attend_windows(q, keys, v, slots, window, mask_index, seed, context):
+def _attend_windows(q, keys, v, slots, window, mask_index, causal_index, seed,
+                    context):
     """Chunks of queries (items, n, C, D) against their windows of keys and
     values (items, n, W, ...) and slots (`Slots` of (items, n, C) and
-    (items, n, W)): mask, dropout (from `seed`), attention -> out
+    (items, n, W)): mask (the rows' query-key masks and causal flags at
+    `mask_index`, `causal_index`), dropout (from `seed`), attention -> out
     (items, n, C, E), lse (items, n, C)."""
     settings = context.settings
     mask_rows = causal_rows = None
@@ -649,7 +651,8 @@ def _range_span(positions, settings):
 # zeros, `slots` the same for `Slots` (outside slots there), so that a range
 # of chunks reads its windows by slicing; `order` and `inverse` (L,).
 _SortedRound = collections.namedtuple(
-    "_SortedRound", ["q", "v", "slots", "mask_index", "order", "inverse"])
+    "_SortedRound",
+    ["q", "v", "slots", "mask_index", "causal_index", "order", "inverse"])
 
 
 def _sort_round(q, v, index, context):
@@ -671,7 +674,8 @@ def _sort_round(q, v, index, context):
     return _SortedRound(
         q=padded_chunks(sorted_q, 0.0), v=padded_chunks(sorted_v, 0.0),
         slots=Slots(*[padded_chunks(f, o) for f, o in zip(fields, _OUTSIDE)]),
-        mask_index=index.mask_index, order=order, inverse=inverse,
+        mask_index=index.mask_index, causal_index=index.causal_index,
+        order=order, inverse=inverse,
     )
 
 
@@ -710,7 +714,8 @@ def _attend_range(sorted_round, i, item, span, context, q=None, v=None):
         return _attend_windows(
             own(q), windows(unit_keys(q)), windows(v),
             Slots(*[own(f) for f in slots]), Slots(*[windows(f) for f in slots]),
-            sorted_round.mask_index, _range_seed(context, item, i), context,
+            sorted_round.mask_index, sorted_round.causal_index,
+            _range_seed(context, item, i), context,
         )
 
 
