@@ -32,7 +32,8 @@ Every signature uses core TensorFlow ops only (the text one tokenizes with
 Batch and length are dynamic. Inference is deterministic (LSH rotations come
 from each layer's seed). Bad requests fail with INVALID_ARGUMENT: token ids
 outside `[0, vocabulary_size)`, lengths above the position embedding's
-maximum, a padding mask of another shape.
+maximum, a padding mask of another shape, inputs of another dtype or rank,
+an empty batch or a length of 0.
 """
 
 import os
@@ -46,15 +47,45 @@ from keras_reformer import _checks
 from keras_reformer.text import byte_tokenizer
 
 
-def _logits(model, token_ids, padding_mask):
-    check = tf.debugging.assert_equal(
-        tf.shape(token_ids), tf.shape(padding_mask),
-        message="padding_mask must have the shape of token_ids",
-    )
-    # The model depends on the check: otherwise a broadcasting error inside
-    # the model may fire first, with a message that names neither input.
+def checked_ids(token_ids, padding_mask):
+    """`token_ids`, `padding_mask` after the checks every token-id signature
+    makes first: rank 2, the same shape, at least one row and one column.
+
+    A signature's input spec does not check the rank of what is fed (neither
+    `ConcreteFunction` calls nor a server's session run do), so a rank-1 or
+    rank-3 request would otherwise fail deep inside the model with a message
+    naming an internal op, and an empty batch would be answered with an
+    empty result. `EnsureShape` checks at run time (the static rank is 2 by
+    the spec, so `assert_rank` would be a no-op). Everything downstream
+    depends on the checks, so they fail first, as INVALID_ARGUMENT.
+    """
+    token_ids = tf.ensure_shape(token_ids, [None, None], name="token_ids_must_be_2d")
+    padding_mask = tf.ensure_shape(padding_mask, [None, None],
+                                   name="padding_mask_must_be_2d")
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(token_ids), tf.shape(padding_mask),
+            message="padding_mask must have the shape of token_ids"),
+        tf.debugging.assert_positive(
+            tf.shape(token_ids),
+            message="token_ids must have at least one row and one column "
+                    "(empty batch or length 0)"),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(token_ids), tf.identity(padding_mask)
+
+
+def checked_text(text):
+    """`text` checked to be a batch of strings (rank 1), with at least one."""
+    text = tf.ensure_shape(text, [None], name="text_must_be_1d")
+    check = tf.debugging.assert_positive(
+        tf.size(text), message="text must hold at least one string (empty batch)")
     with tf.control_dependencies([check]):
-        token_ids, padding_mask = tf.identity(token_ids), tf.identity(padding_mask)
+        return tf.identity(text)
+
+
+def _logits(model, token_ids, padding_mask):
+    token_ids, padding_mask = checked_ids(token_ids, padding_mask)
     out = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
     return tf.cast(out, tf.float32)
 
@@ -135,7 +166,7 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
         add_generate_endpoints(archive, lm, text=text_signature, sampler=sampler)
     elif text_signature:
         def next_token(text):
-            ragged = byte_tokenizer.tokenize(text)
+            ragged = byte_tokenizer.tokenize(checked_text(text))
             check = tf.debugging.assert_positive(
                 ragged.row_lengths(), message="every text needs at least one byte"
             )
