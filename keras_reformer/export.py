@@ -84,9 +84,40 @@ def checked_text(text):
         return tf.identity(text)
 
 
+def _length_limit(model):
+    """The model's longest input, if it says (a Reformer backbone, or a
+    task model on one); None otherwise."""
+    backbone = getattr(model, "backbone", model)
+    return getattr(backbone, "max_sequence_length", None)
+
+
+def _bucket_length(length, limit):
+    """The next power of two >= `length` (int32 scalar), at most `limit`
+    but never below `length` (a longer request still fails the model's own
+    length check). Integer bit smearing: no float log, exact at powers."""
+    v = length - 1
+    for shift in (1, 2, 4, 8, 16):
+        v = tf.bitwise.bitwise_or(v, tf.bitwise.right_shift(v, shift))
+    return tf.maximum(tf.minimum(v + 1, limit), length)
+
+
 def _logits(model, token_ids, padding_mask):
     token_ids, padding_mask = checked_ids(token_ids, padding_mask)
+    length = tf.shape(token_ids)[1]
+    limit = _length_limit(model)
+    if limit is not None:
+        # Served requests come in every length, and TF's CPU kernels (oneDNN)
+        # keep a primitive per distinct input shape: a server's memory grows
+        # with each new length until that cache is full (measured with
+        # benchmarks/serve_load.py, docs/serving.md). Padded on the right to
+        # the next power of two, requests of 1 to 4,096 tokens take 13
+        # lengths, at most twice the work; real positions never see the
+        # padding (masked, and after them), and the logits are cut back.
+        pad = _bucket_length(length, limit) - length
+        token_ids = tf.pad(token_ids, [[0, 0], [0, pad]])
+        padding_mask = tf.pad(padding_mask, [[0, 0], [0, pad]])
     out = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
+    out = out[:, :length]
     return tf.cast(out, tf.float32)
 
 

@@ -119,14 +119,28 @@ def test_half_precision_would_overflow_the_masks():
 # --- the slow test: a training step at 64K tokens ---------------------------
 
 LONG = 65536
-# |loss - float32 loss| / float32 loss: measured 64K, 2 layers, width 32:
-# see the test.
-LOSS_RTOL = {"mixed_float16": 1e-2, "mixed_bfloat16": 3e-2}
+# Relative to the float32 step: |loss - float32's| / float32's, and the
+# gradients' ||g - g32|| / ||g32|| over all weights together (the hash of a
+# half-precision qk moves some tokens to another bucket, so the attention
+# itself differs a little, not only its rounding). Measured at 64K (2
+# layers, width 32, bucket 64; the test prints them with -s): loss 1.2e-5
+# (float16) and 6.0e-5 (bfloat16), gradients 0.11 and 0.23; at 2K: loss
+# 3.4e-4 and 3.8e-5, gradients 0.06 and 0.15.
+LOSS_RTOL = {"mixed_float16": 2e-3, "mixed_bfloat16": 2e-3}
+GRADIENT_RTOL = {"mixed_float16": 0.2, "mixed_bfloat16": 0.4}
 
 
-def training_step(policy):
-    """Loss and gradients of one step of a small-width ReformerCausalLM at
-    LONG tokens under `policy` (same seed, so the same weights)."""
+def relative_norm(got, want):
+    """||got - want|| / ||want||, all tensors as one vector."""
+    diff = np.sqrt(sum(np.sum(np.square(g - w)) for g, w in zip(got, want)))
+    return float(diff / np.sqrt(sum(np.sum(np.square(w)) for w in want)))
+
+
+def training_step(policy, weights=None):
+    """Loss, gradients and weights of one step of a small-width
+    ReformerCausalLM at LONG tokens under `policy`, from `weights` (those of
+    another run: the weights and the seed generators' states, so the same
+    training rotations) if given."""
     from keras_reformer.models import ReformerBackbone, ReformerCausalLM
 
     def build():
@@ -136,6 +150,9 @@ def training_step(policy):
         return ReformerCausalLM(backbone)
 
     lm = as_policy(policy, build)
+    if weights is not None:
+        lm.set_weights(weights)
+    weights = lm.get_weights()
     ids = np.random.default_rng(0).integers(0, 256, (1, LONG + 1)).astype("int32")
     inputs = {"token_ids": tf.constant(ids[:, :-1]),
               "padding_mask": tf.ones((1, LONG), tf.int32)}
@@ -150,15 +167,20 @@ def training_step(policy):
         return loss, tape.gradient(loss, lm.trainable_variables)
 
     loss, grads = step()
-    return float(loss), [np.asarray(tf.convert_to_tensor(g)) for g in grads]
+    return float(loss), [np.asarray(tf.convert_to_tensor(g)) for g in grads], weights
 
 
 @pytest.mark.slow
 def test_training_step_at_64k_in_half_precision():
-    want, want_grads = training_step("float32")
+    want, want_grads, weights = training_step("float32")
     for policy in POLICIES:
-        loss, grads = training_step(policy)
+        loss, grads, _ = training_step(policy, weights)
         assert np.isfinite(loss), policy
         assert all(np.all(np.isfinite(g)) for g in grads), policy
-        assert abs(loss - want) / want < LOSS_RTOL[policy], (policy, loss, want)
         assert len(grads) == len(want_grads)
+        error, gradient_error = abs(loss - want) / want, relative_norm(grads, want_grads)
+        print(f"\n{policy} at {LONG}: loss {loss:.5f} (float32 {want:.5f}, relative "
+              f"difference {error:.1e}), gradients' relative difference "
+              f"{gradient_error:.1e}")
+        assert error < LOSS_RTOL[policy], (policy, loss, want)
+        assert gradient_error < GRADIENT_RTOL[policy], (policy, gradient_error)
