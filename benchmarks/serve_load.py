@@ -26,17 +26,18 @@ loaded), loads the SavedModel and:
 
     python benchmarks/serve_load.py                  # 6,000 requests, 8 clients
     python benchmarks/serve_load.py --smoke          # ~100 requests, 3 clients
-    python benchmarks/serve_load.py --shapes repeated --csv tmp_repeated.csv
+    python benchmarks/serve_load.py --shapes repeated --requests 2000
     python benchmarks/serve_load.py --model matmul   # the control: plain TF
 
 `--shapes repeated` gives every logits request one shape (batch 4, length
 `--max-request-length`), to tell per-shape memory from the rest;
 `--model matmul` serves a plain `tf.function` (an embedding lookup and two
-matmuls, the example's widths) on the same schedule: what TensorFlow's
+matmuls, width 256) on the same schedule: what TensorFlow's
 runtime does with the same request shapes without any of our layers.
 
-Writes benchmarks/results/serve_load.csv (`--smoke`: the git-ignored
-tmp_serve_load_smoke.csv): one row per RSS checkpoint with the run's
+Writes benchmarks/results/serve_load.csv (`--smoke`, `--saved-model`,
+`--shapes repeated`, `--model matmul`: a git-ignored tmp_serve_load_*.csv,
+unless `--csv` names one): one row per RSS checkpoint with the run's
 requests, clients, mismatches and malformed requests handled, and prints a
 summary. Exits 1 if an answer differs from its reference or a malformed
 request is not an InvalidArgumentError.
@@ -46,6 +47,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,10 +139,10 @@ def rss_mb():
     return round(_common.current_rss_mb(), 1)
 
 
-def serve_matmul(args):
-    """The control: a plain tf.function of the example's widths (embedding,
-    two matmuls), exported signatures' way: one concrete function with
-    dynamic batch and length."""
+def serve_matmul():
+    """The control: a plain tf.function (an embedding lookup and two
+    matmuls, width 256), the exported signatures' way: one concrete function
+    with dynamic batch and length."""
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
@@ -169,7 +171,7 @@ def serve(args):
 
     start_rss = rss_mb()
     if args.model == "matmul":
-        signatures = serve_matmul(args)
+        signatures = serve_matmul()
         args.malformed_every = 0  # the control checks nothing
     else:
         loaded = tf.saved_model.load(args.serve)
@@ -295,7 +297,12 @@ def run(args, argv):
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in env.get("PYTHONPATH", "").split(os.pathsep)
         if p and os.path.abspath(p) != ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              cwd=tempfile.gettempdir())
+    finally:
+        if path and not args.saved_model:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"the served process failed (rc={proc.returncode}):\n"
@@ -353,15 +360,18 @@ def main(argv=None):
     if args.serve is not None:
         return serve(args)
     record = run(args, argv)
-    name = args.csv or ("tmp_serve_load_smoke.csv" if args.smoke else "serve_load.csv")
+    default = not (args.smoke or args.saved_model) and (args.model, args.shapes) == (
+        "example", "mixed")
+    name = args.csv or ("serve_load.csv" if default else "tmp_serve_load_"
+                        f"{args.model}_{args.shapes}{'_smoke' if args.smoke else ''}.csv")
     path = _common.write_csv(name, rows(record))
     change = growth(record)
     print(f"{record['requests']} requests ({record['malformed']} malformed), "
           f"{record['clients']} clients, {record['distinct']} distinct requests over "
           f"{record['signatures']}")
     print(f"RSS MiB: start {record['rss_start_mb']}, loaded {record['rss_loaded_mb']}, "
-          f"after the reference answers {record['rss_after_reference_mb']}; at requests "
-          + ", ".join(f"{k}: {v}" for k, v in record["rss_mb"].items())
+          f"after the reference answers {record['rss_after_reference_mb']}"
+          + "".join(f", at request {k}: {v}" for k, v in record["rss_mb"].items())
           + ("" if change is None else f"; growth 2,000 -> 6,000: {change:+.2f}%"))
     print("trace: " + " ".join(f"{at}:{rss}" for at, rss in record["trace"]))
     print(f"mismatches: {record['mismatches']}, malformed handled: "
