@@ -50,6 +50,43 @@ SERVE = textwrap.dedent("""
 """)
 
 
+def load_or_build(model_path=None, smoke=False):
+    """The model to export: `model_path` (a preset folder or a .keras file)
+    or, without one, the example's small byte-level ReformerCausalLM."""
+    import keras
+    import keras_hub
+
+    import keras_reformer as kr
+    # Importing the model classes registers them, for loading a preset or a
+    # .keras file (`import keras_reformer` alone does not import them).
+    from keras_reformer.models import ReformerCausalLM
+
+    if model_path and os.path.isdir(model_path):
+        model = keras_hub.models.CausalLM.from_preset(model_path)
+    elif model_path:
+        model = keras.saving.load_model(model_path)
+    else:
+        size = 32 if smoke else 128
+        preprocessor = kr.models.ReformerCausalLMPreprocessor(sequence_length=4096)
+        backbone = kr.models.ReformerBackbone(
+            vocabulary_size=preprocessor.vocabulary_size, num_layers=2,
+            hidden_dim=size, intermediate_dim=2 * size, max_sequence_length=4096,
+            seed=0)
+        model = ReformerCausalLM(backbone, preprocessor=preprocessor)
+    if not isinstance(model, ReformerCausalLM) or model.preprocessor is None:
+        raise SystemExit(f"--model {model_path}: needs a ReformerCausalLM with its "
+                         f"preprocessor (got {type(model).__name__})")
+    return model
+
+
+def export(model, export_dir, version=1):
+    """The example's export of `model` (text signatures included); its path."""
+    import keras_reformer as kr
+
+    return kr.export.export_saved_model(model, export_dir, version=version,
+                                        text_signature=True, overwrite=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a byte-level ReformerCausalLM with its "
@@ -60,33 +97,10 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
 
-    import keras
-    import keras_hub
-
-    import keras_reformer as kr
-    # Importing the model classes registers them, for loading a preset or a
-    # .keras file (`import keras_reformer` alone does not import them).
-    from keras_reformer.models import ReformerCausalLM
-
-    if args.model and os.path.isdir(args.model):
-        model = keras_hub.models.CausalLM.from_preset(args.model)
-    elif args.model:
-        model = keras.saving.load_model(args.model)
-    else:
-        size = 32 if args.smoke else 128
-        preprocessor = kr.models.ReformerCausalLMPreprocessor(sequence_length=4096)
-        backbone = kr.models.ReformerBackbone(
-            vocabulary_size=preprocessor.vocabulary_size, num_layers=2,
-            hidden_dim=size, intermediate_dim=2 * size, max_sequence_length=4096,
-            seed=0)
-        model = ReformerCausalLM(backbone, preprocessor=preprocessor)
-    if not isinstance(model, ReformerCausalLM) or model.preprocessor is None:
-        raise SystemExit(f"--model {args.model}: needs a ReformerCausalLM with its "
-                         f"preprocessor (got {type(model).__name__})")
+    model = load_or_build(args.model, args.smoke)
     vocabulary = model.backbone.vocabulary_size
     export_dir = args.export_dir or tempfile.mkdtemp(prefix="reformer_export_")
-    path = kr.export.export_saved_model(model, export_dir, version=args.version,
-                                        text_signature=True, overwrite=True)
+    path = export(model, export_dir, args.version)
     print(f"exported: {path}")
 
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")

@@ -32,7 +32,8 @@ Every signature uses core TensorFlow ops only (the text one tokenizes with
 Batch and length are dynamic. Inference is deterministic (LSH rotations come
 from each layer's seed). Bad requests fail with INVALID_ARGUMENT: token ids
 outside `[0, vocabulary_size)`, lengths above the position embedding's
-maximum, a padding mask of another shape.
+maximum, a padding mask of another shape, inputs of another dtype or rank,
+an empty batch or a length of 0.
 """
 
 import os
@@ -46,16 +47,77 @@ from keras_reformer import _checks
 from keras_reformer.text import byte_tokenizer
 
 
-def _logits(model, token_ids, padding_mask):
-    check = tf.debugging.assert_equal(
-        tf.shape(token_ids), tf.shape(padding_mask),
-        message="padding_mask must have the shape of token_ids",
-    )
-    # The model depends on the check: otherwise a broadcasting error inside
-    # the model may fire first, with a message that names neither input.
+def checked_ids(token_ids, padding_mask):
+    """`token_ids`, `padding_mask` after the checks every token-id signature
+    makes first: rank 2, the same shape, at least one row and one column.
+
+    A signature's input spec does not check the rank of what is fed (neither
+    `ConcreteFunction` calls nor a server's session run do), so a rank-1 or
+    rank-3 request would otherwise fail deep inside the model with a message
+    naming an internal op, and an empty batch would be answered with an
+    empty result. `EnsureShape` checks at run time (the static rank is 2 by
+    the spec, so `assert_rank` would be a no-op). Everything downstream
+    depends on the checks, so they fail first, as INVALID_ARGUMENT.
+    """
+    token_ids = tf.ensure_shape(token_ids, [None, None], name="token_ids_must_be_2d")
+    padding_mask = tf.ensure_shape(padding_mask, [None, None],
+                                   name="padding_mask_must_be_2d")
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(token_ids), tf.shape(padding_mask),
+            message="padding_mask must have the shape of token_ids"),
+        tf.debugging.assert_positive(
+            tf.shape(token_ids),
+            message="token_ids must have at least one row and one column "
+                    "(empty batch or length 0)"),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(token_ids), tf.identity(padding_mask)
+
+
+def checked_text(text):
+    """`text` checked to be a batch of strings (rank 1), with at least one."""
+    text = tf.ensure_shape(text, [None], name="text_must_be_1d")
+    check = tf.debugging.assert_positive(
+        tf.size(text), message="text must hold at least one string (empty batch)")
     with tf.control_dependencies([check]):
-        token_ids, padding_mask = tf.identity(token_ids), tf.identity(padding_mask)
+        return tf.identity(text)
+
+
+def _length_limit(model):
+    """The model's longest input, if it says (a Reformer backbone, or a
+    task model on one); None otherwise."""
+    backbone = getattr(model, "backbone", model)
+    return getattr(backbone, "max_sequence_length", None)
+
+
+def _bucket_length(length, limit):
+    """The next power of two >= `length` (int32 scalar), at most `limit`
+    but never below `length` (a longer request still fails the model's own
+    length check). Integer bit smearing: no float log, exact at powers."""
+    v = length - 1
+    for shift in (1, 2, 4, 8, 16):
+        v = tf.bitwise.bitwise_or(v, tf.bitwise.right_shift(v, shift))
+    return tf.maximum(tf.minimum(v + 1, limit), length)
+
+
+def _logits(model, token_ids, padding_mask):
+    token_ids, padding_mask = checked_ids(token_ids, padding_mask)
+    length = tf.shape(token_ids)[1]
+    limit = _length_limit(model)
+    if limit is not None:
+        # Served requests come in every length, and TF's CPU kernels (oneDNN)
+        # keep a primitive per distinct input shape: a server's memory grows
+        # with each new length until that cache is full (measured with
+        # benchmarks/serve_load.py, docs/serving.md). Padded on the right to
+        # the next power of two, requests of 1 to 4,096 tokens take 13
+        # lengths, at most twice the work; real positions never see the
+        # padding (masked, and after them), and the logits are cut back.
+        pad = _bucket_length(length, limit) - length
+        token_ids = tf.pad(token_ids, [[0, 0], [0, pad]])
+        padding_mask = tf.pad(padding_mask, [[0, 0], [0, pad]])
     out = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
+    out = out[:, :length]
     return tf.cast(out, tf.float32)
 
 
@@ -135,7 +197,7 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
         add_generate_endpoints(archive, lm, text=text_signature, sampler=sampler)
     elif text_signature:
         def next_token(text):
-            ragged = byte_tokenizer.tokenize(text)
+            ragged = byte_tokenizer.tokenize(checked_text(text))
             check = tf.debugging.assert_positive(
                 ragged.row_lengths(), message="every text needs at least one byte"
             )

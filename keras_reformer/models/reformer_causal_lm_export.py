@@ -9,14 +9,15 @@ TensorFlow op (the text signatures tokenize with `DecodeRaw`, not TF Text),
 so stock TensorFlow, `saved_model_cli` and TF Serving run them.
 
 Bad requests fail with INVALID_ARGUMENT (graph-mode assertions, which do
-fire outside XLA): mismatched shapes, padding that is not right padding, an
-empty prompt, ids outside `[0, vocabulary_size)`, `max_length` outside
+fire outside XLA): mismatched shapes, inputs of another dtype or rank, an
+empty batch, padding that is not right padding, an empty prompt, ids outside `[0, vocabulary_size)`, `max_length` outside
 `[1, max_sequence_length]` or below a prompt's length.
 """
 
 import keras_hub
 import tensorflow as tf
 
+from keras_reformer.export import checked_ids, checked_text
 from keras_reformer.text import byte_tokenizer
 
 IDS = tf.TensorSpec([None, None], tf.int32, name="token_ids")
@@ -30,11 +31,9 @@ def _checked(lm, token_ids, padding_mask, max_length):
     """The request's checks; returns (ids, mask) cut to max_length columns."""
     limit = lm.backbone.max_sequence_length
     vocab = lm.backbone.vocabulary_size
+    token_ids, padding_mask = checked_ids(token_ids, padding_mask)
     mask = tf.cast(padding_mask, tf.bool)
     checks = [
-        tf.debugging.assert_equal(
-            tf.shape(token_ids), tf.shape(padding_mask),
-            message="padding_mask must have the shape of token_ids"),
         tf.debugging.assert_greater_equal(
             max_length, 1, message="max_length must be >= 1"),
         tf.debugging.assert_less_equal(
@@ -79,7 +78,7 @@ def _pack_text(lm, text, max_length):
     """Strings -> prompt ids as `generate_preprocess(text, max_length)` packs
     them (start token, bytes cut to fit), but only as wide as the longest."""
     pre = lm.preprocessor
-    ragged = byte_tokenizer.tokenize(text)
+    ragged = byte_tokenizer.tokenize(checked_text(text))
     room = max_length - int(pre.add_start_token)
     ragged = ragged[:, : tf.maximum(room, 0)]
     if pre.add_start_token:

@@ -1,0 +1,52 @@
+"""benchmarks/serve_load.py: the example's SavedModel under concurrent load,
+served by a process that has TensorFlow and nothing of this package.
+
+The default test runs `--smoke` (the example's smoke model, 3 clients, 100
+requests of which 10 malformed): every answer equals the sequential one and
+every malformed request (wrong dtype, wrong rank, a length above the
+maximum, an empty batch) is an InvalidArgumentError, with the requests after
+it still answered. The slow test is the full run (8 clients, 6,000
+requests): no mismatch, and RSS from request 2,000 to 6,000 grows under 1%.
+"""
+
+import importlib
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def serve_load(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    return importlib.import_module("serve_load")
+
+
+def load_run(serve_load, *argv):
+    argv = list(argv)
+    return serve_load.run(serve_load.parse(argv), argv)
+
+
+def test_smoke_load_is_exact_and_rejects_malformed_requests(serve_load):
+    record = load_run(serve_load, "--smoke")
+    assert record["requests"] == 100 and record["clients"] == 3
+    assert record["signatures"].split() == [
+        "serving_default", "with_padding_mask", "generate", "generate_text"]
+    assert record["mismatches"] == 0, record["errors"]
+    assert record["malformed_failures"] == []
+    assert record["malformed_handled"] == record["malformed"] == 10
+    # Every kind was sent, each to a logits and to a generation signature,
+    # and the well-formed requests around them were answered exactly.
+    assert sorted(record["malformed_by_kind"]) == sorted(
+        f"{kind} {signature}" for kind in serve_load.MALFORMED
+        for signature in ("serving_default", "generate"))
+
+
+@pytest.mark.slow
+def test_full_load_rss_is_flat(serve_load):
+    record = load_run(serve_load)
+    assert record["requests"] == 6000 and record["clients"] == 8
+    assert record["mismatches"] == 0, record["errors"]
+    assert record["malformed_handled"] == record["malformed"] == 120
+    assert serve_load.growth(record) < 1.0, record["rss_mb"]
