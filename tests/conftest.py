@@ -36,8 +36,9 @@ def no_gc_on_variable_delete(monkeypatch):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (the default in pyproject.toml): one test process per core,
-    at most 4. Each process holds its own TensorFlow runtime (about 1-2 GB
-    by the end of a run), and TensorFlow already spreads one test's ops over
-    the cores, so more processes than cores only adds memory."""
-    return max(1, min(os.cpu_count() or 1, 4))
+    """`-n auto` (the default in pyproject.toml): one test process per core
+    plus one, at most 4. Many tests wait on processes of their own (example
+    runs, workers, a model server), which leaves a core idle with one test
+    process per core; each process holds its own TensorFlow runtime (about
+    1-2 GB by the end of a run), so not more than that."""
+    return max(1, min((os.cpu_count() or 1) + 1, 4))

@@ -157,6 +157,7 @@ def test_train_lm_smoke_saves_a_preset_that_generates(tmp_path):
     assert "generated (greedy):\nimport " in out
 
 
+@pytest.mark.slow  # ~13 s; the example loads and generates in test_train_lm_smoke_saves_a_preset_that_generates
 def test_generate_from_preset_smoke():
     out = run("generate_from_preset.py", "--smoke").stdout
     assert "saved a tiny untrained preset" in out

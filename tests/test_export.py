@@ -167,6 +167,8 @@ def test_every_op_is_registered_by_plain_tensorflow(exported, guard_env):
     assert {"MatMul", "DecodeRaw", "ReduceJoin", "Assert"} <= set(got["ops"])
 
 
+@pytest.mark.slow  # ~35 s with its export; every signature runs in a process
+# without this package in test_serve_load.py's smoke run
 def test_saved_model_cli_runs_every_signature(exported, guard_env, tmp_path):
     model, path = exported
     ids = [[100, 101, 102, 32, 109], [7, 8, 9, 10, 11]]

@@ -131,6 +131,7 @@ def assert_same_arrays(a, b):
 # ------------------------------------------------------------- the tests
 
 
+@pytest.mark.slow  # ~30 s, 4 processes; what it rests on (seed states in the weights) is the next test
 def test_killed_mid_epoch_resumes_bit_identical(tmp_path):
     whole, resumed, forgot = tmp_path / "whole", tmp_path / "resumed", tmp_path / "forgot"
     # Killed after step 3, the first of the 2nd epoch (steps 3-4), with the

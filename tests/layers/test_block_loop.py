@@ -57,6 +57,7 @@ def graph_nodes(stack):
     return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
 
 
+@pytest.mark.slow  # ~16 s; the default layout's (stacked) is test_stacked_weights::test_xla_program_does_not_grow_with_depth
 def test_program_does_not_grow_with_depth():
     unrolled = [graph_nodes(stack_of(d, False)) for d in (2, 4)]
     looped = [graph_nodes(stack_of(d, True)) for d in (2, 4)]

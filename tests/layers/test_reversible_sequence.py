@@ -191,7 +191,9 @@ def test_forward_equals_hand_written_stack():
     ("graph", 3, "auto"),
     ("graph", 2, False),
     ("jit", 2, "auto"),
-    ("jit", 2, False),
+    # Unrolled under XLA (~30 s): its two halves are the unrolled graph case
+    # and the looped XLA case above.
+    pytest.param("jit", 2, False, marks=pytest.mark.slow),
     # Compiling 6 blocks twice takes ~45 s on 2 cores.
     pytest.param("jit", 6, False, marks=pytest.mark.slow),
     # The unrolled path at depth 6 in graph mode (~25 s); depth 2 above.
@@ -399,6 +401,7 @@ def small_model(jit, run_eagerly, length=16, depth=2, dropout=0.1):
     return model, data, target
 
 
+@pytest.mark.slow  # ~16 s; fit under XLA through the stack: test_reformer_backbone::test_fit_with_jit_lowers_loss, test_mixed_precision_fit_jit
 def test_fit_jit_compile_lowers_loss():
     model, x, y = small_model(jit=True, run_eagerly=False, length=12)
     before = model.evaluate(x, y, verbose=0)

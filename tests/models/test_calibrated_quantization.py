@@ -100,9 +100,14 @@ def test_calibration_beats_round_to_nearest_at_the_same_bits(mode):
         assert 0 < calibrated < 0.95 * rtn, (calibrated, rtn)
     else:
         assert abs(calibrated - rtn) > 1e-3 * rtn, (calibrated, rtn)
-        for layer in layers:
-            scales = np.array(layer.awq_scales)
-            assert np.isfinite(scales).all() and scales.std() > 1e-3 * scales.mean(), layer.path
+        # The search may keep scale 1 (exponent 0) in a layer where that is
+        # best (the value projection, in some runs): the scales must vary in
+        # most layers, which only seen activations make them do.
+        scales = [np.array(layer.awq_scales) for layer in layers]
+        assert all(np.isfinite(s).all() for s in scales)
+        varied = [layer.path for layer, s in zip(layers, scales)
+                  if s.std() > 1e-3 * s.mean()]
+        assert len(varied) >= len(layers) // 2, varied
 
 
 def test_gptq_model_decodes_and_stacks_and_refuses_to_save(tmp_path):
