@@ -105,7 +105,10 @@ def _logits(model, token_ids, padding_mask):
     token_ids, padding_mask = checked_ids(token_ids, padding_mask)
     length = tf.shape(token_ids)[1]
     limit = _length_limit(model)
-    if limit is not None:
+    # With the reference's rules (an imported checkpoint) padding moves the
+    # chunk windows of real positions: those requests run at their length.
+    reference = getattr(getattr(model, "backbone", model), "reference_rules", False)
+    if limit is not None and not reference:
         # Served requests come in every length, and TF's CPU kernels (oneDNN)
         # keep a primitive per distinct input shape: a server's memory grows
         # with each new length until that cache is full (measured with
@@ -129,7 +132,12 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
         model: a `ReformerCausalLM`, or any Keras model taking the dict
             inputs `token_ids`/`padding_mask` (e.g. a `ReformerBackbone`,
             whose output is its hidden states). A `ReformerCausalLM` also
-            gets the `generate` signatures.
+            gets the `generate` signatures, unless its backbone follows the
+            reference's rules (`reference_rules=True`, an imported
+            checkpoint): its outputs are not prefix-stable, so no cached
+            decoding exists for it, and it is exported with the logits
+            signatures only (generate by calling `with_padding_mask` on the
+            text so far, one token at a time).
         export_dir: the model base path TF Serving is pointed at.
         version: positive int, the version folder.
         text_signature: add the string signatures: `next_token` for a
@@ -193,7 +201,14 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
     archive.add_endpoint(
         "with_padding_mask", serve_padded, input_signature=[ids_spec, mask_spec]
     )
-    if lm is not None:
+    if lm is not None and lm.backbone.reference_rules:
+        if sampler is not None or text_signature:
+            raise ValueError(
+                "A ReformerCausalLM with `reference_rules=True` exports the "
+                "logits signatures only (no cached decoding exists for it). "
+                f"Received: sampler={sampler!r}, text_signature={text_signature}"
+            )
+    elif lm is not None:
         add_generate_endpoints(archive, lm, text=text_signature, sampler=sampler)
     elif text_signature:
         def next_token(text):

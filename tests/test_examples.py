@@ -214,7 +214,8 @@ def test_duplication_task_smoke(tmp_path):
 
 
 EXAMPLES = ["train_lm.py", "mix_into_keras.py", "export_and_serve.py",
-            "duplication_task.py", "duplication_reach.py", "generate_from_preset.py"]
+            "duplication_task.py", "duplication_reach.py", "generate_from_preset.py",
+            "import_transformers.py"]
 # Every example's `main(["--help"])` in one process: TensorFlow loads once,
 # not once per example. Each help is printed between two markers.
 HELP = """
@@ -240,6 +241,23 @@ def test_help():
     for script in EXAMPLES:
         help_text = out.stdout.split(f"<<{script}>>")[1].split("<<end>>")[0]
         assert "usage:" in help_text and "--smoke" in help_text, script
+
+
+def test_import_transformers_smoke_saves_a_preset_that_loads(tmp_path):
+    preset = os.fspath(tmp_path / "preset")
+    out = run("import_transformers.py", "--smoke", "--preset", preset).stdout
+    assert "local, local, lsh" in out and "generated ids (greedy)" in out
+    import keras_hub
+
+    from keras_reformer.models import ReformerCausalLM  # noqa: F401  (registers)
+    lm = keras_hub.models.CausalLM.from_preset(preset)
+    assert lm.backbone.reference_rules and lm.backbone.attention_types[2] == "lsh"
+    # The preset holds the imported weights and the fixed rotations.
+    fresh = ReformerCausalLM.from_transformers(
+        os.path.join(ROOT, "tests", "fixtures", "hf_reformer_enwik8"))
+    ids = np.arange(1, 41, dtype="int32")[None]
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    np.testing.assert_allclose(lm(x), fresh(x), atol=1e-5)
 
 
 def test_duplication_reach_smoke(tmp_path):

@@ -1,6 +1,7 @@
 """Public layers of keras-reformer."""
 
 from keras_reformer.lsh.lsh_attention import LSHAttention  # noqa: F401
+from keras_reformer.local.local_attention import LocalAttention  # noqa: F401
 from keras_reformer.layers.reversible_sequence import ReversibleSequence  # noqa: F401
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward  # noqa: F401
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding  # noqa: F401

@@ -1,15 +1,19 @@
 """ChunkedFeedForward: the position-wise FFN computed slice by slice."""
 
 import keras
-from keras import activations, constraints, initializers, regularizers
+from keras import activations
 from keras import ops
 
 from keras_reformer import _checks
-from keras_reformer._dense_arguments import dense_arguments_config
+from keras_reformer._dense_arguments import (
+    dense_arguments_config,
+    set_dense_arguments,
+    sublayer_arguments,
+)
 # Reading weights in their own dtype (float32 under mixed precision) inside
 # call() needs autocast switched off; Keras exposes no public scope for it.
 from keras_reformer._compat import AutocastScope
-from keras_reformer._seeds import SeedStatesInWeights, fresh_initializer, resolve_seed
+from keras_reformer._seeds import SeedStatesInWeights, resolve_seed
 from keras_reformer.ops import sequence_slices
 from keras_reformer.ops.dropout import dropout
 
@@ -136,12 +140,9 @@ class ChunkedFeedForward(SeedStatesInWeights, keras.layers.Layer):
         self.dropout = _checks.rate("dropout", dropout)
         self.activation = activations.get(activation)
         self.use_bias = _checks.boolean("use_bias", use_bias)
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
+        set_dense_arguments(self, kernel_initializer, bias_initializer,
+                            kernel_regularizer, bias_regularizer, kernel_constraint,
+                            bias_constraint)
         self.seed = resolve_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
@@ -149,16 +150,8 @@ class ChunkedFeedForward(SeedStatesInWeights, keras.layers.Layer):
     def _dense(self, units, name, offset):
         # A fresh initializer per sublayer, or both would draw the same values.
         return keras.layers.Dense(
-            units,
-            use_bias=self.use_bias,
-            kernel_initializer=fresh_initializer(self.kernel_initializer, offset),
-            bias_initializer=fresh_initializer(self.bias_initializer, offset),
-            kernel_regularizer=self.kernel_regularizer,
-            bias_regularizer=self.bias_regularizer,
-            kernel_constraint=self.kernel_constraint,
-            bias_constraint=self.bias_constraint,
-            dtype=self.dtype_policy,
-            name=name,
+            units, use_bias=self.use_bias, name=name,
+            **sublayer_arguments(self, offset),
         )
 
     def build(self, input_shape):

@@ -3,12 +3,16 @@
 import keras
 from keras import ops
 
+from keras_reformer import _checks
 from keras_reformer._seeds import SEED_LIMIT, resolve_seed
 
 from keras_reformer.layers._dropout import Dropout
 from keras_reformer.layers._layer_norm import LayerNorm
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
+from keras_reformer.local.local_attention import LocalAttention
 from keras_reformer.lsh.lsh_attention import LSHAttention
+
+ATTENTION_TYPES = {"lsh": LSHAttention, "local": LocalAttention}
 
 
 def _resolve_seed(seed):
@@ -20,10 +24,11 @@ def _resolve_seed(seed):
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class AttentionBlock(keras.layers.Layer):
-    """`F` of a Reformer layer: LayerNorm -> LSHAttention -> dropout.
+    """`F` of a Reformer layer: LayerNorm -> attention -> dropout.
 
     Takes a padding `mask` (passed by ReversibleSequence) and applies the
-    causal mask if `causal`. All other arguments go to `LSHAttention`.
+    causal mask if `causal`. The attention is `LSHAttention` or
+    `LocalAttention` (`attention_type`), built with `attention_kwargs`.
 
     Args:
         num_heads, key_dim: of the attention.
@@ -31,13 +36,20 @@ class AttentionBlock(keras.layers.Layer):
         dropout: residual dropout on the block's output.
         attention_dropout: dropout on attention probabilities.
         seed: seeds the attention and the dropout (None: drawn).
-        **attention_kwargs: `bucket_size`, `num_hashes`, `num_buckets`, ...
+        attention_kwargs: dict of further arguments of the attention layer
+            (`bucket_size`, `num_hashes`, ... for "lsh"; `chunk_length`,
+            `num_chunks_before`, ... for "local").
+        attention_type: "lsh" (default) or "local".
+        layer_norm_epsilon: of the LayerNorm (default 1e-6).
     """
 
     def __init__(self, num_heads, key_dim, causal=True, dropout=0.0,
                  attention_dropout=0.0, seed=None, attention_kwargs=None,
-                 **kwargs):
+                 attention_type="lsh", layer_norm_epsilon=1e-6, **kwargs):
+        _checks.one_of("attention_type", attention_type, tuple(ATTENTION_TYPES))
         super().__init__(**kwargs)
+        self.attention_type = attention_type
+        self.layer_norm_epsilon = layer_norm_epsilon
         self.num_heads, self.key_dim = num_heads, key_dim
         self.causal = bool(causal)
         self.dropout_rate = dropout
@@ -45,11 +57,12 @@ class AttentionBlock(keras.layers.Layer):
         seed = self.seed = _resolve_seed(seed)
         self.attention_kwargs = dict(attention_kwargs or {})
         self.norm = LayerNorm(
-            epsilon=1e-6, dtype=self.dtype_policy, name="norm"
+            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
         )
-        self.attention = LSHAttention(
-            num_heads, key_dim, dropout=attention_dropout, seed=seed,
-            dtype=self.dtype_policy, name="attention", **self.attention_kwargs,
+        self.attention = ATTENTION_TYPES[attention_type](
+            num_heads, key_dim, seed=seed, dtype=self.dtype_policy, name="attention",
+            # attention_kwargs may set a dropout of its own (the local layers').
+            **{"dropout": attention_dropout, **self.attention_kwargs},
         )
         self.dropout = Dropout(
             dropout, seed=seed + 1, dtype=self.dtype_policy
@@ -70,7 +83,7 @@ class AttentionBlock(keras.layers.Layer):
 
     def init_cache(self, inputs, padding_mask, max_length):
         """The attention's decoding cache after a causal pass over `inputs`
-        (see `LSHAttention.init_cache`)."""
+        (see `LSHAttention.init_cache`, `LocalAttention.init_cache`)."""
         return self.attention.init_cache(self.norm(inputs), padding_mask, max_length)
 
     def call_with_cache(self, inputs, cache, position, rotations=None, in_place=False):
@@ -91,6 +104,8 @@ class AttentionBlock(keras.layers.Layer):
             num_heads=self.num_heads, key_dim=self.key_dim, causal=self.causal,
             dropout=self.dropout_rate, attention_dropout=self.attention_dropout,
             seed=self.seed, attention_kwargs=self.attention_kwargs,
+            attention_type=self.attention_type,
+            layer_norm_epsilon=self.layer_norm_epsilon,
         )
         return config
 
@@ -106,11 +121,13 @@ class FeedForwardBlock(keras.layers.Layer):
         activation: of the FFN (default "gelu").
         dropout: residual dropout (and the FFN's inner dropout).
         seed: seeds the dropouts (None: drawn).
+        layer_norm_epsilon: of the LayerNorm (default 1e-6).
     """
 
     def __init__(self, intermediate_dim, chunk_size=1024, activation="gelu",
-                 dropout=0.0, seed=None, **kwargs):
+                 dropout=0.0, seed=None, layer_norm_epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
+        self.layer_norm_epsilon = layer_norm_epsilon
         self.intermediate_dim = intermediate_dim
         self.chunk_size = chunk_size
         # Kept as Keras' activation object, so a callable (a registered
@@ -119,7 +136,7 @@ class FeedForwardBlock(keras.layers.Layer):
         self.dropout_rate = dropout
         seed = self.seed = _resolve_seed(seed)
         self.norm = LayerNorm(
-            epsilon=1e-6, dtype=self.dtype_policy, name="norm"
+            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
         )
         self.feed_forward = ChunkedFeedForward(
             intermediate_dim, activation=activation, dropout=dropout,
@@ -180,5 +197,6 @@ class FeedForwardBlock(keras.layers.Layer):
             intermediate_dim=self.intermediate_dim, chunk_size=self.chunk_size,
             activation=keras.activations.serialize(self.activation),
             dropout=self.dropout_rate, seed=self.seed,
+            layer_norm_epsilon=self.layer_norm_epsilon,
         )
         return config

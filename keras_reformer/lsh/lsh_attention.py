@@ -4,18 +4,23 @@ import string
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 
 from keras_reformer import _checks
-from keras_reformer._dense_arguments import dense_arguments_config
+from keras_reformer._dense_arguments import (
+    dense_arguments_config,
+    set_dense_arguments,
+    sublayer_arguments,
+)
 from keras_reformer._compat import get_keras_mask, set_keras_mask
 from keras_reformer._seeds import SeedStatesInWeights, resolve_seed
+from keras_reformer._self_attention import SelfAttentionCall
 from keras_reformer.lsh import (
     chunk_attention,
     decoding,
     dense_attention,
     hashing,
     masks,
+    reference_rules,
     rotations,
     sorting,
     value_shift,
@@ -88,7 +93,7 @@ class Folded:
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
+class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
     """Shared-QK locality-sensitive-hashing self-attention (Reformer).
 
     Each head projects the input once to `qk` (queries; keys are the
@@ -169,6 +174,22 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
             what followed it: the copy lookup shared QK cannot express
             otherwise (docs/learning.md). Defaults to False (the paper's
             attention).
+        reference_rules: bool. If True, attention follows the rules of the
+            reference implementation the public pretrained Reformers were
+            trained with (HF transformers' `LSHSelfAttention`, see
+            `keras_reformer.lsh.reference_rules` and docs/lsh_attention.md):
+            per-head rotations held in the non-trainable weight `rotations`
+            (the same in training and inference), all rounds sorted into one
+            sequence with wrapping chunk windows, causality by position
+            inside those windows (outputs are then not prefix-stable, so
+            cached decoding cannot be exact), the reference's key scaling,
+            and dense attention for inputs of at most one chunk. Only
+            padding masks (no `attention_mask`, `sliding_window` or
+            `value_shift`). Defaults to False.
+        pad_multiple: int or None (with `reference_rules` only): the input is
+            padded to a multiple of this (default `bucket_size`), as the
+            reference model pads its input to the least common multiple of
+            its chunk lengths.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, activity_regularizer, kernel_constraint,
         bias_constraint: as in `MultiHeadAttention`.
@@ -226,6 +247,8 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
         bias_constraint=None,
         seed=None,
         value_shift=False,
+        reference_rules=False,
+        pad_multiple=None,
         **kwargs,
     ):
         num_heads = _checks.keras_positive_int("num_heads", num_heads)
@@ -256,16 +279,30 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
             "num_chunks_after", num_chunks_after
         )
         self.factorize_above = _checks.positive_int("factorize_above", factorize_above)
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
+        set_dense_arguments(self, kernel_initializer, bias_initializer,
+                            kernel_regularizer, bias_regularizer, kernel_constraint,
+                            bias_constraint)
         self.seed = resolve_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.resolved_num_buckets = None
         self.value_shift = _checks.boolean("value_shift", value_shift)
+        self.reference_rules = _checks.boolean("reference_rules", reference_rules)
+        self.pad_multiple = _checks.positive_int("pad_multiple", pad_multiple, allow_none=True)
+        if self.reference_rules:
+            unsupported = {"value_shift": self.value_shift,
+                           "sliding_window": self.sliding_window}
+            for name, value in unsupported.items():
+                if value:
+                    raise ValueError(
+                        f"`reference_rules=True` supports no `{name}` (the "
+                        f"reference's LSH attention has none). Received: "
+                        f"{name}={value!r}"
+                    )
+        elif self.pad_multiple is not None:
+            raise ValueError(
+                "`pad_multiple` applies with `reference_rules=True` only. "
+                f"Received: pad_multiple={pad_multiple!r}, reference_rules=False"
+            )
 
     @property
     def num_hashes(self):
@@ -276,21 +313,6 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
         self._num_hashes = _checks.positive_int("num_hashes", value)
 
     # ----------------------------------------------------------------- build
-
-    def _sublayer_kwargs(self):
-        def clone(initializer):
-            # A fresh initializer per sublayer, or they would draw the same values.
-            return initializer.__class__.from_config(initializer.get_config())
-
-        return dict(
-            kernel_initializer=clone(self.kernel_initializer),
-            bias_initializer=clone(self.bias_initializer),
-            kernel_regularizer=self.kernel_regularizer,
-            bias_regularizer=self.bias_regularizer,
-            kernel_constraint=self.kernel_constraint,
-            bias_constraint=self.bias_constraint,
-            dtype=self.dtype_policy,
-        )
 
     def _axes(self, rank):
         """(batch-like axes, attention axes) for an input of `rank`."""
@@ -354,7 +376,7 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
         def heads_dense(name, width, **extra):
             dense = keras.layers.EinsumDense(
                 "abc,cde->abde", output_shape=(None, self.num_heads, width),
-                bias_axes=bias, name=name, **extra, **self._sublayer_kwargs(),
+                bias_axes=bias, name=name, **extra, **sublayer_arguments(self),
             )
             dense.build(flat_shape)
             return dense
@@ -370,7 +392,7 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
             output_shape=(None,) + out_shape,
             bias_axes=letters if self.use_bias else None,
             name="attention_output",
-            **self._sublayer_kwargs(),
+            **sublayer_arguments(self),
         )
         self.output_dense.build((None, length, self.num_heads, self.value_dim))
         # The inference rotations' seed is a weight, so save_weights /
@@ -379,28 +401,22 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
             name="hash_seed", shape=(2,), dtype="int32", trainable=False,
             initializer=keras.initializers.Constant([self.seed, 0]),
         )
+        if self.reference_rules:
+            # Per-head rotations, fixed (an imported model's are set by the
+            # converter, or drawn here from the seed).
+            seed = self.seed
+
+            def draw(shape, dtype=None):
+                return rotations.deterministic_normal(shape, [seed, 1])
+
+            self.rotations = self.add_weight(
+                name="rotations", trainable=False, initializer=draw,
+                shape=(self.num_heads, self.key_dim, self.num_hashes,
+                       sum(self._factors()) // 2),
+            )
         self.built = True
 
     # ------------------------------------------------- call (public helpers)
-
-    def __call__(self, *args, **kwargs):
-        # Keras converts each argument on its own (NumPy -> tensor, float64
-        # or float32 -> the compute dtype), so `layer(x, x)` reaches `call`
-        # with two different tensors. Decide self-attention here, on the
-        # objects the user passed, and forward the query alone.
-        args = list(args)
-        query = args[0] if args else kwargs.get("query")
-        for index, name in ((1, "value"), (2, "key")):
-            other = args[index] if len(args) > index else kwargs.get(name)
-            if other is not None and other is not query:
-                raise ValueError(
-                    f"LSHAttention is self-attention with shared queries and "
-                    f"keys: `{name}` must be omitted or be the query itself. "
-                    "Cross-attention is not supported; use "
-                    "keras.layers.MultiHeadAttention for it."
-                )
-            kwargs.pop(name, None)
-        return super().__call__(*args[:1], **kwargs)
 
     def _rotations(self, factors, num_hashes, training):
         """One (key_dim, num_hashes, n / 2) rotation per bucket factor."""
@@ -526,12 +542,8 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
         use_causal_mask=False,
         num_hashes=None,
     ):
-        del value, key  # `__call__` forwards only the query (self-attention)
-        if return_attention_scores:
-            raise ValueError(
-                "LSHAttention never forms the dense attention matrix, so "
-                "`return_attention_scores=True` is not supported."
-            )
+        # `__call__` forwards only the query and refuses attention scores.
+        del value, key, return_attention_scores
         num_hashes = self.num_hashes if num_hashes is None else _checks.positive_int(
             "num_hashes", num_hashes
         )
@@ -546,6 +558,15 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
                 f"Received: query.shape={tuple(x.shape)}"
             )
         causal = bool(use_causal_mask)
+        if self.reference_rules and (
+                attention_mask is not None or num_hashes != self.rotations.shape[2]):
+            raise ValueError(
+                "LSHAttention(reference_rules=True) takes padding masks only "
+                f"and hashes with its {self.rotations.shape[2]} rounds of "
+                "`rotations`. Received: attention_mask="
+                f"{'given' if attention_mask is not None else None}, "
+                f"num_hashes={num_hashes}"
+            )
         if self.value_shift and (not causal or attention_mask is not None):
             raise ValueError(
                 "LSHAttention(value_shift=True) needs `use_causal_mask=True` "
@@ -579,6 +600,12 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
         )
         if self.value_shift:
             v = value_shift.shifted_values(v, valid)
+        if self.reference_rules:
+            out = self._reference_attend(qk, v, valid, length, causal, training)
+            out = folded.unfold(self.attend_output(out, gate))
+            if query_mask is not None:
+                set_keras_mask(out, query_mask)
+            return out
 
         # Padded to whole chunks.
         c = self.bucket_size
@@ -641,17 +668,33 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
             set_keras_mask(out, query_mask)
         return out
 
-    def compute_mask(self, inputs, previous_mask=None):
-        return previous_mask
+    def _reference_attend(self, qk, v, valid, length, causal, training):
+        """`reference_rules.attend` on the input padded to `pad_multiple`
+        (dense for a padded length of at most one chunk)."""
+        c = self.bucket_size
+        multiple = self.pad_multiple or c
+        pad = -length % multiple
+        qk, v = (tf.pad(t, [[0, 0], [0, 0], [0, pad], [0, 0]]) for t in (qk, v))
+        valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
+        padded_length = length + pad
+        rate, seed = 0.0, None
+        if self.dropout > 0 and training:
+            rate, seed = self.dropout, tf.cast(self.seed_generator.next(), tf.int32)
 
-    def compute_output_shape(self, query_shape, value_shape=None, key_shape=None):
-        query_shape = tuple(query_shape)
-        return query_shape[:-1] + (self._output_shape or (query_shape[-1],))
+        def dense():
+            return reference_rules.dense(qk, v, valid, causal, rate, seed)
 
-    def compute_output_spec(self, query, **kwargs):
-        return keras.KerasTensor(
-            self.compute_output_shape(query.shape), dtype=self.compute_dtype
-        )
+        def hashed():
+            return reference_rules.attend(
+                qk, v, valid, tf.convert_to_tensor(self.rotations), self._factors(),
+                c, self.num_chunks_before, self.num_chunks_after, causal, rate, seed,
+            )
+
+        if isinstance(padded_length, int):
+            out = dense() if padded_length <= c else hashed()
+        else:
+            out = tf.cond(padded_length <= c, dense, hashed)
+        return out[:, :, :length]
 
     def get_config(self):
         config = super().get_config()
@@ -674,6 +717,8 @@ class LSHAttention(SeedStatesInWeights, keras.layers.Layer):
                 "num_chunks_before": self.num_chunks_before,
                 "num_chunks_after": self.num_chunks_after,
                 "factorize_above": self.factorize_above,
+                "reference_rules": self.reference_rules,
+                "pad_multiple": self.pad_multiple,
                 **dense_arguments_config(self),
                 "seed": self.seed,
             }

@@ -1,5 +1,7 @@
 """ReformerBackbone: token ids -> hidden states, a keras-hub `Backbone`."""
 
+import math
+
 import keras
 import keras_hub
 
@@ -21,6 +23,28 @@ from keras_reformer.models._calibration import block_layers_only, quantization_s
 from keras_reformer.models._stacks import blocks_in_sync, calibrated_mode
 
 POSITION_EMBEDDINGS = ("axial", "sinusoidal", None)
+ATTENTION_TYPES = ("lsh", "local")
+
+
+def _attention_types(value, num_layers):
+    """None -> all "lsh"; else a list of one known type per layer."""
+    if value is None:
+        return ["lsh"] * num_layers
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(
+            "`attention_types` must be None or a list of one attention type "
+            f"per layer, each one of {list(ATTENTION_TYPES)}. "
+            f"Received: attention_types={value!r}"
+        )
+    if len(value) != num_layers:
+        raise ValueError(
+            f"`attention_types` must name one attention type per layer "
+            f"({num_layers} for num_layers={num_layers}). "
+            f"Received: attention_types={list(value)!r} ({len(value)} entries)"
+        )
+    for kind in value:
+        _checks.one_of("attention_types", kind, ATTENTION_TYPES)
+    return list(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -92,6 +116,32 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             keys (`LSHAttention(value_shift=True)`): shared QK can then
             copy what followed an earlier occurrence (docs/learning.md).
             Defaults to False (the paper's model).
+        attention_types: None (every layer "lsh", the default) or a list of
+            one attention type per layer, "lsh" or "local"
+            (`LocalAttention`): e.g. `["local", "lsh"] * 3`. Local layers
+            see their neighbourhood exactly and cost less; hashed layers
+            reach far. `bucket_size`, `num_hashes`, `num_buckets`,
+            `num_chunks_before` and `value_shift` apply to the "lsh" layers.
+            Stacked weights need layers of one type: with mixed types each
+            block keeps its own weights, whatever `stack_weights` says.
+        local_chunk_length, local_num_chunks_before, local_num_chunks_after:
+            the "local" layers' `chunk_length` (default 64) and windows
+            (default 1 and 0).
+        local_attention_dropout: dropout on the "local" layers' attention
+            probabilities (default None: `attention_dropout`).
+        hidden_activation: the FFN's activation (default "gelu").
+        attention_bias: bool, biases in the attention projections (default
+            True).
+        axial_dims: `(d1, d2)` of the axial embedding (default halves).
+        layer_norm_epsilon: of every LayerNorm (default 1e-6).
+        reference_rules: bool. If True, the "lsh" layers follow the
+            reference implementation's rules (`LSHAttention(
+            reference_rules=True)`: what pretrained Reformers imported with
+            `ReformerCausalLM.from_transformers` need), padding the input
+            to a multiple of the least common multiple of the chunk lengths
+            as the reference model does. Causal outputs are then not
+            prefix-stable; `ReformerCausalLM.generate` reruns the full pass
+            for every token. Defaults to False.
         causal: True for a language model, False for an encoder.
         reversible: False computes the same function with ordinary autodiff.
         stack_weights: bool. If True (default), the reversible stack holds
@@ -136,6 +186,16 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         reversible=True,
         seed=None,
         stack_weights=True,
+        attention_types=None,
+        local_chunk_length=64,
+        local_num_chunks_before=1,
+        local_num_chunks_after=0,
+        local_attention_dropout=None,
+        hidden_activation="gelu",
+        attention_bias=True,
+        axial_dims=None,
+        layer_norm_epsilon=1e-6,
+        reference_rules=False,
         dtype=None,
         **kwargs,
     ):
@@ -159,6 +219,15 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         reversible = _checks.boolean("reversible", reversible)
         stack_weights = _checks.boolean("stack_weights", stack_weights)
         _checks.one_of("position_embedding", position_embedding, POSITION_EMBEDDINGS)
+        attention_types = _attention_types(attention_types, num_layers)
+        _checks.positive_int("local_chunk_length", local_chunk_length)
+        _checks.non_negative_int("local_num_chunks_before", local_num_chunks_before)
+        _checks.non_negative_int("local_num_chunks_after", local_num_chunks_after)
+        attention_bias = _checks.boolean("attention_bias", attention_bias)
+        if local_attention_dropout is not None:
+            _checks.rate("local_attention_dropout", local_attention_dropout)
+        reference_rules = _checks.boolean("reference_rules", reference_rules)
+        _checks.positive_number("layer_norm_epsilon", layer_norm_epsilon)
         seed = resolve_seed(seed)
 
         value_shift = _checks.boolean("value_shift", value_shift)
@@ -179,8 +248,8 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         self.position_embedding = None
         if position_embedding == "axial":
             self.position_embedding = AxialPositionEmbedding(
-                max_sequence_length, axial_shape=axial_shape, dtype=dtype,
-                name="position_embedding",
+                max_sequence_length, axial_shape=axial_shape, axial_dims=axial_dims,
+                dtype=dtype, name="position_embedding",
             )
         elif position_embedding == "sinusoidal":
             self.position_embedding = SinusoidalPositionEmbedding(
@@ -204,29 +273,48 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             attention_kwargs["value_shift"] = True
         if num_chunks_before != 1:
             attention_kwargs["num_chunks_before"] = num_chunks_before
+        local_kwargs = dict(chunk_length=local_chunk_length,
+                            num_chunks_before=local_num_chunks_before,
+                            num_chunks_after=local_num_chunks_after)
+        if local_attention_dropout is not None:
+            local_kwargs["dropout"] = local_attention_dropout
+        if not attention_bias:
+            attention_kwargs["use_bias"] = local_kwargs["use_bias"] = False
+        if reference_rules:
+            attention_kwargs["reference_rules"] = True
+            if "local" in attention_types:
+                attention_kwargs["pad_multiple"] = math.lcm(bucket_size, local_chunk_length)
+        kwargs_of = {"lsh": attention_kwargs, "local": local_kwargs}
         blocks = [
             (
                 AttentionBlock(
                     num_heads, key_dim, causal=causal, dropout=dropout,
                     attention_dropout=attention_dropout,
                     seed=(seed + 10 * i + 1) % SEED_LIMIT,
-                    attention_kwargs=attention_kwargs, dtype=dtype,
-                    name=f"attention_block_{i}",
+                    attention_kwargs=kwargs_of[kind], attention_type=kind,
+                    layer_norm_epsilon=layer_norm_epsilon,
+                    dtype=dtype, name=f"attention_block_{i}",
                 ),
                 FeedForwardBlock(
                     intermediate_dim, chunk_size=feedforward_chunk_size,
-                    dropout=dropout, seed=(seed + 10 * i + 5) % SEED_LIMIT, dtype=dtype,
+                    activation=hidden_activation, dropout=dropout,
+                    seed=(seed + 10 * i + 5) % SEED_LIMIT,
+                    layer_norm_epsilon=layer_norm_epsilon, dtype=dtype,
                     name=f"feed_forward_block_{i}",
                 ),
             )
-            for i in range(num_layers)
+            for i, kind in enumerate(attention_types)
         ]
+        # One loop body, hence one stack of weights, needs one block structure.
+        one_type = len(set(attention_types)) == 1
         self.reversible_stack = ReversibleSequence(
-            blocks, reversible=reversible, stack_weights=stack_weights, dtype=dtype,
+            blocks, reversible=reversible, stack_weights=stack_weights and one_type,
+            dtype=dtype,
             name="reversible_stack",
         )
         self.concat_streams = keras.layers.Concatenate(dtype=dtype, name="concat_streams")
-        self.final_norm = LayerNorm(epsilon=1e-6, dtype=dtype, name="final_norm")
+        self.final_norm = LayerNorm(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm")
 
         # === Functional model ===
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
@@ -265,6 +353,16 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         self.reversible = reversible
         self.seed = seed
         self.stack_weights = stack_weights
+        self.attention_types = attention_types
+        self.local_chunk_length = local_chunk_length
+        self.local_num_chunks_before = local_num_chunks_before
+        self.local_num_chunks_after = local_num_chunks_after
+        self.local_attention_dropout = local_attention_dropout
+        self.hidden_activation = hidden_activation
+        self.attention_bias = attention_bias
+        self.axial_dims = axial_dims
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.reference_rules = reference_rules
 
     def get_config(self):
         # Backbone's: name, trainable and the dtype policy (a policy map
@@ -293,6 +391,16 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             "reversible": self.reversible,
             "seed": self.seed,
             "stack_weights": self.stack_weights,
+            "attention_types": self.attention_types,
+            "local_chunk_length": self.local_chunk_length,
+            "local_num_chunks_before": self.local_num_chunks_before,
+            "local_num_chunks_after": self.local_num_chunks_after,
+            "local_attention_dropout": self.local_attention_dropout,
+            "hidden_activation": self.hidden_activation,
+            "attention_bias": self.attention_bias,
+            "axial_dims": self.axial_dims,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "reference_rules": self.reference_rules,
         })
         return config
 
@@ -371,7 +479,7 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         return quantization_stages(self)
 
     def set_num_hashes(self, num_hashes):
-        """Change the hash rounds of every attention layer (no retraining).
+        """Change the hash rounds of every LSH attention layer (no retraining).
 
         E.g. more rounds for evaluation than for training. The new value is
         in `get_config()` (and so in a `.keras` file saved afterwards); the
@@ -379,6 +487,8 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         """
         num_hashes = _checks.positive_int("num_hashes", num_hashes)
         for f, _ in self.reversible_stack.blocks:
+            if f.attention_type != "lsh":
+                continue
             f.attention.num_hashes = num_hashes
             f.attention_kwargs["num_hashes"] = num_hashes
         self.num_hashes = num_hashes

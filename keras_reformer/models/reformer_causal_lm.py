@@ -196,19 +196,44 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         )
         return logits[:, None], hidden[:, None], cache
 
+    def make_generate_function(self):
+        """keras-hub's, but never XLA for a backbone with `reference_rules`:
+        its generation runs full passes over growing prefixes (dynamic
+        shapes), see `generate_step`."""
+        if self.generate_function is None and self.backbone.reference_rules \
+                and not self.run_eagerly:
+            self.generate_function = tf.function(self.generate_step, jit_compile=False)
+        return super().make_generate_function()
+
+    def _full_pass_next(self, prompt, cache, index):
+        """The next-token logits from a full pass over `prompt[:, :index]`:
+        with the reference's rules outputs are not prefix-stable, so no
+        cache can give them; each token costs a pass over the text so far."""
+        prefix = prompt[:, :index]
+        features = {"token_ids": prefix, "padding_mask": tf.ones_like(prefix)}
+        hidden = self.backbone(features, training=False)[:, -1]
+        return tf.cast(self.lm_head(hidden), tf.float32), hidden, cache
+
     def generate_step(self, inputs, stop_token_ids=None):
         """keras-hub's compilable generation of one batch (see
         `keras_hub.models.GPT2CausalLM.generate_step`, the same loop)."""
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
-        hidden_states, cache = self._build_cache(token_ids, padding_mask)
         index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
+        if self.backbone.reference_rules:
+            hidden_states = self.backbone(
+                {"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
+            cache = tf.zeros(tf.shape(token_ids)[:1])  # nothing to carry
+            next = self._full_pass_next
+        else:
+            hidden_states, cache = self._build_cache(token_ids, padding_mask)
 
-        def next(prompt, cache, index):
-            position = index - 1
-            batch_size = ops.shape(prompt)[0]
-            prompt = ops.slice(prompt, [0, position], [batch_size, 1])
-            logits, hidden_states, cache = self.call_with_cache(prompt, cache, position)
-            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+            def next(prompt, cache, index):
+                position = index - 1
+                batch_size = ops.shape(prompt)[0]
+                prompt = ops.slice(prompt, [0, position], [batch_size, 1])
+                logits, hidden_states, cache = self.call_with_cache(prompt, cache, position)
+                return (ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1),
+                        cache)
 
         token_ids = self.sampler(
             next=next, prompt=token_ids, cache=cache, index=index,
@@ -282,6 +307,39 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         # Padding may hold any id: only the real tokens are checked.
         _token_ids.check_token_ids_numpy(np.where(mask, ids, 0),
                                          self.backbone.vocabulary_size)
+
+    @classmethod
+    def from_transformers(cls, path, rotations=None, dtype=None):
+        """A pretrained Reformer of HF transformers (`ReformerModelWithLMHead`),
+        imported from a local checkpoint directory.
+
+        Reads `config.json` and `model.safetensors` (NumPy only) or
+        `pytorch_model.bin` (needs torch), builds the matching backbone
+        (`attention_types`, `reference_rules=True`, `attention_bias=False`,
+        the config's activation, axial layout and LayerNorm epsilon) and
+        assigns every tensor; a config it cannot reproduce, or a tensor left
+        over or missing, is a `ValueError` naming it. See docs/import.md.
+
+        Args:
+            path: the checkpoint directory (download it yourself, e.g. with
+                `huggingface-cli download google/reformer-enwik8 --local-dir
+                DIR`).
+            rotations: None, or the reference's hash rotations, shape
+                `(num_heads, key_dim, num_hashes, sum(num_buckets) / 2)`, for
+                every LSH layer. The reference draws fresh rotations at every
+                call unless its config sets `hash_seed`, and then draws them
+                with torch's generator; without `rotations` each LSH layer
+                draws fixed ones from the backbone's `seed` (the config's
+                `hash_seed` when set), so outputs are deterministic but not
+                the reference's numbers.
+            dtype: the model's dtype policy (default: Keras' global one).
+
+        Returns:
+            A `ReformerCausalLM` without a preprocessor (it takes token ids).
+        """
+        from keras_reformer.convert import transformers_reformer
+
+        return transformers_reformer.from_transformers(cls, path, rotations, dtype)
 
     def set_num_hashes(self, num_hashes):
         """The backbone's `set_num_hashes` (hash rounds of every attention

@@ -21,6 +21,7 @@ caches updated in place in graph mode).
 import keras
 import tensorflow as tf
 
+from keras_reformer.local.local_attention import LocalAttention
 from keras_reformer.lsh.lsh_attention import LSHAttention
 from keras_reformer.layers.sinusoidal_position_embedding import (
     SinusoidalPositionEmbedding,
@@ -43,7 +44,8 @@ class CachedDecoder:
     """Prompt pass, decode step and served sampling loop of one backbone.
 
     Args:
-        backbone: a causal `ReformerBackbone` of `LSHAttention` blocks.
+        backbone: a causal `ReformerBackbone` (`LSHAttention` and
+            `LocalAttention` blocks).
         head: the layer mapping final hidden states to logits (the task's
             `lm_head`).
     """
@@ -55,9 +57,18 @@ class CachedDecoder:
         self.blocks = self.stack.blocks
         for index, (f, _) in enumerate(self.blocks):
             attention = getattr(f, "attention", None)
-            if not isinstance(attention, LSHAttention) or not getattr(f, "causal", False):
+            kinds = (LSHAttention, LocalAttention)
+            if getattr(attention, "reference_rules", False):
                 raise ValueError(
-                    "Cached decoding needs causal LSHAttention blocks; block "
+                    "Cached decoding needs prefix-stable attention; block "
+                    f"{index} ({f.name!r}) follows the reference's rules "
+                    "(reference_rules=True), whose outputs depend on later "
+                    "tokens. ReformerCausalLM.generate runs full passes instead."
+                )
+            if not isinstance(attention, kinds) or not getattr(f, "causal", False):
+                raise ValueError(
+                    "Cached decoding needs causal LSHAttention or LocalAttention "
+                    "blocks; block "
                     f"{index} ({f.name!r}) is not one (causal="
                     f"{getattr(f, 'causal', None)})."
                 )
@@ -79,7 +90,8 @@ class CachedDecoder:
         return layer.embedding_at(positions)
 
     def rotations(self):
-        """Each block's inference hash rotations, drawn once per decoding."""
+        """Each block's inference hash rotations, drawn once per decoding
+        (None for a local attention block)."""
         rotations = []
         for index, (f, _) in enumerate(self.blocks):
             with self.stack.block_scope(index):

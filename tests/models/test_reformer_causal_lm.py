@@ -86,6 +86,10 @@ def cached_errors(lm, ids, lengths):
         (2, [12, 1], {"value_shift": True, "num_buckets": 2, "short_convolution": 3}),
         # A reach of two chunks: twice the cached keys per bucket.
         (2, [12, 3], {"num_buckets": 2, "num_chunks_before": 2}),
+        # Local attention layers: a ring buffer of one window per layer.
+        (2, [21, 9], {"attention_types": ["local", "lsh"], "local_chunk_length": 8}),
+        (1, [12, 1], {"attention_types": ["local", "local"], "local_chunk_length": 5,
+                      "local_num_chunks_before": 2, "short_convolution": 3}),
     ],
 )
 def test_cached_logits_equal_full_pass(rounds, lengths, extra):

@@ -1,0 +1,158 @@
+"""LSH attention by the reference implementation's rules (HF transformers'
+`LSHSelfAttention`, as the public pretrained Reformers were trained), for
+`LSHAttention(reference_rules=True)`.
+
+Where it differs from the library's own rules (`chunk_attention`):
+
+- Rotations are per head, `(heads, key_dim, rounds, sum(factors) / 2)`, held
+  by the layer (the reference draws them from its `hash_seed`).
+- All rounds are sorted into one sequence (round, then bucket, then
+  position) and cut into chunks; a chunk's window is itself and its
+  neighbours in that sequence, wrapping around its ends. So the first chunk
+  of a round also sees the last chunk of the round before, and a key can
+  appear twice in a window.
+- Causality masks by position inside these windows (a key after the query
+  is masked), which is not prefix-stable: which keys share a chunk with a
+  query depends on the buckets of later tokens.
+- Keys are `x / sqrt(mean(x ** 2) + 1e-6) / sqrt(key_dim)`; a query's own
+  key gets -1e5 (replacing its score), other masked keys -1e9.
+- A sequence of at most one chunk is attended densely (no hashing).
+- Padding positions hash to an extra last bucket of their round.
+- The rounds are weighted by `exp(lse - logsumexp(lse))` as the reference
+  computes it, without renormalizing (see `attend`).
+
+Shapes: B batch, H heads, R rounds, L length (a multiple of the chunk
+length), D key width, E value width.
+"""
+
+import tensorflow as tf
+
+from keras_reformer.lsh import hashing, scores
+from keras_reformer.ops.dropout import dropout as stateless_dropout
+
+KEY_EPSILON = 1e-6
+
+
+def reference_keys(qk):
+    """The reference's keys: unit RMS, divided by sqrt(key_dim)."""
+    width = tf.cast(tf.shape(qk)[-1], qk.dtype)
+    return qk * tf.math.rsqrt(tf.reduce_mean(tf.square(qk), -1, keepdims=True)
+                              + KEY_EPSILON) * tf.math.rsqrt(width)
+
+
+def hash_per_head(qk, rotations, factors):
+    """(B, H, L, D) and per-head rotations (H, D, R, sum(factors) / 2) ->
+    (B, H, R, L) bucket ids in [0, prod(factors)), first factor fastest."""
+    buckets, stride, start = None, 1, 0
+    for n in factors:
+        part = rotations[..., start:start + n // 2]
+        start += n // 2
+        index = hashing._half_argmax(tf.einsum("bhld,hdrk->bhrlk", qk, part))
+        buckets = index if buckets is None else buckets + stride * index
+        stride *= n
+    return buckets
+
+
+def _masked_scores(dots, query_pos, key_pos, key_valid, causal):
+    """The reference's masking: -1e9 on padding (and later keys, causal),
+    then -1e5 on the query's own position whatever else holds."""
+    allowed = key_valid
+    if causal:
+        allowed = allowed & (key_pos <= query_pos)
+    dots = tf.where(allowed, dots, scores.MASK_VALUE)
+    return tf.where(key_pos == query_pos, scores.SELF_MASK_VALUE, dots)
+
+
+def _dropped(probabilities, rate, seed):
+    return probabilities if not rate else stateless_dropout(probabilities, rate, seed)
+
+
+def dense(qk, v, valid, causal, dropout_rate=0.0, dropout_seed=None):
+    """A sequence of at most one chunk: every key, the same masks."""
+    keys = reference_keys(qk)
+    dots = tf.einsum("bhqd,bhkd->bhqk", qk, keys)
+    length = tf.shape(qk)[2]
+    positions = tf.range(length)
+    dots = _masked_scores(dots, positions[:, None], positions[None, :],
+                          valid[:, None, None, :], causal)
+    probabilities = _dropped(tf.nn.softmax(dots, -1), dropout_rate, dropout_seed)
+    return tf.einsum("bhqk,bhke->bhqe", probabilities, v)
+
+
+def attend(qk, v, valid, rotations, factors, chunk, before, after, causal,
+           dropout_rate=0.0, dropout_seed=None):
+    """LSH attention by the reference's rules.
+
+    Args:
+        qk: (B, H, L, D) float32 shared query/key vectors, L a multiple of
+            `chunk`.
+        v: (B, H, L, E) float32 values.
+        valid: (B, L) bool, False on padding.
+        rotations: (H, D, R, sum(factors) / 2) float32.
+        factors: tuple of even bucket counts (one, or two for factorized).
+        chunk, before, after: chunk length and window in chunks.
+        causal: python bool.
+        dropout_rate, dropout_seed: dropout on the attention probabilities
+            (stateless, from a (2,) int32 seed).
+
+    Returns:
+        (B, H, L, E) float32.
+    """
+    shape = tf.shape(qk)
+    batch, heads, length = shape[0], shape[1], shape[2]
+    rounds = rotations.shape[2]
+    total = 1
+    for n in factors:
+        total *= n
+    buckets = hash_per_head(qk, rotations, factors)  # (B, H, R, L)
+    buckets = tf.where(valid[:, None, None, :], buckets, total)  # padding: last
+    # One sort over all rounds: by round, then bucket, then position.
+    positions = tf.range(length)
+    round_base = tf.range(rounds)[:, None] * (total + 1)
+    sort_key = (tf.cast(buckets + round_base, tf.int64) * tf.cast(length, tf.int64)
+                + tf.cast(positions, tf.int64))
+    sort_key = tf.reshape(sort_key, [batch, heads, rounds * length])
+    order = tf.argsort(sort_key, axis=-1, stable=True)  # into the R * L slots
+    sorted_pos = order % length  # (B, H, R*L)
+
+    keys = reference_keys(qk)
+
+    def gather(x):
+        return tf.gather(x, sorted_pos, axis=2, batch_dims=2)
+
+    def chunks(x):
+        # (B, H, R*L, ...) -> (B, H, R*L / chunk, chunk, ...)
+        rest = tf.constant(x.shape[3:].as_list(), tf.int32, shape=[len(x.shape) - 3])
+        return tf.reshape(x, tf.concat([[batch, heads, -1, chunk], rest], 0))
+
+    def window(x):
+        # The chunk and its neighbours in the sorted sequence, wrapping.
+        pieces = [tf.roll(x, shift=-offset, axis=2) for offset in range(-before, after + 1)]
+        return tf.concat(pieces, axis=3) if len(pieces) > 1 else pieces[0]
+
+    q = chunks(gather(qk))
+    k = window(chunks(gather(keys)))
+    values = window(chunks(gather(v)))
+    query_pos = chunks(sorted_pos)
+    key_pos = window(query_pos)
+    key_valid = tf.gather(valid, key_pos, batch_dims=1)  # (B, H, n, W)
+    dots = tf.einsum("bhncd,bhnwd->bhncw", q, k)
+    dots = _masked_scores(dots, query_pos[..., None], key_pos[:, :, :, None, :],
+                          key_valid[:, :, :, None, :], causal)
+    lse = tf.reduce_logsumexp(dots, -1, keepdims=True)
+    probabilities = _dropped(tf.exp(dots - lse), dropout_rate, dropout_seed)
+    out = tf.einsum("bhncw,bhnwe->bhnce", probabilities, values)
+    # Back from sorted slots to (round, position), then the rounds combined
+    # by their share of the softmax mass.
+    undo = tf.argsort(order, axis=-1, stable=True)
+    out = tf.gather(tf.reshape(out, [batch, heads, rounds * length, -1]), undo,
+                    axis=2, batch_dims=2)
+    lse = tf.gather(tf.reshape(lse, [batch, heads, rounds * length]), undo,
+                    axis=2, batch_dims=2)
+    out = tf.reshape(out, [batch, heads, rounds, length, tf.shape(v)[-1]])
+    lse = tf.reshape(lse, [batch, heads, rounds, length])
+    # The reference's combination, rounding included: near the self-mask
+    # value (-1e5) float32 resolves the logsumexp to 1/128 only, so a query
+    # that sees only itself gets its value scaled by up to about 1.004.
+    weights = tf.exp(lse - tf.reduce_logsumexp(lse, axis=2, keepdims=True))
+    return tf.reduce_sum(out * weights[..., None], axis=2)

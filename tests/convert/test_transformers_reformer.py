@@ -1,0 +1,165 @@
+"""Checkpoint import against the reference implementation's own numbers.
+
+tests/fixtures/hf_reformer_<layout>/ hold small HF transformers Reformers in
+the two public checkpoints' layouts (random weights) and what HF computed
+with them in eval mode: written by benchmarks/peers/reformer_fixtures.py (the
+PyTorch venv); no test needs torch.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from keras_reformer.models import ReformerCausalLM
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
+LAYOUTS = ["enwik8", "crime_and_punishment"]
+
+
+def fixture(layout):
+    folder = os.path.join(FIXTURES, f"hf_reformer_{layout}")
+    return folder, dict(np.load(os.path.join(folder, "golden.npz")))
+
+
+def streams(lm, ids, mask):
+    """The FFN stream before each layer and after the last (what HF records
+    as hidden states), by running the imported blocks one after another."""
+    backbone = lm.backbone
+    valid = mask.astype(bool)
+    x = backbone.embed(ids, valid)
+    x1 = x2 = x
+    out = [np.asarray(x2)]
+    for f, g in backbone.reversible_stack.blocks:
+        x1 = x1 + f(x2, mask=valid)
+        x2 = x2 + g(x1)
+        out.append(np.asarray(x2))
+    return np.stack(out, 1)
+
+
+def relative_error(got, want, rows=None):
+    if rows is not None:
+        got, want = got[rows], want[rows]
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def imported(request):
+    folder, golden = fixture(request.param)
+    lm = ReformerCausalLM.from_transformers(folder, rotations=golden["rotations"])
+    return request.param, lm, golden
+
+
+def test_full_batch_equals_the_reference(imported):
+    layout, lm, golden = imported
+    ids = golden["token_ids"].astype("int32")
+    mask = np.ones_like(ids)
+    logits = np.asarray(lm({"token_ids": ids, "padding_mask": mask}))
+    assert relative_error(logits, golden["logits"]) < 1e-4, layout
+    hidden = streams(lm, ids, mask)
+    assert relative_error(hidden, golden["hidden_states"]) < 1e-4, layout
+
+
+def test_padded_batch_equals_the_reference_on_real_tokens(imported):
+    layout, lm, golden = imported
+    mask = golden["padding_mask"].astype("int32")
+    ids = golden["token_ids"].astype("int32") * mask
+    logits = np.asarray(lm({"token_ids": ids, "padding_mask": mask}))
+    real = mask.astype(bool)
+    assert relative_error(logits, golden["padded_logits"], real) < 1e-4, layout
+    hidden = streams(lm, ids, mask)
+    assert relative_error(hidden.transpose(0, 2, 1, 3),
+                          golden["padded_hidden_states"].transpose(0, 2, 1, 3),
+                          real) < 1e-4, layout
+
+
+def test_other_rotations_change_the_outputs():
+    # The fixture's rotations matter: the check above can fail.
+    folder, golden = fixture("enwik8")
+    lm = ReformerCausalLM.from_transformers(folder)
+    ids = golden["token_ids"].astype("int32")
+    logits = np.asarray(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    assert relative_error(logits, golden["logits"]) > 1e-3
+
+
+def edited(tmp_path, layout, **changes):
+    folder, _ = fixture(layout)
+    target = tmp_path / layout
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("is_decoder", False),
+    ("hidden_act", "tanh"),
+    ("axial_pos_embds", False),
+    ("lsh_num_chunks_after", 1),
+    ("attn_layers", ["local", "dense", "local", "lsh", "local", "lsh"]),
+])
+def test_refuses_configs_it_cannot_reproduce(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        ReformerCausalLM.from_transformers(edited(tmp_path, "crime_and_punishment",
+                                                  **{field: value}))
+
+
+def test_missing_and_extra_tensors_are_named(tmp_path):
+    # Two layers more in the config than in the file: the first missing
+    # tensor is named.
+    kinds = ["local", "lsh"] * 4
+    with pytest.raises(ValueError, match="layers.6"):
+        ReformerCausalLM.from_transformers(edited(tmp_path, "crime_and_punishment",
+                                                  attn_layers=kinds,
+                                                  num_hidden_layers=8))
+
+
+def test_generate_runs_full_passes_over_the_prefix():
+    # With the reference's rules outputs are not prefix-stable: greedy
+    # generation must equal the argmax of a full pass over each prefix.
+    folder, golden = fixture("crime_and_punishment")
+    lm = ReformerCausalLM.from_transformers(folder, rotations=golden["rotations"])
+    lm.compile(sampler="greedy")
+    prompt = golden["token_ids"][:1, :13].astype("int32")
+    width = 20
+    ids = np.pad(prompt, [[0, 0], [0, width - 13]])
+    mask = (np.arange(width) < 13)[None].astype("int32")
+    out = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+    row = list(prompt[0])
+    while len(row) < width:
+        x = np.array([row], "int32")
+        logits = np.asarray(lm({"token_ids": x, "padding_mask": np.ones_like(x)}))
+        row.append(int(logits[0, -1].argmax()))
+    np.testing.assert_array_equal(out["token_ids"][0], row)
+
+
+def test_fine_tunes_saves_and_exports(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from keras_reformer.export import export_saved_model
+
+    folder, golden = fixture("enwik8")
+    lm = ReformerCausalLM.from_transformers(folder, rotations=golden["rotations"])
+    ids = golden["token_ids"].astype("int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
+    y = ids[:, 1:]
+    lm.compile(optimizer=keras.optimizers.Adam(1e-3),
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    first = lm.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    lm.fit(x, y, epochs=8, verbose=0)
+    assert lm.evaluate(x, y, verbose=0, return_dict=True)["loss"] < first - 0.1
+    lm.save(tmp_path / "lm.keras")
+    loaded = keras.saving.load_model(tmp_path / "lm.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), lm.predict(x, verbose=0),
+                               atol=1e-5)
+    path = export_saved_model(lm, tmp_path / "export")
+    served = tf.saved_model.load(path).signatures["with_padding_mask"]
+    got = served(token_ids=tf.constant(x["token_ids"]),
+                 padding_mask=tf.constant(x["padding_mask"]))["logits"]
+    np.testing.assert_allclose(got, lm.predict(x, verbose=0), atol=1e-4)
+    with pytest.raises(ValueError, match="logits signatures only"):
+        export_saved_model(lm, tmp_path / "export", version=2, sampler="greedy")
