@@ -243,6 +243,7 @@ def test_help():
         assert "usage:" in help_text and "--smoke" in help_text, script
 
 
+@pytest.mark.slow  # ~40 s; the import, generation and presets are tests/convert's
 def test_import_transformers_smoke_saves_a_preset_that_loads(tmp_path):
     preset = os.fspath(tmp_path / "preset")
     out = run("import_transformers.py", "--smoke", "--preset", preset).stdout

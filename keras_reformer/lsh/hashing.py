@@ -64,6 +64,30 @@ def _hash(vectors, rotations):
     return buckets
 
 
+def hash_per_head(vectors, rotations, factors):
+    """Angular LSH with one rotation per head, as the reference
+    implementation hashes (`LSHAttention(reference_rules=True)`).
+
+    Args:
+        vectors: (B, H, L, D) float32.
+        rotations: (H, D, R, sum(factors) / 2) float32, the factors' columns
+            side by side.
+        factors: tuple of even bucket counts.
+
+    Returns:
+        (B, H, R, L) int32 bucket ids in [0, prod(factors)), the first
+        factor varying fastest (as in `hash_vectors`).
+    """
+    buckets, stride, start = None, 1, 0
+    for n in factors:
+        part = rotations[..., start:start + n // 2]
+        start += n // 2
+        index = _half_argmax(tf.einsum("bhld,hdrk->bhrlk", vectors, part))
+        buckets = index if buckets is None else buckets + stride * index
+        stride *= n
+    return buckets
+
+
 def _half_argmax(projected):
     """`argmax(concat([projected, -projected], -1))` without the (2x wider)
     concatenation: the largest entry of `projected` if it is at least the

@@ -1,5 +1,6 @@
 """LSHAttention: shared-QK LSH self-attention, a drop-in for self-attention MHA."""
 
+import math
 import string
 
 import keras
@@ -600,13 +601,27 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         )
         if self.value_shift:
             v = value_shift.shifted_values(v, valid)
-        if self.reference_rules:
+        if not self.reference_rules:
+            out = self._own_attend(qk, v, valid, length, causal, query_key_mask,
+                                   causal_rows, num_hashes, training)
+        else:
             out = self._reference_attend(qk, v, valid, length, causal, training)
-            out = folded.unfold(self.attend_output(out, gate))
-            if query_mask is not None:
-                set_keras_mask(out, query_mask)
-            return out
+        out = folded.unfold(self.attend_output(out, gate))
+        if query_mask is not None:
+            set_keras_mask(out, query_mask)
+        return out
 
+    def _dropout(self, training):
+        """(rate, seed) of the attention dropout: (0, None) in inference. A
+        stateless mask from a seed of the layer's generator: the same seed
+        state (e.g. replayed by a reversible stack) gives the same mask."""
+        if self.dropout > 0 and training:
+            return self.dropout, tf.cast(self.seed_generator.next(), tf.int32)
+        return 0.0, None
+
+    def _own_attend(self, qk, v, valid, length, causal, query_key_mask, causal_rows,
+                    num_hashes, training):
+        """The library's rules: (B, H, L, .) projections -> (B, H, L, E)."""
         # Padded to whole chunks.
         c = self.bucket_size
         padded_length = -(-length // c) * c
@@ -621,12 +636,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         if query_key_mask is not None:
             query_key_mask = tf.pad(query_key_mask, [[0, 0], [0, 0], [0, pad], [0, pad]])
 
-        rate, dropout_seed = 0.0, None
-        if self.dropout > 0 and training:
-            # A stateless mask from a seed of the layer's generator: the same
-            # seed state (e.g. replayed by a reversible stack) gives the same mask.
-            rate = self.dropout
-            dropout_seed = tf.cast(self.seed_generator.next(), tf.int32)
+        rate, dropout_seed = self._dropout(training)
         settings = chunk_attention.ChunkSettings(
             bucket_size=c,
             chunks_before=self.num_chunks_before,
@@ -663,10 +673,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
                 out = dense() if covers else hashed()
             else:
                 out = tf.cond(covers, dense, hashed)  # length known only at run time
-        out = folded.unfold(self.attend_output(out[:, :, :length] if padded else out, gate))
-        if query_mask is not None:
-            set_keras_mask(out, query_mask)
-        return out
+        return out[:, :, :length] if padded else out
 
     def _reference_attend(self, qk, v, valid, length, causal, training):
         """`reference_rules.attend` on the input padded to `pad_multiple`
@@ -677,17 +684,17 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         qk, v = (tf.pad(t, [[0, 0], [0, 0], [0, pad], [0, 0]]) for t in (qk, v))
         valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
         padded_length = length + pad
-        rate, seed = 0.0, None
-        if self.dropout > 0 and training:
-            rate, seed = self.dropout, tf.cast(self.seed_generator.next(), tf.int32)
+        rate, seed = self._dropout(training)
 
         def dense():
             return reference_rules.dense(qk, v, valid, causal, rate, seed)
 
         def hashed():
+            factors = self._factors()
+            buckets = hashing.hash_per_head(qk, tf.convert_to_tensor(self.rotations), factors)
             return reference_rules.attend(
-                qk, v, valid, tf.convert_to_tensor(self.rotations), self._factors(),
-                c, self.num_chunks_before, self.num_chunks_after, causal, rate, seed,
+                qk, v, valid, buckets, math.prod(factors), c, self.num_chunks_before,
+                self.num_chunks_after, causal, rate, seed,
             )
 
         if isinstance(padded_length, int):

@@ -27,7 +27,7 @@ length), D key width, E value width.
 
 import tensorflow as tf
 
-from keras_reformer.lsh import hashing, scores
+from keras_reformer.lsh import scores
 from keras_reformer.ops.dropout import dropout as stateless_dropout
 
 KEY_EPSILON = 1e-6
@@ -38,19 +38,6 @@ def reference_keys(qk):
     width = tf.cast(tf.shape(qk)[-1], qk.dtype)
     return qk * tf.math.rsqrt(tf.reduce_mean(tf.square(qk), -1, keepdims=True)
                               + KEY_EPSILON) * tf.math.rsqrt(width)
-
-
-def hash_per_head(qk, rotations, factors):
-    """(B, H, L, D) and per-head rotations (H, D, R, sum(factors) / 2) ->
-    (B, H, R, L) bucket ids in [0, prod(factors)), first factor fastest."""
-    buckets, stride, start = None, 1, 0
-    for n in factors:
-        part = rotations[..., start:start + n // 2]
-        start += n // 2
-        index = hashing._half_argmax(tf.einsum("bhld,hdrk->bhrlk", qk, part))
-        buckets = index if buckets is None else buckets + stride * index
-        stride *= n
-    return buckets
 
 
 def _masked_scores(dots, query_pos, key_pos, key_valid, causal):
@@ -79,7 +66,7 @@ def dense(qk, v, valid, causal, dropout_rate=0.0, dropout_seed=None):
     return tf.einsum("bhqk,bhke->bhqe", probabilities, v)
 
 
-def attend(qk, v, valid, rotations, factors, chunk, before, after, causal,
+def attend(qk, v, valid, buckets, total, chunk, before, after, causal,
            dropout_rate=0.0, dropout_seed=None):
     """LSH attention by the reference's rules.
 
@@ -88,8 +75,9 @@ def attend(qk, v, valid, rotations, factors, chunk, before, after, causal,
             `chunk`.
         v: (B, H, L, E) float32 values.
         valid: (B, L) bool, False on padding.
-        rotations: (H, D, R, sum(factors) / 2) float32.
-        factors: tuple of even bucket counts (one, or two for factorized).
+        buckets: (B, H, R, L) int32 bucket ids in [0, total), from
+            `hashing.hash_per_head` with the layer's per-head rotations.
+        total: the number of buckets.
         chunk, before, after: chunk length and window in chunks.
         causal: python bool.
         dropout_rate, dropout_seed: dropout on the attention probabilities
@@ -100,11 +88,7 @@ def attend(qk, v, valid, rotations, factors, chunk, before, after, causal,
     """
     shape = tf.shape(qk)
     batch, heads, length = shape[0], shape[1], shape[2]
-    rounds = rotations.shape[2]
-    total = 1
-    for n in factors:
-        total *= n
-    buckets = hash_per_head(qk, rotations, factors)  # (B, H, R, L)
+    rounds = buckets.shape[2]
     buckets = tf.where(valid[:, None, None, :], buckets, total)  # padding: last
     # One sort over all rounds: by round, then bucket, then position.
     positions = tf.range(length)

@@ -136,22 +136,40 @@ def test_generate_runs_full_passes_over_the_prefix():
     np.testing.assert_array_equal(out["token_ids"][0], row)
 
 
-def test_fine_tunes_saves_and_exports(tmp_path):
+def fine_tuned(jit_compile):
     import keras
-    import tensorflow as tf
-
-    from keras_reformer.export import export_saved_model
 
     folder, golden = fixture("enwik8")
     lm = ReformerCausalLM.from_transformers(folder, rotations=golden["rotations"])
     ids = golden["token_ids"].astype("int32")
     x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
     y = ids[:, 1:]
-    lm.compile(optimizer=keras.optimizers.Adam(1e-3),
+    lm.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile,
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     first = lm.evaluate(x, y, verbose=0, return_dict=True)["loss"]
-    lm.fit(x, y, epochs=8, verbose=0)
+    lm.fit(x, y, epochs=6, verbose=0)
     assert lm.evaluate(x, y, verbose=0, return_dict=True)["loss"] < first - 0.1
+    return lm, x
+
+
+def test_fine_tunes_and_saves_as_a_preset(tmp_path):
+    import keras_hub
+
+    lm, x = fine_tuned(jit_compile=False)
+    lm.save_to_preset(tmp_path / "preset")
+    loaded = keras_hub.models.CausalLM.from_preset(str(tmp_path / "preset"))
+    assert loaded.backbone.reference_rules
+    np.testing.assert_allclose(loaded(x), lm(x), atol=1e-5)
+
+
+@pytest.mark.slow  # ~60 s; test_fine_tunes_and_saves_as_a_preset trains in graph mode
+def test_fine_tunes_with_xla_saves_and_exports(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from keras_reformer.export import export_saved_model
+
+    lm, x = fine_tuned(jit_compile=True)
     lm.save(tmp_path / "lm.keras")
     loaded = keras.saving.load_model(tmp_path / "lm.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), lm.predict(x, verbose=0),
