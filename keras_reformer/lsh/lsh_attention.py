@@ -676,7 +676,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         return out[:, :, :length] if padded else out
 
     def _reference_attend(self, qk, v, valid, length, causal, training):
-        """`reference_rules.attend` on the input padded to `pad_multiple`
+        """`reference_rules.attend_hashed` on the input padded to `pad_multiple`
         (dense for a padded length of at most one chunk)."""
         c = self.bucket_size
         multiple = self.pad_multiple or c
@@ -686,16 +686,16 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         padded_length = length + pad
         rate, seed = self._dropout(training)
 
-        def dense():
-            return reference_rules.dense(qk, v, valid, causal, rate, seed)
-
         def hashed():
             factors = self._factors()
             buckets = hashing.hash_per_head(qk, tf.convert_to_tensor(self.rotations), factors)
-            return reference_rules.attend(
+            return reference_rules.attend_hashed(
                 qk, v, valid, buckets, math.prod(factors), c, self.num_chunks_before,
                 self.num_chunks_after, causal, rate, seed,
             )
+
+        def dense():
+            return reference_rules.attend_dense(qk, v, valid, causal, rate, seed)
 
         if isinstance(padded_length, int):
             out = dense() if padded_length <= c else hashed()

@@ -19,7 +19,7 @@ Where it differs from the library's own rules (`chunk_attention`):
 - A sequence of at most one chunk is attended densely (no hashing).
 - Padding positions hash to an extra last bucket of their round.
 - The rounds are weighted by `exp(lse - logsumexp(lse))` as the reference
-  computes it, without renormalizing (see `attend`).
+  computes it, without renormalizing (see `attend_hashed`).
 
 Shapes: B batch, H heads, R rounds, L length (a multiple of the chunk
 length), D key width, E value width.
@@ -54,7 +54,7 @@ def _dropped(probabilities, rate, seed):
     return probabilities if not rate else stateless_dropout(probabilities, rate, seed)
 
 
-def dense(qk, v, valid, causal, dropout_rate=0.0, dropout_seed=None):
+def attend_dense(qk, v, valid, causal, dropout_rate=0.0, dropout_seed=None):
     """A sequence of at most one chunk: every key, the same masks."""
     keys = reference_keys(qk)
     dots = tf.einsum("bhqd,bhkd->bhqk", qk, keys)
@@ -66,7 +66,7 @@ def dense(qk, v, valid, causal, dropout_rate=0.0, dropout_seed=None):
     return tf.einsum("bhqk,bhke->bhqe", probabilities, v)
 
 
-def attend(qk, v, valid, buckets, total, chunk, before, after, causal,
+def attend_hashed(qk, v, valid, buckets, total, chunk, before, after, causal,
            dropout_rate=0.0, dropout_seed=None):
     """LSH attention by the reference's rules.
 
