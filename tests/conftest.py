@@ -42,3 +42,34 @@ def pytest_xdist_auto_num_workers(config):
     process per core; each process holds its own TensorFlow runtime (about
     1-2 GB by the end of a run), so not more than that."""
     return max(1, min((os.cpu_count() or 1) + 1, 4))
+
+
+# Modules whose tests take tens of seconds each (their own processes, XLA
+# training steps, exports). Under pytest-xdist each worker starts with an
+# equal contiguous share of the collected tests and takes work from the
+# others when it runs out; long tests collected last end the run with one
+# busy worker and idle ones. So the long tests are dealt out first, one
+# share of them at the head of each worker's share.
+LONG_MODULES = (
+    "test_examples.py", "test_multiworker.py", "test_serve_load.py", "test_export.py",
+    "test_distribute.py", "test_quantization.py", "test_calibrated_quantization.py",
+    "test_drop_in.py", "test_resume.py", "test_bad_ids.py", "test_reversible_sequence.py",
+    "test_stacked_weights.py", "test_transformers_reformer.py", "test_fused_ffn_backward.py",
+)
+
+
+def _deal_long_tests_first(items, workers):
+    long = [i for i in items if i.path.name in LONG_MODULES]
+    short = [i for i in items if i.path.name not in LONG_MODULES]
+    ordered = []
+    for k in range(workers):
+        ordered += long[k::workers]
+        ordered += short[k * len(short) // workers:(k + 1) * len(short) // workers]
+    return ordered
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected the slow tests
+def pytest_collection_modifyitems(config, items):
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers and workers > 1:
+        items[:] = _deal_long_tests_first(items, workers)
