@@ -177,6 +177,7 @@ def test_train_lm_mirrored_on_two_logical_cpus(tmp_path):
     assert "XLA per replica" in out and result["xla"] == "per replica"
 
 
+@pytest.mark.slow  # ~25 s; LSHAttention in users' own models: tests/test_drop_in.py
 def test_mix_into_keras_smoke(tmp_path):
     out = run("mix_into_keras.py", "--smoke", "--out", os.fspath(tmp_path)).stdout
     for name in ("multi_head_attention", "lsh_attention", "reversible"):
@@ -195,7 +196,7 @@ def test_export_and_serve_smoke(tmp_path):
     assert "saved_model_cli run" in out and "--signature_def generate_text" in out
 
 
-@pytest.mark.slow  # ~20 s; the duplication task model is checked by test_duplication_reach_smoke
+@pytest.mark.slow  # ~20 s; the duplication examples run under -m slow (their doc tables are checked against the CSVs)
 def test_duplication_task_smoke(tmp_path):
     out = run("duplication_task.py", "--smoke", "--logdir", os.fspath(tmp_path),
               "--csv", os.fspath(tmp_path / "table.csv")).stdout
@@ -261,6 +262,7 @@ def test_import_transformers_smoke_saves_a_preset_that_loads(tmp_path):
     np.testing.assert_allclose(lm(x), fresh(x), atol=1e-5)
 
 
+@pytest.mark.slow  # ~20 s; its figures in the docs are checked against their CSV
 def test_duplication_reach_smoke(tmp_path):
     out = run("duplication_reach.py", "--smoke", "--csv", os.fspath(tmp_path / "r.csv")).stdout
     with open(tmp_path / "r.csv") as f:

@@ -1,7 +1,7 @@
 """benchmarks/serve_load.py: the example's SavedModel under concurrent load,
 served by a process that has TensorFlow and nothing of this package.
 
-The default test runs `--smoke` (the example's smoke model, 3 clients, 100
+A quick test (also `-m slow`) runs `--smoke` (the example's smoke model, 3 clients, 100
 requests of which 10 malformed): every answer equals the sequential one and
 every malformed request (wrong dtype, wrong rank, a length above the
 maximum, an empty batch) is an InvalidArgumentError, with the requests after
@@ -28,6 +28,7 @@ def load_run(serve_load, *argv):
     return serve_load.run(serve_load.parse(argv), argv)
 
 
+@pytest.mark.slow  # ~20 s; served signatures and bad requests: tests/test_export.py
 def test_smoke_load_is_exact_and_rejects_malformed_requests(serve_load):
     record = load_run(serve_load, "--smoke")
     assert record["requests"] == 100 and record["clients"] == 3
