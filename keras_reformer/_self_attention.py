@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_reformer import _checks
+
 
 class SelfAttentionCall:
     """Mixin for a Keras self-attention layer called like `MultiHeadAttention`
@@ -36,6 +38,15 @@ class SelfAttentionCall:
                 "so `return_attention_scores=True` is not supported."
             )
         return super().__call__(*args[:1], **kwargs)
+
+    @staticmethod
+    def _checked_heads(num_heads, key_dim, value_dim):
+        """(num_heads, key_dim, value_dim) checked as MultiHeadAttention
+        checks them; `value_dim` None means `key_dim`."""
+        num_heads = _checks.keras_positive_int("num_heads", num_heads)
+        key_dim = _checks.keras_positive_int("key_dim", key_dim)
+        value_dim = _checks.keras_positive_int("value_dim", value_dim, allow_none=True)
+        return num_heads, key_dim, key_dim if value_dim is None else value_dim
 
     def compute_mask(self, inputs, previous_mask=None):
         return previous_mask

@@ -252,13 +252,10 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         pad_multiple=None,
         **kwargs,
     ):
-        num_heads = _checks.keras_positive_int("num_heads", num_heads)
-        key_dim = _checks.keras_positive_int("key_dim", key_dim)
-        value_dim = _checks.keras_positive_int("value_dim", value_dim, allow_none=True)
+        heads = self._checked_heads(num_heads, key_dim, value_dim)
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self.supports_masking = True
-        self.num_heads, self.key_dim = num_heads, key_dim
-        self.value_dim = self.key_dim if value_dim is None else value_dim
+        self.num_heads, self.key_dim, self.value_dim = heads
         self.dropout = _checks.rate("dropout", dropout)
         self.use_bias = bool(use_bias)
         self.use_gate = bool(use_gate)
