@@ -19,8 +19,17 @@ def padded(ids, extra):
     return np.concatenate([ids, np.zeros((ids.shape[0], extra), "int32")], axis=1)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("num_hashes", [1, 2, 4])
+# Each round count once in the default run, causal and not alternating; the
+# other three pairs under -m slow (layer-level padding invariance is also a
+# property test, tests/lsh/test_properties.py).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("num_hashes, causal", [
+    (1, True), (2, False), (4, True),
+    pytest.param(1, False, marks=SLOW), pytest.param(2, True, marks=SLOW),
+    pytest.param(4, False, marks=SLOW),
+])
 def test_reformer_model_padding_invariance(causal, num_hashes):
     model = ReformerBackbone(vocabulary_size=40, num_layers=1, hidden_dim=16, num_heads=2,
                              intermediate_dim=32, feedforward_chunk_size=8, bucket_size=8,
