@@ -1,6 +1,7 @@
 """The call convention of the library's self-attention layers."""
 
 import keras
+import tensorflow as tf
 
 from keras_reformer import _checks
 
@@ -47,6 +48,15 @@ class SelfAttentionCall:
         key_dim = _checks.keras_positive_int("key_dim", key_dim)
         value_dim = _checks.keras_positive_int("value_dim", value_dim, allow_none=True)
         return num_heads, key_dim, key_dim if value_dim is None else value_dim
+
+    def _dropout(self, training):
+        """(rate, seed) of the layer's attention dropout (`self.dropout`):
+        (0, None) in inference. A stateless mask from a seed of the layer's
+        generator: the same seed state (e.g. replayed by a reversible stack)
+        gives the same mask."""
+        if self.dropout > 0 and training:
+            return self.dropout, tf.cast(self.seed_generator.next(), tf.int32)
+        return 0.0, None
 
     def compute_mask(self, inputs, previous_mask=None):
         return previous_mask

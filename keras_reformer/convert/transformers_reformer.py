@@ -134,6 +134,9 @@ def load_weights(lm, tensors):
         if bias:
             _assign(dense.bias, t.take(name + ".bias"), name + ".bias")
 
+    def split(weight):
+        return _heads_in(weight, heads)
+
     embeddings = "reformer.embeddings."
     _assign(backbone.token_embedding.embeddings,
             t.take(embeddings + "word_embeddings.weight"), "word_embeddings")
@@ -146,7 +149,6 @@ def load_weights(lm, tensors):
         layer = f"reformer.encoder.layers.{i}."
         norm(f.norm, layer + "attention.layer_norm")
         attention = layer + "attention.self_attention."
-        split = lambda w: _heads_in(w, heads)  # noqa: E731
         if f.attention_type == "lsh":
             linear(f.attention.qk_dense, attention + "query_key", False, split)
         else:

@@ -16,17 +16,8 @@ from keras_reformer._seeds import SeedStatesInWeights, resolve_seed
 from keras_reformer._self_attention import SelfAttentionCall
 from keras_reformer.local import decoding, windows
 from keras_reformer.lsh import masks, scores
+from keras_reformer.lsh.lsh_attention import Folded
 from keras_reformer.ops.dropout import dropout as stateless_dropout
-
-
-class _Unfolded:
-    """`masks.broadcast_query_key_mask` works on an input folded by
-    attention axes; a rank-3 input is already (batch, length)."""
-
-    def __init__(self, batch, length):
-        self.free, self.attention = (0,), (1,)
-        self.free_sizes, self.attention_sizes = [batch], [length]
-        self.batch, self.length = batch, length
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -279,8 +270,9 @@ class LocalAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer)
 
         query_key_mask = None
         if attention_mask is not None:
+            # A rank-3 input is already (batch, length): the identity fold.
             query_key_mask = masks.broadcast_query_key_mask(
-                attention_mask, _Unfolded(batch, length), self.num_heads
+                attention_mask, Folded(x, ((0,), (1,))), self.num_heads
             )
         valid, _ = masks.valid_keys(
             (query_mask, value_mask, key_mask), query_key_mask, batch, length, causal
@@ -306,11 +298,9 @@ class LocalAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer)
         logits = tf.einsum("bhncd,bhnwd->bhncw", windows.to_chunks(q, c), keys)
         logits = tf.where(allowed, logits, scores.MASK_VALUE)
         weights = tf.nn.softmax(logits, axis=-1)
-        if training and self.dropout > 0:
-            # Stateless from the layer's generator: a replayed seed state
-            # (a reversible stack's recomputation) drops the same entries.
-            seed = tf.cast(self.seed_generator.next(), tf.int32)
-            weights = stateless_dropout(weights, self.dropout, seed)
+        rate, seed = self._dropout(training)
+        if rate:
+            weights = stateless_dropout(weights, rate, seed)
         # No allowed key, no output (the softmax of masked logits is uniform).
         weights = weights * tf.cast(tf.reduce_any(allowed, -1, keepdims=True), weights.dtype)
         out = windows.from_chunks(tf.einsum("bhncw,bhnwe->bhnce", weights, values))

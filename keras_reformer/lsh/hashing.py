@@ -46,7 +46,9 @@ def hash_vectors(vectors, rotations):
         return _hash(vectors, rotations)
 
 
-def _hash(vectors, rotations):
+def _hash(vectors, rotations, equation="bhld,drk->bhlrk"):
+    """The factors' bucket ids combined, first factor fastest; `equation`
+    projects (B, H, L, D) vectors by one factor's rotation to (B, H, L, R, n/2)."""
     buckets = None
     stride = None
     for rotation in rotations:
@@ -54,7 +56,7 @@ def _hash(vectors, rotations):
             # One factor's projection at a time: the next waits for this one.
             with tf.control_dependencies([buckets]):
                 vectors = tf.identity(vectors)
-        index = _half_argmax(tf.einsum("bhld,drk->bhlrk", vectors, rotation))
+        index = _half_argmax(tf.einsum(equation, vectors, rotation))
         index = tf.transpose(index, [0, 1, 3, 2])  # (B, H, R, L)
         size = 2 * tf.shape(rotation)[-1]
         if buckets is None:
@@ -78,14 +80,11 @@ def hash_per_head(vectors, rotations, factors):
         (B, H, R, L) int32 bucket ids in [0, prod(factors)), the first
         factor varying fastest (as in `hash_vectors`).
     """
-    buckets, stride, start = None, 1, 0
-    for n in factors:
-        part = rotations[..., start:start + n // 2]
-        start += n // 2
-        index = _half_argmax(tf.einsum("bhld,hdrk->bhrlk", vectors, part))
-        buckets = index if buckets is None else buckets + stride * index
-        stride *= n
-    return buckets
+    # The factors' columns side by side: one rotation per factor, per head.
+    starts = [sum(factors[:i]) // 2 for i in range(len(factors) + 1)]
+    parts = [rotations[..., a:b] for a, b in zip(starts, starts[1:])]
+    with tf.name_scope("lsh_hash"):
+        return _hash(vectors, parts, "bhld,hdrk->bhlrk")
 
 
 def _half_argmax(projected):

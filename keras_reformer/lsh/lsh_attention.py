@@ -608,14 +608,6 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
             set_keras_mask(out, query_mask)
         return out
 
-    def _dropout(self, training):
-        """(rate, seed) of the attention dropout: (0, None) in inference. A
-        stateless mask from a seed of the layer's generator: the same seed
-        state (e.g. replayed by a reversible stack) gives the same mask."""
-        if self.dropout > 0 and training:
-            return self.dropout, tf.cast(self.seed_generator.next(), tf.int32)
-        return 0.0, None
-
     def _own_attend(self, qk, v, valid, length, causal, query_key_mask, causal_rows,
                     num_hashes, training):
         """The library's rules: (B, H, L, .) projections -> (B, H, L, E)."""

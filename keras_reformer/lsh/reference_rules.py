@@ -27,7 +27,7 @@ length), D key width, E value width.
 
 import tensorflow as tf
 
-from keras_reformer.lsh import scores
+from keras_reformer.lsh import scores, sorting
 from keras_reformer.ops.dropout import dropout as stateless_dropout
 
 KEY_EPSILON = 1e-6
@@ -67,7 +67,7 @@ def attend_dense(qk, v, valid, causal, dropout_rate=0.0, dropout_seed=None):
 
 
 def attend_hashed(qk, v, valid, buckets, total, chunk, before, after, causal,
-           dropout_rate=0.0, dropout_seed=None):
+                  dropout_rate=0.0, dropout_seed=None):
     """LSH attention by the reference's rules.
 
     Args:
@@ -89,15 +89,11 @@ def attend_hashed(qk, v, valid, buckets, total, chunk, before, after, causal,
     shape = tf.shape(qk)
     batch, heads, length = shape[0], shape[1], shape[2]
     rounds = buckets.shape[2]
-    buckets = tf.where(valid[:, None, None, :], buckets, total)  # padding: last
-    # One sort over all rounds: by round, then bucket, then position.
-    positions = tf.range(length)
-    round_base = tf.range(rounds)[:, None] * (total + 1)
-    sort_key = (tf.cast(buckets + round_base, tf.int64) * tf.cast(length, tf.int64)
-                + tf.cast(positions, tf.int64))
-    sort_key = tf.reshape(sort_key, [batch, heads, rounds * length])
-    order = tf.argsort(sort_key, axis=-1, stable=True)  # into the R * L slots
-    sorted_pos = order % length  # (B, H, R*L)
+    # The rounds laid end to end, each sorted by (bucket, position) with
+    # padding in a last bucket of its own: one sort by (round, bucket,
+    # position), as the reference sorts, with its inverse alongside.
+    sorted_order = sorting.sort_order(buckets, valid, total)
+    sorted_pos = tf.reshape(sorted_order.order, [batch, heads, rounds * length])
 
     keys = reference_keys(qk)
 
@@ -128,13 +124,10 @@ def attend_hashed(qk, v, valid, buckets, total, chunk, before, after, causal,
     out = tf.einsum("bhncw,bhnwe->bhnce", probabilities, values)
     # Back from sorted slots to (round, position), then the rounds combined
     # by their share of the softmax mass.
-    undo = tf.argsort(order, axis=-1, stable=True)
-    out = tf.gather(tf.reshape(out, [batch, heads, rounds * length, -1]), undo,
-                    axis=2, batch_dims=2)
-    lse = tf.gather(tf.reshape(lse, [batch, heads, rounds * length]), undo,
-                    axis=2, batch_dims=2)
-    out = tf.reshape(out, [batch, heads, rounds, length, tf.shape(v)[-1]])
-    lse = tf.reshape(lse, [batch, heads, rounds, length])
+    out = tf.gather(tf.reshape(out, [batch, heads, rounds, length, tf.shape(v)[-1]]),
+                    sorted_order.inverse, axis=3, batch_dims=3)
+    lse = tf.gather(tf.reshape(lse, [batch, heads, rounds, length]),
+                    sorted_order.inverse, axis=3, batch_dims=3)
     # The reference's combination, rounding included: near the self-mask
     # value (-1e5) float32 resolves the logsumexp to 1/128 only, so a query
     # that sees only itself gets its value scaled by up to about 1.004.
