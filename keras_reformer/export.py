@@ -161,6 +161,7 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
     # Keras model does not need.
     from keras_reformer.models.reformer_causal_lm import ReformerCausalLM
     from keras_reformer.models.reformer_causal_lm_export import add_generate_endpoints
+    from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
 
     lm = model if isinstance(model, ReformerCausalLM) else None
     if sampler is not None and lm is None:
@@ -172,6 +173,16 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
         raise ValueError(
             "`text_signature=True` with a ReformerCausalLM needs its "
             "preprocessor (strings to ids); this one has preprocessor=None."
+        )
+    if lm is not None and text_signature and not isinstance(
+        lm.preprocessor.tokenizer, ReformerTokenizer
+    ):
+        raise ValueError(
+            "`text_signature=True` tokenizes in the graph with core TensorFlow "
+            "ops, which only a `ReformerTokenizer` (bytes) does. Received a "
+            f"{type(lm.preprocessor.tokenizer).__name__}: export the id "
+            "signatures and tokenize before the request (TF Serving does not "
+            "link TF Text's SentencePiece op)."
         )
     width = tuple(getattr(model, "output_shape", None) or (None,))[-1]
     if lm is None and text_signature and width != byte_tokenizer.VOCABULARY_SIZE:
@@ -187,7 +198,16 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
         raise ValueError(f"{path} exists; pass overwrite=True or another `version`.")
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    if lm is not None and lm.preprocessor is not None and not isinstance(
+        lm.preprocessor.tokenizer, ReformerTokenizer
+    ):
+        # Tracking the task would save its tokenizer's resources (TF Text's
+        # SentencePiece op), which stock TensorFlow cannot load; the id
+        # signatures use the backbone and the head only.
+        archive.track(lm.backbone)
+        archive.track(lm.lm_head)
+    else:
+        archive.track(model)
     ids_spec = tf.TensorSpec([None, None], tf.int32, name="token_ids")
     mask_spec = tf.TensorSpec([None, None], tf.int32, name="padding_mask")
 

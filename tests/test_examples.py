@@ -248,12 +248,13 @@ def test_help():
 def test_import_transformers_smoke_saves_a_preset_that_loads(tmp_path):
     preset = os.fspath(tmp_path / "preset")
     out = run("import_transformers.py", "--smoke", "--preset", preset).stdout
-    assert "local, local, lsh" in out and "generated ids (greedy)" in out
+    assert "local, local, lsh" in out and "generated (greedy): 'The Reformer " in out
     import keras_hub
 
     from keras_reformer.models import ReformerCausalLM  # noqa: F401  (registers)
     lm = keras_hub.models.CausalLM.from_preset(preset)
     assert lm.backbone.reference_rules and lm.backbone.attention_types[2] == "lsh"
+    assert lm.preprocessor.tokenizer.byte_offset == 2
     # The preset holds the imported weights and the fixed rotations.
     fresh = ReformerCausalLM.from_transformers(
         os.path.join(ROOT, "tests", "fixtures", "hf_reformer_enwik8"))

@@ -14,6 +14,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras_hub.samplers import TopKSampler
 
 from keras_reformer.export import export_saved_model
@@ -406,3 +407,27 @@ def test_generate_export_arguments(tmp_path):
     with pytest.raises(ValueError, match="Unknown sampler name"):
         export_saved_model(lm, os.fspath(tmp_path), sampler="no_such_sampler")
     assert not os.path.exists(os.path.join(tmp_path, "1"))
+
+
+@pytest.mark.parametrize("byte_offset", [0, 2])
+def test_text_packing_in_the_graph_equals_the_preprocessor(byte_offset):
+    # What the text signatures run (core ops) against the preprocessor's
+    # own generate_preprocess / generate_postprocess, for both byte layouts.
+    from keras_reformer.models import ReformerTokenizer
+    from keras_reformer.models.reformer_causal_lm_export import _pack_text, _unpack_text
+
+    pre = ReformerCausalLMPreprocessor(ReformerTokenizer(byte_offset=byte_offset),
+                                       sequence_length=12,
+                                       add_start_token=byte_offset == 0)
+    lm = ReformerCausalLM(ReformerBackbone(**LM_CONFIG), pre)
+    texts = ["héllo", "ab"]
+    ids, mask = tf.function(lambda t: _pack_text(lm, t, 12))(tf.constant(texts))
+    want = pre.generate_preprocess(texts, sequence_length=12)
+    width = ids.shape[1]
+    np.testing.assert_array_equal(ids, np.asarray(want["token_ids"])[:, :width])
+    np.testing.assert_array_equal(mask, np.asarray(want["padding_mask"])[:, :width])
+    end = pre.end_token_id
+    out = {"token_ids": tf.concat([ids, tf.fill([2, 1], end)], 1),
+           "padding_mask": tf.concat([mask, tf.ones([2, 1], mask.dtype)], 1)}
+    got = tf.function(lambda o: _unpack_text(lm, o))(out).numpy().tolist()
+    assert [g.decode() for g in got] == texts == pre.generate_postprocess(out)

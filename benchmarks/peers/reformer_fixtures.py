@@ -9,6 +9,13 @@ and for a right-padded one, and the hash rotations every LSH layer used
 (HF reseeds torch with `hash_seed` before each draw, so all LSH layers of a
 model use the same rotations).
 
+It also writes what the checkpoints' tokenizers make of a few texts
+(`golden_tokens.json`): for enwik8 the model card's rule (UTF-8 bytes + 2);
+for crime-and-punishment a small BPE SentencePiece model with its 320
+pieces, trained here on Python's standard library and saved as
+`spiece.model` (the checkpoint's file name), run through HF's
+`ReformerTokenizer`.
+
 Runs in the peer venv, never in the library's:
 
     bash benchmarks/peers/setup.sh
@@ -19,8 +26,11 @@ The tests read them with NumPy only; no test needs torch.
 """
 
 import argparse
+import glob
+import io
 import json
 import os
+import sysconfig
 
 import numpy as np
 
@@ -95,6 +105,50 @@ def run(model, ids, mask):
     return out.logits.numpy(), np.stack([h.numpy() for h in out.hidden_states], 1)
 
 
+TEXTS = [
+    "A few months later, Raskolnikov  walked\tout.",
+    "def f(x):\n    return x ** 2",
+    "h\u00e9llo w\u00f6rld \u2211 \u65e5\u672c",
+    "",
+]
+
+
+def train_sentence_piece(vocab_size):
+    """A BPE SentencePiece model (bytes) with `vocab_size` pieces: <pad> 0,
+    </s> 1, <unk> 2, as the reference's tokenizer names them."""
+    import sentencepiece
+
+    root = sysconfig.get_paths()["stdlib"]
+    lines = []
+    for path in sorted(glob.glob(os.path.join(root, "*.py")))[:20]:
+        with open(path, encoding="utf-8") as f:
+            lines += [line.strip() for line in f if line.strip()]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, minloglevel=2, num_threads=1,
+    )
+    return model.getvalue()
+
+
+def token_fixture(layout, folder, vocab_size):
+    if layout == "enwik8":
+        # google/reformer-enwik8's model card: ids are UTF-8 bytes + 2.
+        ids = [[b + 2 for b in text.encode("utf-8")] for text in TEXTS]
+        decoded = TEXTS
+    else:
+        from transformers import ReformerTokenizer
+
+        with open(os.path.join(folder, "spiece.model"), "wb") as f:
+            f.write(train_sentence_piece(vocab_size))
+        tokenizer = ReformerTokenizer.from_pretrained(folder)
+        ids = [tokenizer(text)["input_ids"] for text in TEXTS]
+        decoded = [tokenizer.decode(row) for row in ids]
+    with open(os.path.join(folder, "golden_tokens.json"), "w") as f:
+        json.dump(dict(texts=TEXTS, token_ids=ids, decoded=decoded), f, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures"))
@@ -126,6 +180,7 @@ def main(argv=None):
                     "concatenated streams before each layer and after the last")
         with open(os.path.join(folder, "golden.json"), "w") as f:
             json.dump(info, f, indent=1)
+        token_fixture(layout, folder, model.config.vocab_size)
         print(folder, {k: v.shape for k, v in np.load(
             os.path.join(folder, "golden.npz")).items()})
 

@@ -30,6 +30,9 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
 "${pip[@]}" -c "$constraints" "transformers==$TRANSFORMERS_VERSION"
+# sentencepiece and protobuf: HF's ReformerTokenizer reads spiece.model with them
+# (reformer_fixtures.py trains one).
+"${pip[@]}" -c "$constraints" sentencepiece protobuf
 
 "$venv/bin/python" - <<'PY'
 import torch, transformers

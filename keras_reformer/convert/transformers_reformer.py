@@ -9,9 +9,11 @@ refused with the config field's name.
 """
 
 import math
+import os
 
 import numpy as np
 
+from keras_reformer import _checks
 from keras_reformer.convert import checkpoint_files
 
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu"}
@@ -169,18 +171,67 @@ def load_weights(lm, tensors):
     t.finish(ignorable=("lm_head.bias",))
 
 
-def from_transformers(cls, path, rotations=None, dtype=None):
+def from_transformers(cls, path, rotations=None, dtype=None, preprocessor="auto"):
     """See `ReformerCausalLM.from_transformers`."""
+    from keras_reformer.models.reformer_causal_lm_preprocessor import (
+        ReformerCausalLMPreprocessor,
+    )
+
+    if not (isinstance(preprocessor, str) and preprocessor == "auto"):
+        _checks.instance(
+            "preprocessor", preprocessor, ReformerCausalLMPreprocessor,
+            '"auto" (the checkpoint\'s tokenizer), None (the model takes ids) '
+            "or a ReformerCausalLMPreprocessor", allow_none=True,
+        )
     from keras_reformer.models.reformer_backbone import ReformerBackbone
 
     config = checkpoint_files.read_config(path)
     tensors = checkpoint_files.read_tensors(path)
     backbone = ReformerBackbone(**backbone_arguments(config), dtype=dtype)
-    lm = cls(backbone)
+    if isinstance(preprocessor, str):
+        preprocessor = checkpoint_preprocessor(path, config, backbone)
+    lm = cls(backbone, preprocessor=preprocessor)
     load_weights(lm, tensors)
     if rotations is not None:
         set_rotations(backbone, rotations)
     return lm
+
+
+# The byte layout of google/reformer-enwik8 (tensor2tensor's byte encoder).
+BYTE_VOCABULARY_SIZE = 258
+SENTENCE_PIECE_FILE = "spiece.model"
+
+
+def checkpoint_preprocessor(path, config, backbone):
+    """The checkpoint's tokenizer in a `ReformerCausalLMPreprocessor`, or
+    None: SentencePiece when the directory has `spiece.model`, else bytes + 2
+    for a vocabulary of 258, else None (the model takes ids). No start token
+    in either: the reference's tokenizers add none."""
+    from keras_reformer.models.reformer_causal_lm_preprocessor import (
+        ReformerCausalLMPreprocessor,
+    )
+    from keras_reformer.models.reformer_sentence_piece_tokenizer import (
+        ReformerSentencePieceTokenizer,
+    )
+    from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
+
+    spiece = os.path.join(path, SENTENCE_PIECE_FILE)
+    if os.path.isfile(spiece):
+        with open(spiece, "rb") as f:
+            tokenizer = ReformerSentencePieceTokenizer(proto=f.read())
+        if tokenizer.vocabulary_size() != config["vocab_size"]:
+            raise ValueError(
+                f"{spiece} has {tokenizer.vocabulary_size()} pieces; the model's "
+                f"config has vocab_size={config['vocab_size']}."
+            )
+    elif config["vocab_size"] == BYTE_VOCABULARY_SIZE:
+        tokenizer = ReformerTokenizer(byte_offset=2)
+    else:
+        return None
+    return ReformerCausalLMPreprocessor(
+        tokenizer, sequence_length=min(1024, backbone.max_sequence_length),
+        add_start_token=False,
+    )
 
 
 def set_rotations(backbone, rotations):

@@ -69,7 +69,9 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
             )
         _checks.instance("preprocessor", preprocessor, ReformerCausalLMPreprocessor,
                          "a ReformerCausalLMPreprocessor", allow_none=True)
-        if preprocessor is not None:
+        # A preset builds the preprocessor before loading a vocabulary file
+        # (SentencePiece): the size is checked when it is known.
+        if preprocessor is not None and _vocabulary_known(preprocessor.tokenizer):
             if preprocessor.vocabulary_size > backbone.vocabulary_size:
                 raise ValueError(
                     "The preprocessor emits ids up to "
@@ -309,7 +311,7 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
                                          self.backbone.vocabulary_size)
 
     @classmethod
-    def from_transformers(cls, path, rotations=None, dtype=None):
+    def from_transformers(cls, path, rotations=None, dtype=None, preprocessor="auto"):
         """A pretrained Reformer of HF transformers (`ReformerModelWithLMHead`),
         imported from a local checkpoint directory.
 
@@ -333,13 +335,24 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
                 `hash_seed` when set), so outputs are deterministic but not
                 the reference's numbers.
             dtype: the model's dtype policy (default: Keras' global one).
+            preprocessor: `"auto"` (the checkpoint's tokenizer, below), None
+                (no preprocessor: `fit`, `predict` and `generate` take token
+                ids) or a `ReformerCausalLMPreprocessor` of your own.
 
         Returns:
-            A `ReformerCausalLM` without a preprocessor (it takes token ids).
+            A `ReformerCausalLM`. With `preprocessor="auto"` it holds the
+            checkpoint's tokenizer: a `ReformerSentencePieceTokenizer` when the directory
+            has `spiece.model` (crime-and-punishment), a
+            `ReformerTokenizer(byte_offset=2)` (UTF-8 bytes + 2) for a
+            vocabulary of 258 without one (enwik8); neither adds a start
+            token, as the reference's do not. Other checkpoints get no
+            preprocessor and take token ids.
         """
         from keras_reformer.convert import transformers_reformer
 
-        return transformers_reformer.from_transformers(cls, path, rotations, dtype)
+        return transformers_reformer.from_transformers(
+            cls, path, rotations, dtype, preprocessor
+        )
 
     def set_num_hashes(self, num_hashes):
         """The backbone's `set_num_hashes` (hash rounds of every attention
@@ -378,3 +391,8 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         """The backbone's stages for the calibrated modes (see
         `ReformerBackbone.get_quantization_layer_structure`)."""
         return self.backbone.get_quantization_layer_structure(mode)
+
+
+def _vocabulary_known(tokenizer):
+    """False for a vocabulary-file tokenizer whose file is not loaded yet."""
+    return getattr(tokenizer, "proto", True) is not None

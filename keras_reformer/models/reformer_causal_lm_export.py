@@ -78,7 +78,7 @@ def _pack_text(lm, text, max_length):
     """Strings -> prompt ids as `generate_preprocess(text, max_length)` packs
     them (start token, bytes cut to fit), but only as wide as the longest."""
     pre = lm.preprocessor
-    ragged = byte_tokenizer.tokenize(checked_text(text))
+    ragged = byte_tokenizer.tokenize(checked_text(text)) + pre.tokenizer.byte_offset
     room = max_length - int(pre.add_start_token)
     ragged = ragged[:, : tf.maximum(room, 0)]
     if pre.add_start_token:
@@ -93,9 +93,10 @@ def _unpack_text(lm, out):
     pre = lm.preprocessor
     ids = out["token_ids"]
     keep = tf.cast(out["padding_mask"], tf.bool)
-    for special in (pre.start_token_id, pre.end_token_id):
+    for special in pre.tokenizer.special_token_ids:
         keep = keep & (ids != special)
-    return byte_tokenizer.detokenize(tf.ragged.boolean_mask(ids, keep))
+    ids = tf.ragged.boolean_mask(ids, keep) - pre.tokenizer.byte_offset
+    return byte_tokenizer.detokenize(ids)
 
 
 def _one_token_sampler(sampler):

@@ -48,11 +48,14 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
 
     Args:
         tokenizer: a `ReformerTokenizer` (or another keras-hub `Tokenizer`
-            with `start_token_id`, `end_token_id` and `pad_token_id`).
+            with `end_token_id`, `pad_token_id` and, when
+            `add_start_token`, `start_token_id`, such as the
+            `ReformerSentencePieceTokenizer` of an imported checkpoint).
             None makes a `ReformerTokenizer()`.
         sequence_length: int, the packed length of training examples and
             the default length of `generate_preprocess`.
-        add_start_token: bool, prepend the start token.
+        add_start_token: bool, prepend the start token (False for a
+            tokenizer without one, e.g. `ReformerTokenizer(byte_offset=2)`).
         add_end_token: bool, append the end token (in training examples).
 
     Example:
@@ -92,17 +95,29 @@ class ReformerCausalLMPreprocessor(CausalLMPreprocessor):
             "None or a keras-hub Tokenizer such as `ReformerTokenizer()` "
             "(`sequence_length` is the second argument)",
         )
-        for name in ("start_token_id", "end_token_id", "pad_token_id"):
-            if getattr(tokenizer, name, None) is None:
+        add_start_token = _checks.boolean("add_start_token", add_start_token)
+        add_end_token = _checks.boolean("add_end_token", add_end_token)
+        # The end token also stops generation; a start token is needed only
+        # when it is added.
+        needed = {"end_token_id": "", "pad_token_id": ""}
+        if add_start_token:
+            needed["start_token_id"] = (
+                " (or pass add_start_token=False: this tokenizer may have none)"
+            )
+        for name, hint in needed.items():
+            # A declared token whose id is unknown yet is fine: a preset
+            # builds the tokenizer first and loads its vocabulary after.
+            declared = getattr(tokenizer, name[: -len("_id")], None) is not None
+            if getattr(tokenizer, name, None) is None and not declared:
                 raise ValueError(
-                    f"`tokenizer` must define `{name}`. Received: "
+                    f"`tokenizer` must define `{name}`{hint}. Received: "
                     f"tokenizer={tokenizer!r} with {name}=None"
                 )
         super().__init__(
             tokenizer=tokenizer,
             sequence_length=_checks.positive_int("sequence_length", sequence_length),
-            add_start_token=_checks.boolean("add_start_token", add_start_token),
-            add_end_token=_checks.boolean("add_end_token", add_end_token),
+            add_start_token=add_start_token,
+            add_end_token=add_end_token,
             **kwargs,
         )
 

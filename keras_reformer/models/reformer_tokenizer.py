@@ -1,4 +1,4 @@
-"""ReformerTokenizer: UTF-8 bytes plus start and end tokens, on keras-hub's
+"""ReformerTokenizer: UTF-8 bytes plus special tokens, on keras-hub's
 `ByteTokenizer`."""
 
 import os
@@ -16,10 +16,21 @@ from keras_reformer.text import byte_tokenizer
 
 START_TOKEN = "<s>"
 END_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
 START_TOKEN_ID = byte_tokenizer.VOCABULARY_SIZE  # 256
 END_TOKEN_ID = byte_tokenizer.VOCABULARY_SIZE + 1  # 257
 # 0 is also the byte "\x00": padding is told apart by the padding mask.
 PAD_TOKEN_ID = 0
+
+# The id layouts, by `byte_offset`: the special tokens (attribute, token,
+# id). Offset 0 is the library's own; offset 2 is tensor2tensor's byte
+# encoder (padding 0, end of sequence 1, byte b at b + 2), which the
+# pretrained reformer-enwik8 was trained with.
+_SPECIAL_TOKENS = {
+    0: (("start_token", START_TOKEN, START_TOKEN_ID),
+        ("end_token", END_TOKEN, END_TOKEN_ID)),
+    2: (("pad_token", PAD_TOKEN, 0), ("end_token", END_TOKEN, 1)),
+}
 
 # `ByteTokenizer` options that `ReformerTokenizer` fixes (see the class doc).
 _FIXED = {
@@ -105,6 +116,13 @@ class ReformerTokenizer(ByteTokenizer):
       `special_token_ids` is `[256, 257]` and a `CausalLMPreprocessor`
       strips them in `generate_postprocess`.
 
+    With `byte_offset=2` the ids follow tensor2tensor's byte encoder, the
+    layout of the pretrained `google/reformer-enwik8`: `pad_token` `"<pad>"`
+    is id 0, `end_token` `"</s>"` id 1 and byte `b` is id `b + 2`; there is
+    no start token (`start_token_id` is None). `vocabulary_size()` is 258
+    too. `ReformerCausalLM.from_transformers` gives such a checkpoint this
+    tokenizer.
+
     Eager calls run keras-hub's pure Python path (python lists for ragged
     output, backend tensors for dense output); inside `tf.function` and
     `tf.data` the TensorFlow path runs. Both give the same ids.
@@ -112,6 +130,8 @@ class ReformerTokenizer(ByteTokenizer):
     Args:
         sequence_length: int or None. If set, outputs are dense, cut or
             padded with 0 to this length.
+        byte_offset: 0 (default: bytes are ids 0..255, then `"<s>"` and
+            `"</s>"`) or 2 (`"<pad>"`, `"</s>"`, then the bytes).
         dtype: integer dtype of the token ids. Defaults to `"int32"`.
 
     Example:
@@ -123,12 +143,14 @@ class ReformerTokenizer(ByteTokenizer):
     'hi'
     >>> tokenizer.vocabulary_size(), sorted(tokenizer.special_token_ids)
     (258, [256, 257])
+    >>> ReformerTokenizer(byte_offset=2)("hi")
+    array([106, 107], dtype=int32)
     """
 
     # keras-hub's preset loader picks a tokenizer for a backbone by this.
     backbone_cls = ReformerBackbone
 
-    def __init__(self, sequence_length=None, dtype="int32", **kwargs):
+    def __init__(self, sequence_length=None, byte_offset=0, dtype="int32", **kwargs):
         for name in _FIXED:
             if name in kwargs and kwargs[name] != _FIXED[name]:
                 raise ValueError(
@@ -140,9 +162,15 @@ class ReformerTokenizer(ByteTokenizer):
         sequence_length = _checks.positive_int(
             "sequence_length", sequence_length, allow_none=True
         )
-        self._add_special_token(START_TOKEN, "start_token")
-        self._add_special_token(END_TOKEN, "end_token")
-        self.pad_token_id = PAD_TOKEN_ID
+        _checks.one_of("byte_offset", byte_offset, tuple(_SPECIAL_TOKENS))
+        self.byte_offset = byte_offset
+        # Set before the special tokens: `token_to_id` reads them.
+        self._special_ids = {token: id for _, token, id in _SPECIAL_TOKENS[byte_offset]}
+        self.start_token = self.start_token_id = None
+        for attribute, token, _ in _SPECIAL_TOKENS[byte_offset]:
+            self._add_special_token(token, attribute)
+        if byte_offset == 0:
+            self.pad_token_id = PAD_TOKEN_ID
         super().__init__(
             sequence_length=sequence_length, dtype=dtype, **_FIXED, **kwargs
         )
@@ -153,36 +181,40 @@ class ReformerTokenizer(ByteTokenizer):
     # ------------------------------------------------------- vocabulary
 
     def vocabulary_size(self):
-        """256 bytes, the start token and the end token: 258."""
-        return END_TOKEN_ID + 1
+        """256 bytes and the two special tokens: 258."""
+        return byte_tokenizer.VOCABULARY_SIZE + len(self._special_ids)
 
     def get_vocabulary(self):
-        """A dict from token to id, as `ByteTokenizer.get_vocabulary`
-        gives it (one-character strings for the bytes), plus the special
-        tokens."""
-        vocabulary = {chr(i): i for i in range(byte_tokenizer.VOCABULARY_SIZE)}
-        vocabulary[START_TOKEN] = START_TOKEN_ID
-        vocabulary[END_TOKEN] = END_TOKEN_ID
+        """A dict from token to id: the special tokens, and each byte as
+        `ByteTokenizer.get_vocabulary` names it (a one-character string)."""
+        vocabulary = {
+            chr(i): i + self.byte_offset for i in range(byte_tokenizer.VOCABULARY_SIZE)
+        }
+        vocabulary.update(self._special_ids)
         return vocabulary
 
     def id_to_token(self, id):
-        if id == START_TOKEN_ID:
-            return START_TOKEN
-        if id == END_TOKEN_ID:
-            return END_TOKEN
-        return super().id_to_token(id)
+        for token, special_id in self._special_ids.items():
+            if id == special_id:
+                return token
+        if not isinstance(id, (int, np.integer)) or not (
+            0 <= id - self.byte_offset < byte_tokenizer.VOCABULARY_SIZE
+        ):
+            raise ValueError(
+                f"`id` must be an int in [0, {self.vocabulary_size() - 1}]. "
+                f"Received: id={id!r}"
+            )
+        return chr(id - self.byte_offset)
 
     def token_to_id(self, token):
-        if token == START_TOKEN:
-            return START_TOKEN_ID
-        if token == END_TOKEN:
-            return END_TOKEN_ID
+        if token in self._special_ids:
+            return self._special_ids[token]
         if not isinstance(token, str) or len(token) != 1 or ord(token) > 255:
             raise ValueError(
-                "A token is one character with code point < 256 (a byte), "
-                f"{START_TOKEN!r} or {END_TOKEN!r}. Received: token={token!r}"
+                "A token is one character with code point < 256 (a byte) or "
+                f"one of {sorted(self._special_ids)}. Received: token={token!r}"
             )
-        return ord(token)
+        return ord(token) + self.byte_offset
 
     # ------------------------------------------------- tokenize / detokenize
 
@@ -190,11 +222,23 @@ class ReformerTokenizer(ByteTokenizer):
         check_strings("inputs", inputs)
         return super().tokenize(inputs)
 
+    def _tokenize_python(self, inputs):
+        if not self.byte_offset:
+            return super()._tokenize_python(inputs)
+        # The base pads with 0 before an offset could be added: shift
+        # unpadded ids, then pad.
+        length, self.sequence_length = self.sequence_length, None
+        try:
+            tokens = super()._tokenize_python(inputs)
+        finally:
+            self.sequence_length = length
+        return _shifted(tokens, self.byte_offset, length, self.compute_dtype)
+
     @keras_hub_tensor_utils.preprocessing_function
     def _tokenize_tf(self, inputs):
         # Replaces the base's `tf.strings.bytes_split` (one string per byte)
         # with the core-op split of `keras_reformer.text`.
-        tokens = byte_tokenizer.tokenize(inputs)
+        tokens = byte_tokenizer.tokenize(inputs) + self.byte_offset
         tokens = tf.cast(tokens, self.compute_dtype)
         if self.sequence_length:
             if isinstance(tokens, tf.RaggedTensor):
@@ -219,26 +263,30 @@ class ReformerTokenizer(ByteTokenizer):
             ids = ids[None]
         if isinstance(ids, tf.Tensor):
             ids = tf.RaggedTensor.from_tensor(ids)
-        ids = tf.ragged.boolean_mask(
-            ids, (ids != START_TOKEN_ID) & (ids != END_TOKEN_ID)
-        )
+        keep = tf.ones_like(ids, dtype=tf.bool)
+        for special_id in self._special_ids.values():
+            keep = keep & (ids != special_id)
+        ids = tf.ragged.boolean_mask(ids, keep) - self.byte_offset
         strings = byte_tokenizer.detokenize(ids)
         return strings[0] if unbatched else strings
 
     def _detokenize_python(self, inputs):
-        # The base drops every 0 and decodes; here 0 is a byte and the
-        # special tokens are dropped instead.
+        # The base drops every 0 and decodes; here the special tokens are
+        # dropped instead (0 is a byte in the default layout).
         rows, batched = keras_hub_tensor_utils.canonicalize_python_token_inputs(
             inputs
         )
+        specials = set(self._special_ids.values())
         outputs = []
         for row in rows:
-            row = [i for i in row if i not in (START_TOKEN_ID, END_TOKEN_ID)]
-            bad = [i for i in row if not 0 <= i < byte_tokenizer.VOCABULARY_SIZE]
+            row = [i - self.byte_offset for i in row if i not in specials]
+            bad = [i + self.byte_offset for i in row
+                   if not 0 <= i < byte_tokenizer.VOCABULARY_SIZE]
             if bad:
                 raise ValueError(
-                    "Token ids must be bytes (0..255) or the special tokens "
-                    f"{START_TOKEN_ID} and {END_TOKEN_ID}. Received: {bad[:10]}"
+                    f"Token ids must be bytes ({self.byte_offset}.."
+                    f"{self.byte_offset + 255}) or the special tokens "
+                    f"{sorted(specials)}. Received: {bad[:10]}"
                 )
             outputs.append(bytes(row).decode("utf-8", errors="replace"))
         return outputs if batched else outputs[0]
@@ -247,6 +295,7 @@ class ReformerTokenizer(ByteTokenizer):
         config = super().get_config()
         for name in _FIXED:
             config.pop(name, None)
+        config["byte_offset"] = self.byte_offset
         return config
 
     # -------------------------------------------------------------- presets
@@ -273,6 +322,22 @@ class ReformerTokenizer(ByteTokenizer):
             loader = keras_hub_presets.KerasPresetLoader(preset, config=None)
             return loader.load_tokenizer(cls, config_file, **kwargs)
         return super().from_preset(preset, config_file=config_file, **kwargs)
+
+
+def _shifted(tokens, offset, length, dtype):
+    """keras-hub's unpadded python token output (an array for one string,
+    nested lists for a batch), each id plus `offset`, then cut or padded
+    with 0 to `length` if set; returned in the same form as the base's."""
+    unbatched = isinstance(tokens, np.ndarray)
+
+    def shift(value):
+        if value and isinstance(value[0], list):
+            return [shift(v) for v in value]
+        ids = [int(i) + offset for i in value]
+        return (ids + [0] * length)[:length] if length else ids
+
+    out = shift(tokens.tolist() if unbatched else tokens)
+    return np.array(out, dtype=dtype) if unbatched or length else out
 
 
 def local_without_backbone(preset, config_file):

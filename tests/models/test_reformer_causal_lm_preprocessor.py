@@ -121,6 +121,58 @@ def test_tokenizer_detokenize_drops_special_ids_and_keeps_byte_zero():
         traced(tf.constant([65, 300]))
 
 
+def test_byte_offset_two_is_tensor2tensors_byte_layout():
+    # Reference: enwik8's model card, ids = UTF-8 bytes + 2; 0 and 1 special.
+    tokenizer = ReformerTokenizer(byte_offset=2)
+    want = [[b + 2 for b in utf8(t)] for t in TEXTS]
+    assert [list(map(int, r)) for r in tokenizer(TEXTS)] == want
+    assert np.asarray(tokenizer(TEXTS[1])).tolist() == want[1]
+    traced = tf.function(tokenizer)
+    assert traced(tf.constant(TEXTS)).to_list() == want
+    ds = tf.data.Dataset.from_tensor_slices(TEXTS)
+    assert [x.tolist() for x in ds.map(tokenizer).as_numpy_iterator()] == want
+    # Padding is 0 after the shift, on both paths; byte 0 is id 2.
+    dense = ReformerTokenizer(sequence_length=5, byte_offset=2)
+    padded = [(w + [0] * 5)[:5] for w in want]
+    np.testing.assert_array_equal(dense(TEXTS), padded)
+    np.testing.assert_array_equal(tf.function(dense)(tf.constant(TEXTS)), padded)
+    assert np.asarray(dense("x")).tolist() == [ord("x") + 2, 0, 0, 0, 0]
+    # Special tokens and vocabulary: <pad> 0, </s> 1, no start token.
+    assert tokenizer.vocabulary_size() == 258
+    assert (tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id) == (
+        None, 1, 0)
+    assert sorted(tokenizer.special_token_ids) == [0, 1]
+    assert tokenizer.token_to_id("a") == 99 and tokenizer.id_to_token(99) == "a"
+    assert tokenizer.id_to_token(0) == "<pad>" and tokenizer.token_to_id("</s>") == 1
+    vocabulary = tokenizer.get_vocabulary()
+    assert sorted(vocabulary.values()) == list(range(258))
+    # Detokenizing drops 0 and 1 and keeps byte 0 (id 2), on both paths.
+    rows = [w + [1, 0] for w in want]
+    assert tokenizer.detokenize(rows) == TEXTS
+    got = tf.function(tokenizer.detokenize)(tf.ragged.constant(rows)).numpy().tolist()
+    assert [g.decode() for g in got] == TEXTS
+    with pytest.raises(ValueError, match=r"2..257.*\[258\]"):
+        tokenizer.detokenize([65, 258])
+    revived = ReformerTokenizer.from_config(tokenizer.get_config())
+    assert revived.byte_offset == 2 and revived("hi").tolist() == [106, 107]
+    with pytest.raises(ValueError, match=r"byte_offset.*\[0, 2\].*byte_offset=1"):
+        ReformerTokenizer(byte_offset=1)
+
+
+def test_preprocessor_without_a_start_token():
+    tokenizer = ReformerTokenizer(byte_offset=2)
+    with pytest.raises(ValueError, match="start_token_id.*add_start_token=False"):
+        ReformerCausalLMPreprocessor(tokenizer)
+    pre = ReformerCausalLMPreprocessor(tokenizer, sequence_length=6, add_start_token=False)
+    x, y, w = pre(["abc"])
+    ids = [b + 2 for b in utf8("abc")] + [1, 0, 0, 0]
+    np.testing.assert_array_equal(x["token_ids"][0], ids[:6])
+    np.testing.assert_array_equal(y[0], ids[1:7])
+    prompt = pre.generate_preprocess(["abc"])
+    np.testing.assert_array_equal(prompt["token_ids"][0], ids[:3] + [0, 0, 0])
+    assert pre.generate_postprocess(prompt) == ["abc"]
+
+
 def test_tokenizer_rejects_bad_arguments():
     tokenizer = ReformerTokenizer()
     with pytest.raises(TypeError, match=r"`inputs` must be .*inputs=\[1, 2\]"):
