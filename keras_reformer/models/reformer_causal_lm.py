@@ -222,8 +222,13 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
         index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
         if self.backbone.reference_rules:
-            hidden_states = self.backbone(
-                {"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
+            # Only the contrastive sampler reads the prompt's hidden states;
+            # for the others that pass would be one full pass wasted.
+            hidden_states = None
+            if isinstance(self.sampler, keras_hub.samplers.ContrastiveSampler):
+                hidden_states = self.backbone(
+                    {"token_ids": token_ids, "padding_mask": padding_mask},
+                    training=False)
             cache = tf.zeros(tf.shape(token_ids)[:1])  # nothing to carry
             next = self._full_pass_next
         else:
