@@ -26,7 +26,9 @@ venv of benchmarks/peers).
 Processes alternate, ours first, `--repeats` pairs per point:
 
     python benchmarks/enwik8_layout.py --lengths 4096 --kinds train decode --repeats 2
-    python benchmarks/enwik8_layout.py --table enwik8_layout.csv
+    python benchmarks/enwik8_layout.py --lengths 65536 --no-peer --repeats 1 \
+        --new-tokens 2 --csv enwik8_layout_64k.csv
+    python benchmarks/enwik8_layout.py --table enwik8_layout.csv enwik8_layout_64k.csv
 
 writes benchmarks/results/enwik8_layout.csv.
 """
@@ -128,43 +130,52 @@ def point(args):
     _common.emit(record)
 
 
+# The table's lines: (kind, CSV column, what it is, higher is faster).
+LINES = [
+    ("train", "tokens_per_s", "training step (tokens/s)", True),
+    ("decode", "prompt_s", "decoding: prompt pass and first token (s)", False),
+    ("decode", "per_token_s", "decoding: each further token (s)", False),
+]
+
+
 def table(rows):
     """Medians of the repeats: ours and the peer side by side per point."""
-    groups = {}
+    groups, failed = {}, {}
     for row in rows:
+        key = (row["kind"], row["side"])
         if row.get("status", "ok") != "ok":
+            # rc=-9: killed, on this machine by the kernel for memory.
+            failed[(int(row["length"]),) + key] = (
+                "killed" if "rc=-9" in row["status"] else "failed")
+            groups.setdefault(int(row["length"]), {}).setdefault(key, [])
             continue
-        groups.setdefault((row["kind"], int(row["length"])), {}).setdefault(
-            row["side"], []).append(row)
-    lines = ["| what | length | ours | peer | ours / peer speed | peak RSS MiB ours / peer | pairs |",
+        groups.setdefault(int(row["length"]), {}).setdefault(key, []).append(row)
+
+    def show(value, digits, length=None, kind=None, side=None):
+        if value is None:
+            return failed.get((length, kind, side), "-")
+        return f"{value:,.{digits}f}"
+
+    lines = ["| what | length | ours | peer | ours / peer speed | peak RSS MiB ours / peer | runs ours / peer |",
              "|---|---|---|---|---|---|---|"]
-    for (kind, length), sides in groups.items():
-        key, unit = (("tokens_per_s", "tokens/s") if kind == "train"
-                     else ("per_token_s", "s per new token"))
-        cells, rss = {}, {}
-        for side in ("ours", "peer"):
-            values = [float(r[key]) for r in sides.get(side, [])]
-            cells[side] = statistics.median(values) if values else None
-            rss[side] = max((float(r["peak_rss_mb"]) for r in sides.get(side, [])),
-                            default=None)
-        if cells["ours"] and cells["peer"]:
-            ratio = (cells["ours"] / cells["peer"] if kind == "train"
-                     else cells["peer"] / cells["ours"])
-            ratio = f"{ratio:.2f}x"
-        else:
+    for length, sides in sorted(groups.items()):
+        for kind, column, what, higher_is_faster in LINES:
+            found = {side: sides.get((kind, side), []) for side in ("ours", "peer")}
+            if not any((kind, side) in sides for side in found):
+                continue
+            median = {side: statistics.median(float(r[column]) for r in found[side])
+                      if found[side] else None for side in found}
+            rss = {side: max((float(r["peak_rss_mb"]) for r in found[side]), default=None)
+                   for side in found}
             ratio = "-"
-
-        def show(value, digits):
-            return "-" if value is None else f"{value:,.{digits}f}"
-
-        digits = 0 if kind == "train" else 2
-        what = "training step" if kind == "train" else "greedy decoding"
-        pairs = min(len(sides.get("ours", [])), len(sides.get("peer", []))) or len(
-            sides.get("ours", []))
-        lines.append(
-            f"| {what} ({unit}) | {length:,} | {show(cells['ours'], digits)} | "
-            f"{show(cells['peer'], digits)} | {ratio} | {show(rss['ours'], 0)} / "
-            f"{show(rss['peer'], 0)} | {pairs} |")
+            if median["ours"] and median["peer"]:
+                ratio = median["ours"] / median["peer"]
+                ratio = f"{ratio if higher_is_faster else 1 / ratio:.2f}x"
+            digits = 0 if higher_is_faster else 2
+            lines.append(
+                f"| {what} | {length:,} | {show(median['ours'], digits, length, kind, 'ours')} | "
+                f"{show(median['peer'], digits, length, kind, 'peer')} | {ratio} | {show(rss['ours'], 0)} / "
+                f"{show(rss['peer'], 0)} | {len(found['ours'])} / {len(found['peer'])} |")
     return "\n".join(lines)
 
 
@@ -179,10 +190,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="process pairs per point")
     parser.add_argument("--no-peer", action="store_true", help="ours only")
     parser.add_argument("--csv", default="enwik8_layout.csv")
-    parser.add_argument("--table", metavar="CSV", help="print the CSV's table and exit")
+    parser.add_argument("--table", nargs="+", metavar="CSV",
+                        help="print these CSVs' table (benchmarks/results/) and exit")
     args = parser.parse_args()
     if args.table:
-        print(table(_common.read_csv(args.table)))
+        print(table([row for name in args.table for row in _common.read_csv(name)]))
         return
     if args.point:
         point(args)
@@ -201,14 +213,15 @@ def main():
                 _common.progress(f"{kind} {length}: ours, pair {repeat + 1}")
                 row = _common.run_point(__file__, [kind, length, args.steps, args.new_tokens],
                                         timeout=7200)
-                rows.append(dict(side="ours", kind=kind, length=length, **row))
+                rows.append({"side": "ours", "kind": kind, "length": length, **row})
+                _common.progress(str(rows[-1]))
                 if not args.no_peer:
                     _common.progress(f"{kind} {length}: peer, pair {repeat + 1}")
                     row = _common.run_peer("hf_enwik8_layout.py", [
                         "--kind", kind, "--length", length, "--steps", args.steps,
                         "--new-tokens", args.new_tokens], timeout=7200)
-                    rows.append(dict(side="peer", kind=kind, length=length, **row))
-                _common.progress(str(rows[-1]))
+                    rows.append({"side": "peer", "kind": kind, "length": length, **row})
+                    _common.progress(str(rows[-1]))
                 _common.write_csv(args.csv, rows)
     print(table(rows))
 

@@ -28,6 +28,7 @@ length), D key width, E value width.
 import tensorflow as tf
 
 from keras_reformer.lsh import scores, sorting
+from keras_reformer.lsh.chunk_attention import GROUP_ELEMENTS, group_size, over_groups
 from keras_reformer.ops.dropout import dropout as stateless_dropout
 
 KEY_EPSILON = 1e-6
@@ -67,8 +68,96 @@ def attend_dense(qk, v, valid, causal, dropout_rate=0.0, dropout_seed=None):
 
 
 def attend_hashed(qk, v, valid, buckets, total, chunk, before, after, causal,
-                  dropout_rate=0.0, dropout_seed=None):
-    """LSH attention by the reference's rules.
+                  dropout_rate=0.0, dropout_seed=None, group_elements=GROUP_ELEMENTS):
+    """LSH attention by the reference's rules, a group of heads at a time.
+
+    The (chunk x window) scores of every head at once take `heads * rounds
+    * L * W` floats (google/reformer-enwik8 at 64K tokens: 4.3 GB per
+    tensor, several alive at once). Above `group_elements` per group the
+    heads are attended a group at a time in a loop whose gradient recomputes
+    each group instead of keeping its intermediates (as `chunk_attention`
+    loops over rows). Each head's rounds stay together: the reference's
+    windows wrap from one round into the next.
+
+    Args: as `attend_heads`, and
+        group_elements: scores computed at once (the memory knob).
+
+    Returns:
+        (B, H, L, E) float32.
+    """
+    heads, length = qk.shape[1], qk.shape[2]
+    window = chunk * (before + 1 + after)
+
+    def attend(qk, v, buckets, seed):
+        return attend_heads(qk, v, valid, buckets, total, chunk, before, after,
+                            causal, dropout_rate, seed)
+
+    if heads is None:
+        return attend(qk, v, buckets, dropout_seed)
+    # A length known only at run time (generation over growing prefixes):
+    # one head at a time, whatever the length turns out to be.
+    group = 1 if length is None else group_size(
+        heads, buckets.shape[2] * length * window, group_elements)
+    if group == heads:
+        return attend(qk, v, buckets, dropout_seed)
+    return _loop_heads(attend, qk, v, buckets, dropout_seed, group)
+
+
+def _loop_heads(attend, qk, v, buckets, seed, group):
+    """`attend(qk, v, buckets, seed)` over groups of `group` heads, in a loop
+    whose gradient recomputes each group; group i's dropout seed is `seed`
+    folded with i, the same in the forward pass and its recomputation."""
+    heads = qk.shape[1]
+    groups = heads // group
+
+    def split(x):
+        # (B, H, ...) -> (groups, B, group, ...)
+        shape = tf.shape(x)
+        x = tf.reshape(x, tf.concat([shape[:1], [groups, group], shape[2:]], 0))
+        return tf.transpose(x, [1, 0] + list(range(2, len(x.shape))))
+
+    def merge(x):
+        # (groups, B, group, ...) -> (B, H, ...)
+        x = tf.transpose(x, [1, 0] + list(range(2, len(x.shape))))
+        shape = tf.shape(x)
+        return tf.reshape(x, tf.concat([shape[:1], [heads], shape[3:]], 0))
+
+    def group_inputs(i, qk, v, buckets):
+        part_seed = None if seed is None else seed + tf.stack([0, i])
+        return tf.gather(qk, i), tf.gather(v, i), tf.gather(buckets, i), part_seed
+
+    def spec(x):
+        return tf.TensorSpec(x.shape[1:], x.dtype)
+
+    @tf.custom_gradient
+    def looped(qk, v, buckets):
+        (out,) = over_groups(lambda i: (attend(*group_inputs(i, qk, v, buckets)),),
+                             groups, [spec(v)])
+
+        def grad(d_out):
+            def group_grad(i):
+                q, w, part, part_seed = group_inputs(i, qk, v, buckets)
+                with tf.GradientTape() as tape:
+                    tape.watch([q, w])
+                    group_out = attend(q, w, part, part_seed)
+                # d_out enters the recomputation's gradient, so XLA cannot
+                # hoist the recomputation into the forward pass.
+                return tuple(tape.gradient(group_out, [q, w], tf.gather(d_out, i)))
+
+            # `after`: in a reversible backward pass the forward loop has
+            # just been rerun; run side by side the two loops would hold
+            # two groups' scores at once.
+            d_qk, d_v = over_groups(group_grad, groups, [spec(qk), spec(v)], after=[out])
+            return d_qk, d_v, None
+
+        return out, grad
+
+    return merge(looped(split(qk), split(v), split(buckets)))
+
+
+def attend_heads(qk, v, valid, buckets, total, chunk, before, after, causal,
+                 dropout_rate=0.0, dropout_seed=None):
+    """LSH attention by the reference's rules, every head at once.
 
     Args:
         qk: (B, H, L, D) float32 shared query/key vectors, L a multiple of
