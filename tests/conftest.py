@@ -55,6 +55,7 @@ LONG_MODULES = (
     "test_distribute.py", "test_quantization.py", "test_calibrated_quantization.py",
     "test_drop_in.py", "test_resume.py", "test_bad_ids.py", "test_reversible_sequence.py",
     "test_stacked_weights.py", "test_transformers_reformer.py", "test_fused_ffn_backward.py",
+    "test_tokenizers.py",
 )
 
 

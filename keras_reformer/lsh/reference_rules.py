@@ -19,7 +19,11 @@ Where it differs from the library's own rules (`chunk_attention`):
 - A sequence of at most one chunk is attended densely (no hashing).
 - Padding positions hash to an extra last bucket of their round.
 - The rounds are weighted by `exp(lse - logsumexp(lse))` as the reference
-  computes it, without renormalizing (see `attend_hashed`).
+  computes it, without renormalizing (see `attend_heads`).
+
+Memory: `attend_hashed` attends a group of heads at a time when all of
+them at once would exceed its budget (see there); the reference computes
+every head at once.
 
 Shapes: B batch, H heads, R rounds, L length (a multiple of the chunk
 length), D key width, E value width.
