@@ -138,6 +138,22 @@ def test_generate_runs_full_passes_over_the_prefix():
     np.testing.assert_array_equal(out["token_ids"][0], row)
 
 
+def test_contrastive_sampler_gets_the_prompt_hidden_states():
+    # Only the contrastive sampler reads the prompt's hidden states (the
+    # others skip that pass); with alpha=0 it is greedy.
+    import keras_hub
+
+    folder, golden = fixture("crime_and_punishment")
+    lm = ReformerCausalLM.from_transformers(folder, rotations=golden["rotations"],
+                                            preprocessor=None)
+    ids = np.pad(golden["token_ids"][:1, :13].astype("int32"), [[0, 0], [0, 5]])
+    x = {"token_ids": ids, "padding_mask": (np.arange(18) < 13)[None].astype("int32")}
+    lm.compile(sampler=keras_hub.samplers.ContrastiveSampler(k=3, alpha=0.0))
+    contrastive = lm.generate(x, stop_token_ids=None)["token_ids"]
+    lm.compile(sampler="greedy")
+    np.testing.assert_array_equal(contrastive, lm.generate(x, stop_token_ids=None)["token_ids"])
+
+
 def fine_tuned(jit_compile):
     """The crime-and-punishment layout fine-tuned on text, through the
     checkpoint's SentencePiece tokenizer and keras-hub's `fit`."""
