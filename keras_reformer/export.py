@@ -174,9 +174,11 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
             "`text_signature=True` with a ReformerCausalLM needs its "
             "preprocessor (strings to ids); this one has preprocessor=None."
         )
-    if lm is not None and text_signature and not isinstance(
+    # A tokenizer other than the byte one (SentencePiece) needs TF Text ops.
+    text_ops = lm is not None and lm.preprocessor is not None and not isinstance(
         lm.preprocessor.tokenizer, ReformerTokenizer
-    ):
+    )
+    if text_signature and text_ops:
         raise ValueError(
             "`text_signature=True` tokenizes in the graph with core TensorFlow "
             "ops, which only a `ReformerTokenizer` (bytes) does. Received a "
@@ -198,9 +200,7 @@ def export_saved_model(model, export_dir, version=1, text_signature=False,
         raise ValueError(f"{path} exists; pass overwrite=True or another `version`.")
 
     archive = keras.export.ExportArchive()
-    if lm is not None and lm.preprocessor is not None and not isinstance(
-        lm.preprocessor.tokenizer, ReformerTokenizer
-    ):
+    if text_ops:
         # Tracking the task would save its tokenizer's resources (TF Text's
         # SentencePiece op), which stock TensorFlow cannot load; the id
         # signatures use the backbone and the head only.

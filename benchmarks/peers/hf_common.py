@@ -92,3 +92,29 @@ def positive_int(text):
 def emit(record):
     """The result is the last stdout line, plain JSON (callers parse that)."""
     print(json.dumps(record), flush=True)
+
+
+def train_step_times(model, ids, steps, warmup, learning_rate):
+    """Wall-clock seconds of `steps` training steps (forward with labels,
+    which HF shifts itself, backward, Adam, zero_grad) after `warmup`
+    untimed ones. HF's reversible backward needs training mode."""
+    import time
+
+    import torch
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times

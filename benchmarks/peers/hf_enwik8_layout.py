@@ -40,21 +40,9 @@ def main():
     generator = torch.Generator().manual_seed(0)
     record = {"side": "peer", "kind": args.kind, "length": args.length}
     if args.kind == "train":
-        model.train()  # HF's reversible backward requires training mode
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         ids = torch.randint(2, 258, (1, args.length), generator=generator)
-
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+        times = hf_common.train_step_times(model, ids, args.steps, warmup=1,
+                                           learning_rate=1e-4)
         record.update(step_s=round(min(times), 2),
                       tokens_per_s=round(args.length / min(times), 1))
     else:

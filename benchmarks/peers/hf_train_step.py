@@ -14,7 +14,6 @@ Prints one JSON line (the last stdout line).
 
 import argparse
 import statistics
-import time
 
 import hf_common
 
@@ -37,25 +36,10 @@ def main():
 
     cores = hf_common.setup_threads()
     model = hf_common.build(args.length)
-    model.train()  # HF's reversible backward requires training mode
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     ids = torch.randint(1, hf_common.CONFIG["vocabulary_size"], (1, args.length),
                         generator=torch.Generator().manual_seed(0))
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss  # HF shifts labels itself
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = hf_common.train_step_times(model, ids, args.steps, warmup=2,
+                                       learning_rate=args.learning_rate)
     best = min(times)
     hf_common.emit({
         "model": "hf_reformer", "length": args.length, "steps": args.steps,
