@@ -3,6 +3,28 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+
+def _test_process_settings():
+    """Under pytest-xdist, size each worker's TensorFlow thread pools to its
+    share of the cores. Each runtime otherwise sizes its pools for the whole
+    machine, and with more workers than cores the pools' threads spin and
+    preempt one another: on 2 cores with 3 workers, one thread per pool cut
+    the CPU time of the same tests by 14%. Set here, before any test module
+    imports TensorFlow; the processes that tests start inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", threads)
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", threads)
+    # The tests' models are tiny: XLA's compile, not the compiled code,
+    # takes their time. Without LLVM's optimizations of the machine code,
+    # XLA:CPU compiles 15% faster; the HLO program, and so what the tests
+    # check (its ops, its size, its results), is the same.
+    os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+
+_test_process_settings()
+
 import gc  # noqa: E402
 
 import pytest  # noqa: E402
@@ -67,6 +89,13 @@ def _deal_long_tests_first(items, workers):
         ordered += long[k::workers]
         ordered += short[k * len(short) // workers:(k + 1) * len(short) // workers]
     return ordered
+
+
+def pytest_collection_finish(session):
+    """Everything imported by now (TensorFlow, Keras, the test modules) lives
+    until the end: moved out of the collector's reach, it is not scanned
+    again at every full collection of a heap that tracing keeps growing."""
+    gc.freeze()
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected the slow tests

@@ -210,6 +210,7 @@ def test_control_xla_clamps_bad_ids_to_a_wrong_embedding_row():
         model(np.array([[VOCAB]], "int32"))
 
 
+@pytest.mark.slow  # ~20 s of XLA compiling; the control above shows the hazard in 1 s
 def test_control_without_the_input_check_xla_trains_on_bad_ids():
     # The same ReformerCausalLM's graph as a plain keras.Model (no input
     # check) trains on the bad batch under XLA without any error: the error

@@ -207,13 +207,17 @@ def test_saved_model_cli_runs_every_signature(exported, guard_env, tmp_path):
         np.testing.assert_allclose(row, want, atol=1e-4)
 
 
+# Each case is a fresh saved_model_cli process (seconds each); the messages
+# of all four are also checked in one process by the test below.
 @pytest.mark.parametrize("signature, exprs, message", [
     ("serving_default", "token_ids=[[1, 300, 3]]",
      "token ids must be < vocabulary_size=256"),
-    ("serving_default", "token_ids=[[1, -1]]", "token ids must be >= 0"),
-    ("with_padding_mask", "token_ids=[[1, 2, 3]];padding_mask=[[1, 1]]",
-     "padding_mask must have the shape of token_ids"),
-    ("next_token", "text=['ok', '']", "every text needs at least one byte"),
+    pytest.param("serving_default", "token_ids=[[1, -1]]", "token ids must be >= 0",
+                 marks=pytest.mark.slow),
+    pytest.param("with_padding_mask", "token_ids=[[1, 2, 3]];padding_mask=[[1, 1]]",
+                 "padding_mask must have the shape of token_ids", marks=pytest.mark.slow),
+    pytest.param("next_token", "text=['ok', '']", "every text needs at least one byte",
+                 marks=pytest.mark.slow),
 ])
 def test_saved_model_cli_bad_request_is_invalid_argument(
         exported, guard_env, tmp_path, signature, exprs, message):
@@ -246,6 +250,11 @@ def test_loaded_signatures_equal_predict_and_reject_bad_requests(exported, guard
         **requests,
         "long": {"signature": "serving_default", "token_ids": [[1] * 129]},
         "long_text": {"signature": "next_token", "text": ["x" * 129]},
+        "too_big": {"signature": "serving_default", "token_ids": [[1, 300, 3]]},
+        "negative": {"signature": "serving_default", "token_ids": [[1, -1]]},
+        "mask_shape": {"signature": "with_padding_mask", "token_ids": [[1, 2, 3]],
+                       "padding_mask": [[1, 1]]},
+        "empty_text": {"signature": "next_token", "text": ["ok", ""]},
     }, guard_env)
     for name, (want, real) in wants.items():
         out = np.asarray(got[name]["logits"])
@@ -256,6 +265,10 @@ def test_loaded_signatures_equal_predict_and_reject_bad_requests(exported, guard
             np.testing.assert_allclose(out[real], want[real], atol=1e-5)
     assert "axial maximum" in got["long"]["error"]
     assert "axial maximum" in got["long_text"]["error"]
+    assert "token ids must be < vocabulary_size=256" in got["too_big"]["error"]
+    assert "token ids must be >= 0" in got["negative"]["error"]
+    assert "padding_mask must have the shape of token_ids" in got["mask_shape"]["error"]
+    assert "every text needs at least one byte" in got["empty_text"]["error"]
 
 
 def test_export_arguments(exported, tmp_path):

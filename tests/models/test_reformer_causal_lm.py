@@ -239,7 +239,12 @@ def test_keras_file_round_trip(tmp_path):
                                loaded.predict(["abc def"], verbose=0), atol=1e-6)
 
 
-@pytest.mark.parametrize("stack_weights", [False, True])
+@pytest.mark.parametrize("stack_weights", [
+    # ~15 s; presets of per-block layouts are also saved and loaded by the
+    # imported models' tests (tests/convert, mixed local/LSH layers).
+    pytest.param(False, marks=pytest.mark.slow),
+    True,
+])
 def test_preset_round_trip_and_keras_hub_finds_the_class(tmp_path, stack_weights):
     lm = text_lm(24, stack_weights=stack_weights)
     lm.fit(["hello world, hello keras"] * 4, batch_size=4, epochs=1, verbose=0)
