@@ -232,6 +232,41 @@ def table(rows):
     return "\n".join(lines)
 
 
+def peer_table(rows):
+    """CSVs of runs with the peer (`--kinds cached cached_graph torch`) as one
+    table: per batch and prompt, the median (min-max) per-token time and
+    tokens/s of each kind over the rounds, our tokens/s over the peer's, and
+    each kind's per-token time over its own at the shortest prompt of the
+    same batch."""
+    import statistics
+
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("per_token_ms")]
+    labels = {"cached": "ours, XLA", "cached_graph": "ours, graph", "torch": "PyTorch peer"}
+    lines = ["| batch | prompt | generate() | ms per token (all rows) | tokens/s "
+             "| vs the peer | per token vs the shortest prompt |", "|---|---|---|---|---|---|---|"]
+    for batch in sorted({int(r.get("batch") or 1) for r in ok}):
+        at = [r for r in ok if int(r.get("batch") or 1) == batch]
+        prompts = sorted({int(r["prompt"]) for r in at})
+        first = {}
+        for prompt in prompts:
+            speed = {}
+            for kind in labels:
+                points = [r for r in at if r["kind"] == kind and int(r["prompt"]) == prompt]
+                if not points:
+                    continue
+                step = [float(r["per_token_ms"]) for r in points]
+                median = statistics.median(step)
+                first.setdefault(kind, median)
+                speed[kind] = statistics.median(float(r["tokens_per_s"]) for r in points)
+                versus = (f"{speed[kind] / speed['torch']:.2f}x"
+                          if kind != "torch" and "torch" in speed else "")
+                lines.append(
+                    f"| {batch} | {prompt:,} | {labels[kind]} | {median:.2f} "
+                    f"({min(step):.2f}-{max(step):.2f}) | {speed[kind]:,.0f} | {versus} | "
+                    f"{median / first[kind]:.2f}x |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[512, 4096, 16384])
@@ -259,9 +294,15 @@ def main():
     parser.add_argument("--point", nargs="+")
     parser.add_argument("--table", action="store_true",
                         help="print generate.csv as docs/generation.md's table")
+    parser.add_argument("--peer-table", nargs="+", metavar="CSV",
+                        help="print these CSVs (runs with --kinds ... torch) as "
+                             "docs/generation.md's table against the peer")
     args = parser.parse_args()
     if args.table:
         print(table(_common.read_csv("generate.csv")))
+        return
+    if args.peer_table:
+        print(peer_table([r for name in args.peer_table for r in _common.read_csv(name)]))
         return
     if args.smoke:
         args.tiny, args.prompts, args.new_tokens = True, [32, 64], 8

@@ -48,6 +48,9 @@ def cached_errors(lm, ids, lengths):
     """
     full = full_logits(lm, ids)
     decoder = lm._decoder()
+    # One traced step for the whole loop: eagerly, each token would run the
+    # layers op by op.
+    step = tf.function(decoder.step)
     prompt = max(lengths)
     mask = np.arange(prompt)[None] < np.asarray(lengths)[:, None]
     logits, _, caches = decoder.prompt_pass(
@@ -58,7 +61,7 @@ def cached_errors(lm, ids, lengths):
     position = np.array(lengths)
     while position.min() < LENGTH:
         at = np.minimum(position, LENGTH - 1)
-        logits, _, caches = decoder.step(
+        logits, _, caches = step(
             tf.constant(ids[rows, at]), tf.constant(at, tf.int32), caches
         )
         errors += [np.abs(logits.numpy()[b] - full[b, position[b]]).max()
@@ -75,8 +78,9 @@ def cached_errors(lm, ids, lengths):
         (4, [17, 5], {}),
         # 2 buckets over 70 tokens: every bucket outgrows its cached window.
         (2, [12, 3], {"num_buckets": 2}),
-        # Stacked weights: each block reads its slices of the stack's variables.
-        (2, [21, 9], {"stack_weights": True}),
+        # The default layout stacks the blocks' weights (each block reads its
+        # slices of the stack's variables); here each block keeps its own.
+        (2, [21, 9], {"stack_weights": False}),
         # A short convolution: its window reaches back into the prompt, and
         # before position 0 in a 2-token prompt.
         (2, [21, 2], {"short_convolution": 4, "position_embedding": "sinusoidal"}),
