@@ -38,6 +38,8 @@ the machines are shared, only ratios from one run count.
     python benchmarks/generate.py --prompts 64 128 --new-tokens 8 --tiny   # smoke
     python benchmarks/generate.py --kinds cached cached_graph torch uncached --rounds 3
 
+    python benchmarks/generate.py --peer-table generate_64k.csv generate_batch8.csv
+
 Writes benchmarks/results/generate.csv and docs/generate_benchmark.png
 (with --smoke: the git-ignored tmp_generate_smoke.csv, no figure).
 """
@@ -249,15 +251,16 @@ def peer_table(rows):
         prompts = sorted({int(r["prompt"]) for r in at})
         first = {}
         for prompt in prompts:
-            speed = {}
-            for kind in labels:
-                points = [r for r in at if r["kind"] == kind and int(r["prompt"]) == prompt]
+            here = {kind: [r for r in at if r["kind"] == kind and int(r["prompt"]) == prompt]
+                    for kind in labels}
+            speed = {kind: statistics.median(float(r["tokens_per_s"]) for r in points)
+                     for kind, points in here.items() if points}
+            for kind, points in here.items():
                 if not points:
                     continue
                 step = [float(r["per_token_ms"]) for r in points]
                 median = statistics.median(step)
                 first.setdefault(kind, median)
-                speed[kind] = statistics.median(float(r["tokens_per_s"]) for r in points)
                 versus = (f"{speed[kind] / speed['torch']:.2f}x"
                           if kind != "torch" and "torch" in speed else "")
                 lines.append(
