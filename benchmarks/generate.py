@@ -37,7 +37,6 @@ the machines are shared, only ratios from one run count.
     python benchmarks/generate.py --smoke               # tiny model, short prompts
     python benchmarks/generate.py --prompts 64 128 --new-tokens 8 --tiny   # smoke
     python benchmarks/generate.py --kinds cached cached_graph torch uncached --rounds 3
-
     python benchmarks/generate.py --peer-table generate_64k.csv generate_batch8.csv
 
 Writes benchmarks/results/generate.csv and docs/generate_benchmark.png
