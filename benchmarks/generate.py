@@ -40,7 +40,8 @@ the machines are shared, only ratios from one run count.
     python benchmarks/generate.py --peer-table generate_64k.csv generate_batch8.csv
 
 Writes benchmarks/results/generate.csv and docs/generate_benchmark.png
-(with --smoke: the git-ignored tmp_generate_smoke.csv, no figure).
+(another --csv: that CSV only; with --smoke: the git-ignored
+tmp_generate_smoke.csv, no figure).
 """
 
 import argparse
@@ -206,6 +207,14 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def spread(values, digits):
+    """`values` as the tables print them: "median (min-max)"."""
+    import statistics
+
+    return (f"{statistics.median(values):.{digits}f} "
+            f"({min(values):.{digits}f}-{max(values):.{digits}f})")
+
+
 def table(rows):
     """generate.csv as docs/generation.md's table: per kind and prompt, the
     median (min-max) per-token time and prompt-pass time over the rounds,
@@ -226,9 +235,7 @@ def table(rows):
             medians[prompt] = statistics.median(step)
             label = "XLA (`jit_compile=True`)" if kind == "cached" else "graph (CPU default)"
             lines.append(
-                f"| {label} | {prompt:,} | {medians[prompt]:.2f} "
-                f"({min(step):.2f}-{max(step):.2f}) | {statistics.median(first):.0f} "
-                f"({min(first):.0f}-{max(first):.0f}) | "
+                f"| {label} | {prompt:,} | {spread(step, 2)} | {spread(first, 0)} | "
                 f"{medians[prompt] / medians[prompts[0]]:.2f}x |")
     return "\n".join(lines)
 
@@ -263,9 +270,8 @@ def peer_table(rows):
                 versus = (f"{speed[kind] / speed['torch']:.2f}x"
                           if kind != "torch" and "torch" in speed else "")
                 lines.append(
-                    f"| {batch} | {prompt:,} | {labels[kind]} | {median:.2f} "
-                    f"({min(step):.2f}-{max(step):.2f}) | {speed[kind]:,.0f} | {versus} | "
-                    f"{median / first[kind]:.2f}x |")
+                    f"| {batch} | {prompt:,} | {labels[kind]} | {spread(step, 2)} | "
+                    f"{speed[kind]:,.0f} | {versus} | {median / first[kind]:.2f}x |")
     return "\n".join(lines)
 
 
@@ -345,16 +351,15 @@ def main():
                 rows.append(record)
                 _common.progress(f"  {record}")
     summary = summarise(rows, args.kinds)
-    if args.rounds > 1:
-        _common.write_csv(os.path.splitext(args.csv)[0] + "_summary.csv", summary)
     path = _common.write_csv(args.csv, rows)
     _common.progress(f"wrote {path}")
+    # The tables take their medians from the CSV itself; the figure is the
+    # one docs/generation.md shows (generate.csv's), so other runs leave no
+    # file that no doc cites.
     ok = [dict(r, status="ok") for r in summary]  # medians over the rounds
-    if ok and not args.smoke:
+    if ok and args.csv == "generate.csv":
         os.makedirs(_common.DOCS, exist_ok=True)
-        name = "generate_benchmark.png" if args.csv == "generate.csv" else (
-            os.path.splitext(args.csv)[0] + ".png")
-        plot(ok, os.path.join(_common.DOCS, name))
+        plot(ok, os.path.join(_common.DOCS, "generate_benchmark.png"))
 
 
 if __name__ == "__main__":
