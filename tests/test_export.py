@@ -58,11 +58,35 @@ def guard_marks(env):
 
 SERVE = textwrap.dedent("""
     import json
+    import os
     import sys
     import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow.python.framework import op_def_registry
     args = json.loads(sys.argv[1])
-    loaded = tf.saved_model.load(args["path"])
-    results = {}
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(args["path"], "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    # Every op type of every graph and function in the SavedModel, and which
+    # of them a fresh `import tensorflow` does not register.
+    ops = set()
+    for meta in saved.meta_graphs:
+        ops.update(node.op for node in meta.graph_def.node)
+        for fn in meta.graph_def.library.function:
+            ops.update(node.op for node in fn.node_def)
+    unknown = sorted(op for op in ops if op_def_registry.get(op) is None)
+    # What a server reads of each signature: its tensors' dtypes and shapes.
+    def described(tensors):
+        return {name: [tf.dtypes.as_dtype(t.dtype).name if t.dtype else
+                       t.WhichOneof("encoding"), [d.size for d in t.tensor_shape.dim]]
+                for name, t in tensors.items()}
+    signatures = {name: {"inputs": described(sig.inputs),
+                         "outputs": described(sig.outputs)}
+                  for meta in saved.meta_graphs
+                  for name, sig in meta.signature_def.items()}
+    results = {"ops": sorted(ops), "unknown": unknown, "signatures": signatures,
+               "tags": [sorted(meta.meta_info_def.tags) for meta in saved.meta_graphs]}
+    loaded = tf.saved_model.load(args["path"], tags=["serve"])
     for name, feed in args["requests"].items():
         fn = loaded.signatures[feed.pop("signature")]
         kwargs = {k: tf.constant(v) for k, v in feed.items()}
@@ -78,37 +102,16 @@ SERVE = textwrap.dedent("""
     print("RESULT " + json.dumps(results))
 """)
 
-# Every op type of every graph and function in the SavedModel, and which of
-# them a fresh `import tensorflow` does not register.
-OPS = textwrap.dedent("""
-    import json, os, sys
-    import tensorflow as tf
-    from tensorflow.core.protobuf import saved_model_pb2
-    from tensorflow.python.framework import op_def_registry
-    saved = saved_model_pb2.SavedModel()
-    with open(os.path.join(sys.argv[1], "saved_model.pb"), "rb") as f:
-        saved.ParseFromString(f.read())
-    ops = set()
-    for meta in saved.meta_graphs:
-        ops.update(node.op for node in meta.graph_def.node)
-        for fn in meta.graph_def.library.function:
-            ops.update(node.op for node in fn.node_def)
-    unknown = sorted(op for op in ops if op_def_registry.get(op) is None)
-    print("RESULT " + json.dumps({"ops": sorted(ops), "unknown": unknown}))
-""")
 
-
-def run_python(code, arg, env):
-    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True,
-                          text=True, env=env, timeout=300)
+def serve(path, requests, env):
+    """In one guarded fresh process (each costs seconds): the SavedModel's op
+    census and signatures, then `requests` run with `tf.saved_model.load`."""
+    proc = subprocess.run([sys.executable, "-c", SERVE,
+                           json.dumps({"path": path, "requests": requests})],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
-
-
-def serve(path, requests, env):
-    """Runs `requests` with `tf.saved_model.load` in a guarded fresh process."""
-    return run_python(SERVE, json.dumps({"path": path, "requests": requests}), env)
 
 
 def cli_run(path, signature, input_exprs, env, outdir):
@@ -142,27 +145,64 @@ def exported(tmp_path_factory):
     return model, path
 
 
-def test_version_folder_and_signatures(exported):
+def logits_requests():
+    """Requests for the logits export's signatures: (requests, predict inputs
+    of the valid ones), the bad ones named for what each must be refused for."""
+    rng = np.random.default_rng(0)
+    requests, inputs = {}, {}
+    for length in (9, 70):
+        ids = rng.integers(0, 256, size=(2, length)).astype(np.int32)
+        mask = np.ones_like(ids)
+        mask[1, length // 2:] = 0
+        requests[f"plain{length}"] = {"signature": "serving_default",
+                                       "token_ids": ids.tolist()}
+        requests[f"padded{length}"] = {"signature": "with_padding_mask",
+                                        "token_ids": ids.tolist(),
+                                        "padding_mask": mask.tolist()}
+        inputs[f"plain{length}"] = (ids, np.ones_like(ids))
+        inputs[f"padded{length}"] = (ids, mask)
+    requests.update({
+        "long": {"signature": "serving_default", "token_ids": [[1] * 129]},
+        "long_text": {"signature": "next_token", "text": ["x" * 129]},
+        "too_big": {"signature": "serving_default", "token_ids": [[1, 300, 3]]},
+        "negative": {"signature": "serving_default", "token_ids": [[1, -1]]},
+        "mask_shape": {"signature": "with_padding_mask", "token_ids": [[1, 2, 3]],
+                       "padding_mask": [[1, 1]]},
+        "empty_text": {"signature": "next_token", "text": ["ok", ""]},
+    })
+    return requests, inputs
+
+
+@pytest.fixture(scope="module")
+def served(exported, guard_env):
+    """The logits export served once: census, signatures and every request."""
+    _, path = exported
+    requests, inputs = logits_requests()
+    return serve(path, requests, guard_env), inputs
+
+
+def test_version_folder_and_signatures(exported, served):
     _, path = exported
     assert path.endswith(os.path.join("", "3")) and os.path.exists(
         os.path.join(path, "saved_model.pb")
     )
-    shown = subprocess.run([CLI, "show", "--dir", path, "--all"],
-                           capture_output=True, text=True, timeout=300).stdout
-    assert "signature_def['serving_default']" in shown
-    assert "token_ids" in shown and "logits" in shown
-    assert "signature_def['with_padding_mask']" in shown
-    assert "signature_def['next_token']" in shown
-    assert "tag-set: 'serve'" in shown
-    default = shown[shown.index("signature_def['serving_default']"):]
-    default = default[: default.index("Method name")]
-    assert "DT_INT32" in default and "shape: (-1, -1)" in default
-    assert "shape: (-1, -1, 256)" in default
+    got, _ = served
+    assert got["tags"] == [["serve"]]
+    signatures = got["signatures"]
+    assert {"serving_default", "with_padding_mask", "next_token"} <= set(signatures)
+    # Any batch and length of int32 ids in; float logits over the 256 bytes out.
+    assert signatures["serving_default"] == {
+        "inputs": {"token_ids": ["int32", [-1, -1]]},
+        "outputs": {"logits": ["float32", [-1, -1, 256]]},
+    }
+    assert signatures["with_padding_mask"]["inputs"] == {
+        "token_ids": ["int32", [-1, -1]], "padding_mask": ["int32", [-1, -1]]}
+    assert signatures["next_token"]["inputs"] == {"text": ["string", [-1]]}
+    assert signatures["next_token"]["outputs"]["log_probs"] == ["float32", [-1, 256]]
 
 
-def test_every_op_is_registered_by_plain_tensorflow(exported, guard_env):
-    _, path = exported
-    got = run_python(OPS, path, guard_env)
+def test_every_op_is_registered_by_plain_tensorflow(served):
+    got, _ = served
     assert got["unknown"] == []
     # The census saw the real graphs: the model's ops and the text tokenizer's.
     assert {"MatMul", "DecodeRaw", "ReduceJoin", "Assert"} <= set(got["ops"])
@@ -172,6 +212,13 @@ def test_every_op_is_registered_by_plain_tensorflow(exported, guard_env):
 # without this package in test_serve_load.py's smoke run
 def test_saved_model_cli_runs_every_signature(exported, guard_env, tmp_path):
     model, path = exported
+    shown = subprocess.run([CLI, "show", "--dir", path, "--all"],
+                           capture_output=True, text=True, timeout=300).stdout
+    assert "tag-set: 'serve'" in shown
+    default = shown[shown.index("signature_def['serving_default']"):]
+    default = default[: default.index("Method name")]
+    assert "DT_INT32" in default and "shape: (-1, -1)" in default
+    assert "shape: (-1, -1, 256)" in default
     ids = [[100, 101, 102, 32, 109], [7, 8, 9, 10, 11]]
     mask = [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     text = "héllo wörld 日本"  # non-ASCII: 2- and 3-byte UTF-8 characters
@@ -228,34 +275,13 @@ def test_saved_model_cli_bad_request_is_invalid_argument(
     assert message in proc.stderr, proc.stderr[-3000:]
 
 
-def test_loaded_signatures_equal_predict_and_reject_bad_requests(exported, guard_env):
-    model, path = exported
-    rng = np.random.default_rng(0)
-    requests, wants = {}, {}
-    for length in (9, 70):
-        ids = rng.integers(0, 256, size=(2, length)).astype(np.int32)
-        mask = np.ones_like(ids)
-        mask[1, length // 2:] = 0
-        requests[f"plain{length}"] = {"signature": "serving_default",
-                                       "token_ids": ids.tolist()}
-        requests[f"padded{length}"] = {"signature": "with_padding_mask",
-                                        "token_ids": ids.tolist(),
-                                        "padding_mask": mask.tolist()}
-        wants[f"plain{length}"] = (model.predict(
-            {"token_ids": ids, "padding_mask": np.ones_like(ids)}, verbose=0), None)
-        wants[f"padded{length}"] = (model.predict(
-            {"token_ids": ids, "padding_mask": mask}, verbose=0), mask > 0)
-    # One process for all requests: each fresh process costs seconds.
-    got = serve(path, {
-        **requests,
-        "long": {"signature": "serving_default", "token_ids": [[1] * 129]},
-        "long_text": {"signature": "next_token", "text": ["x" * 129]},
-        "too_big": {"signature": "serving_default", "token_ids": [[1, 300, 3]]},
-        "negative": {"signature": "serving_default", "token_ids": [[1, -1]]},
-        "mask_shape": {"signature": "with_padding_mask", "token_ids": [[1, 2, 3]],
-                       "padding_mask": [[1, 1]]},
-        "empty_text": {"signature": "next_token", "text": ["ok", ""]},
-    }, guard_env)
+def test_loaded_signatures_equal_predict_and_reject_bad_requests(exported, served):
+    model, _ = exported
+    got, inputs = served
+    wants = {}
+    for name, (ids, mask) in inputs.items():
+        wants[name] = (model.predict({"token_ids": ids, "padding_mask": mask}, verbose=0),
+                       None if mask.all() else mask > 0)
     for name, (want, real) in wants.items():
         out = np.asarray(got[name]["logits"])
         assert got[name]["deterministic"]
@@ -319,15 +345,12 @@ def without_preprocessor(lm):
     return twin
 
 
-def test_loaded_generate_equals_generate(exported_lm, guard_env):
-    # The references are keras-hub's generate() over the model's
-    # call_with_cache, and for seeded sampling the full forward pass; the
-    # export serves its own graph loop, run here by TensorFlow alone.
-    lm, path = exported_lm
+def generate_requests():
+    """(requests, prompt ids, prompt mask, texts) for the LM export."""
     ids = np.random.default_rng(1).integers(0, 256, size=(3, 19)).astype(np.int32)
     mask = (np.arange(19)[None] < np.array([[19], [6], [11]])).astype(np.int32)
     texts = ["def main(", "héllo wörld"]
-    got = serve(path, {
+    requests = {
         "ids": {"signature": "generate", "token_ids": (ids * mask).tolist(),
                 "padding_mask": mask.tolist(), "max_length": 40},
         "text": {"signature": "generate_text", "text": texts, "max_length": 30},
@@ -341,7 +364,24 @@ def test_loaded_generate_equals_generate(exported_lm, guard_env):
                         "padding_mask": [[0, 1, 1]], "max_length": 8},
         "bad_id": {"signature": "generate", "token_ids": [[1, 258]],
                    "padding_mask": [[1, 1]], "max_length": 8},
-    }, guard_env)
+    }
+    return requests, ids, mask, texts
+
+
+@pytest.fixture(scope="module")
+def served_lm(exported_lm, guard_env):
+    """The LM export served once: census, signatures and every request."""
+    _, path = exported_lm
+    requests, *prompts = generate_requests()
+    return serve(path, requests, guard_env), prompts
+
+
+def test_loaded_generate_equals_generate(exported_lm, served_lm):
+    # The references are keras-hub's generate() over the model's
+    # call_with_cache, and for seeded sampling the full forward pass; the
+    # export serves its own graph loop, run here by TensorFlow alone.
+    lm, _ = exported_lm
+    got, (ids, mask, texts) = served_lm
 
     # Without a preprocessor, keras-hub generates to the prompts' padded width.
     tail = [(0, 0), (0, 40 - 19)]
@@ -390,9 +430,8 @@ def test_loaded_generate_equals_generate(exported_lm, guard_env):
     assert "token ids must be < vocabulary_size=258" in got["bad_id"]["error"]
 
 
-def test_generate_export_uses_registered_core_ops(exported_lm, guard_env):
-    _, path = exported_lm
-    got = run_python(OPS, path, guard_env)
+def test_generate_export_uses_registered_core_ops(served_lm):
+    got, _ = served_lm
     assert got["unknown"] == []
     # The census saw the decode loop (in-place cache writes) and the text ops.
     assert {"InplaceUpdate", "DeepCopy", "DecodeRaw", "ReduceJoin"} <= set(got["ops"])

@@ -169,6 +169,10 @@ def test_two_workers_fit_with_xla_match_single_device(tmp_path):
         assert "(in replica 1 of 2," in bad["message"], bad
 
 
+# A check on Keras, not on this library (two processes, ~10 s of CPU): it
+# tells when the workaround can go. The workaround itself is exercised by
+# every multi-worker run above.
+@pytest.mark.slow
 def test_keras_still_needs_the_multiworker_fix(tmp_path):
     codes, outs = wait_all(start_workers([sys.executable, HERE, "unpatched"], tmp_path),
                            timeout=120)
