@@ -177,12 +177,15 @@ def attend_rows(qk, v, index, context):
     if None not in (count, rounds, positions):
         budget = settings.group_elements
         row_elements = rounds * positions * settings.width
-        group = group_size(count, row_elements, budget)
-        if group < count:
-            if group == 1 and rounds > 1 and row_elements > budget:
+        if count * row_elements > budget:
+            if row_elements > budget:
                 # One row's rounds do not fit at once (64K tokens and beyond
-                # with the default budget): one (row, round) at a time.
+                # with the default budget), even when there is only one row
+                # (batch 1 and one head, or heads taken one at a time): one
+                # (row, round) at a time, a range of chunks at a time when
+                # even one round does not fit.
                 return _loop_rounds(_attend_rounds, qk, v, index, context)
+            group = group_size(count, row_elements, budget)
             return _loop_groups(_attend_group, qk, v, index, context, group)
     # Everything fits at once (or the sizes are known only at run time):
     # autodiff keeps the probabilities.

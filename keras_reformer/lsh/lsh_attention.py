@@ -16,6 +16,7 @@ from keras_reformer._compat import get_keras_mask, set_keras_mask
 from keras_reformer._seeds import SeedStatesInWeights, resolve_seed
 from keras_reformer._self_attention import SelfAttentionCall
 from keras_reformer.lsh import (
+    head_loop,
     chunk_attention,
     decoding,
     dense_attention,
@@ -581,8 +582,6 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         folded = Folded(x, self._axes(rank))
         x = folded.tensor
         key_masks = [folded.apply(m) for m in (query_mask, value_mask, key_mask)]
-        gate = self.gate_dense(x) if self.use_gate else None
-        qk, v = self.project(x)
 
         # Masks: the query-key mask mapped along; a key nobody may attend to
         # is padding.
@@ -596,6 +595,16 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         valid, causal_rows = masks.valid_keys(
             key_masks, query_key_mask, batch, length, causal
         )
+        if self._heads_in_turn(x):
+            out = self._attend_heads_in_turn(
+                x, valid, length, causal, query_key_mask, causal_rows, num_hashes,
+                training)
+            out = folded.unfold(out)
+            if query_mask is not None:
+                set_keras_mask(out, query_mask)
+            return out
+        gate = self.gate_dense(x) if self.use_gate else None
+        qk, v = self.project(x)
         if self.value_shift:
             v = value_shift.shifted_values(v, valid)
         if not self.reference_rules:
@@ -608,9 +617,75 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
             set_keras_mask(out, query_mask)
         return out
 
+    def _heads_in_turn(self, x):
+        """Whether `call` runs its heads one at a time (`head_loop`): for
+        inputs whose per-head tensors of all heads would be large, and where
+        the projections are plain kernels (no gate, no quantized kernels)."""
+        length = x.shape[1]
+        if (self.reference_rules or self.use_gate or length is None
+                or len(self.output_dense.kernel.shape) != 3):
+            return False
+        if any(getattr(dense, "quantization_mode", None) is not None
+               for dense in (self.qk_dense, self.value_dense, self.output_dense)):
+            return False
+        width = max(self.key_dim, self.value_dim)
+        return length * self.num_heads * width > head_loop.HEAD_LOOP_ELEMENTS
+
+    def _attend_heads_in_turn(self, x, valid, length, causal, query_key_mask,
+                              causal_rows, num_hashes, training):
+        """`call`'s projections, attention and output projection one head at
+        a time, the heads' outputs summed (see `head_loop`). The random
+        numbers (rotations, dropout seeds) are drawn once, before the loop:
+        each head's recomputation in the backward pass sees the same."""
+        dtype = self.compute_dtype
+
+        def kernel(dense, order):
+            return tf.transpose(tf.cast(dense.kernel, dtype), order)
+
+        # Head first: (H, F, D), (H, F, E), (H, E, F_out); biases (H, .).
+        per_head = [kernel(self.qk_dense, [1, 0, 2]), kernel(self.value_dense, [1, 0, 2]),
+                    tf.cast(self.output_dense.kernel, dtype)]
+        biases = [d.bias for d in (self.qk_dense, self.value_dense)]
+        if all(b is not None for b in biases):
+            per_head += [tf.cast(b, dtype) for b in biases]
+        drawn = self._rotations(self._factors(), num_hashes, training)
+        rate, seed = self._dropout(training)
+
+        def head_of(mask, h):
+            """Head `h`'s rows of a (batch, heads, ...) mask (one head: all)."""
+            if mask is None or mask.shape[1] == 1:
+                return mask
+            return tf.gather(mask, tf.reshape(h, [1]), axis=1)
+
+        def head(h, x, w_qk, w_v, w_out, *b):
+            qk = tf.einsum("blf,fd->bld", x, w_qk)
+            v = tf.einsum("blf,fe->ble", x, w_v)
+            if b:
+                qk, v = qk + b[0], v + b[1]
+            qk = tf.cast(qk, tf.float32)[:, None]
+            v = tf.cast(v, tf.float32)[:, None]
+            if self.value_shift:
+                v = value_shift.shifted_values(v, valid)
+            head_seed = None
+            if seed is not None:
+                head_seed = tf.random.experimental.stateless_fold_in(seed, h)
+            out = self._own_attend(
+                qk, v, valid, length, causal, head_of(query_key_mask, h),
+                head_of(causal_rows, h), num_hashes, training,
+                drawn=drawn, dropout=(rate, head_seed))
+            return tf.einsum("ble,ef->blf", tf.cast(out[:, 0], dtype), w_out)
+
+        out = head_loop.sum_over_heads(head, x, per_head, self.num_heads)
+        out = tf.cast(out, dtype)
+        if self.output_dense.bias is not None:
+            out = out + tf.cast(self.output_dense.bias, dtype)
+        return out
+
     def _own_attend(self, qk, v, valid, length, causal, query_key_mask, causal_rows,
-                    num_hashes, training):
-        """The library's rules: (B, H, L, .) projections -> (B, H, L, E)."""
+                    num_hashes, training, drawn=None, dropout=None):
+        """The library's rules: (B, H, L, .) projections -> (B, H, L, E).
+        `drawn` (the hash rotations) and `dropout` (rate, seed) are drawn
+        here unless given."""
         # Padded to whole chunks.
         c = self.bucket_size
         padded_length = -(-length // c) * c
@@ -625,7 +700,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         if query_key_mask is not None:
             query_key_mask = tf.pad(query_key_mask, [[0, 0], [0, 0], [0, pad], [0, pad]])
 
-        rate, dropout_seed = self._dropout(training)
+        rate, dropout_seed = self._dropout(training) if dropout is None else dropout
         settings = chunk_attention.ChunkSettings(
             bucket_size=c,
             chunks_before=self.num_chunks_before,
@@ -639,7 +714,10 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         def hashed():
             # Hashing, sorting, then (a group of rows at a time) the rows in
             # sorted order, chunk attention, unsorting, the rounds combined.
-            buckets, total = self.hash_buckets(qk, num_hashes, training)
+            if drawn is None:
+                buckets, total = self.hash_buckets(qk, num_hashes, training)
+            else:
+                buckets, total = hashing.hash_vectors(qk, drawn), math.prod(self._factors())
             sorted_order = sorting.sort_order(buckets, valid, total)
             return chunk_attention.attend(
                 qk, v, sorted_order, valid, settings,

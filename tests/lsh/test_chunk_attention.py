@@ -170,3 +170,24 @@ def test_dropout_masks_differ_across_groups_and_steps():
             for b in range(4):
                 assert not np.allclose(first[a], other[b]), (later, a, b)
     np.testing.assert_array_equal(first, dropped([7, 0]))  # same seed, same masks
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_a_single_row_too_large_for_the_budget_is_looped(monkeypatch, rounds):
+    # Batch 1 and one head (or heads taken one at a time): one row, which
+    # must still be attended a (round, range of chunks) at a time.
+    from keras_reformer.lsh import chunk_attention
+
+    qk, v, buckets, valid = problem()
+    qk, v, buckets, valid = qk[:1, :1], v[:1, :1], buckets[:1, :1, :rounds], valid[:1]
+    looped = []
+    loop_rounds = chunk_attention._loop_rounds
+    monkeypatch.setattr(chunk_attention, "_loop_rounds",
+                        lambda *args: looped.append(1) or loop_rounds(*args))
+    out_a, grads_a = run(qk, v, buckets, valid, 2**30, causal=True)
+    assert not looped
+    out_b, grads_b = run(qk, v, buckets, valid, 128, causal=True)
+    assert looped
+    np.testing.assert_allclose(out_a, out_b, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
