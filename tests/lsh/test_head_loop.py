@@ -83,7 +83,8 @@ def test_equals_all_heads_at_once(heads_in_turn, layer_kwargs, call, mode):
     assert_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("mode", ["graph", "xla"])
+# Graph mode only: the loop under XLA is checked above, without dropout.
+@pytest.mark.parametrize("mode", ["graph"])
 def test_recomputing_gradient_equals_autodiff_with_dropout(heads_in_turn, monkeypatch,
                                                            mode):
     # The loop's gradient recomputes each head from its seed; the reference
