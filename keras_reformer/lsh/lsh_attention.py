@@ -622,11 +622,12 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         inputs whose per-head tensors of all heads would be large, and where
         the projections are plain kernels (no gate, no quantized kernels)."""
         length = x.shape[1]
-        if (self.reference_rules or self.use_gate or length is None
-                or len(self.output_dense.kernel.shape) != 3):
+        if self.reference_rules or self.use_gate or length is None:
             return False
         if any(getattr(dense, "quantization_mode", None) is not None
                for dense in (self.qk_dense, self.value_dense, self.output_dense)):
+            return False
+        if len(self.output_dense.kernel.shape) != 3:  # a multi-axis output_shape
             return False
         width = max(self.key_dim, self.value_dim)
         return length * self.num_heads * width > head_loop.HEAD_LOOP_ELEMENTS
