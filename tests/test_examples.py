@@ -29,14 +29,10 @@ def run(script, *args, timeout=600, check=True):
 def load_example(script, monkeypatch):
     """An example script as a module (its `main` not run), with the examples'
     folder on `sys.path` for this test, as when the script runs."""
-    import importlib.util
+    import importlib
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
-    spec = importlib.util.spec_from_file_location(
-        f"example_{script[:-3]}", os.path.join(ROOT, "examples", script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(script[:-3])
 
 
 def summary(run_dir):

@@ -430,26 +430,26 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         n = self.resolved_num_buckets
         return n if isinstance(n, tuple) else (n,)
 
-    def hash_buckets(self, qk, num_hashes=None, training=False):
+    def hash_buckets(self, qk, num_hashes=None, training=False, rotations=None):
         """Bucket ids of shared-QK vectors.
 
         Args:
             qk: (B, H, L, key_dim) float32, from `project`.
             num_hashes: int, rounds (default: the layer's).
             training: bool, fresh rotations (True) or those of `hash_seed`.
+            rotations: the rotations to hash with, drawn already (then
+                `num_hashes` and `training` are not used).
 
         Returns:
             (buckets (B, H, num_hashes, L) int32, total bucket count int).
         """
-        num_hashes = self.num_hashes if num_hashes is None else _checks.positive_int(
-            "num_hashes", num_hashes
-        )
         factors = self._factors()
-        total = 1
-        for n in factors:
-            total *= n
-        drawn = self._rotations(factors, num_hashes, training)
-        return hashing.hash_vectors(qk, drawn), total
+        if rotations is None:
+            num_hashes = self.num_hashes if num_hashes is None else _checks.positive_int(
+                "num_hashes", num_hashes
+            )
+            rotations = self._rotations(factors, num_hashes, training)
+        return hashing.hash_vectors(qk, rotations), math.prod(factors)
 
     def project(self, x):
         """(B, L, features) -> (qk (B, H, L, D), values (B, H, L, E)), float32."""
@@ -599,20 +599,18 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
             out = self._attend_heads_in_turn(
                 x, valid, length, causal, query_key_mask, causal_rows, num_hashes,
                 training)
-            out = folded.unfold(out)
-            if query_mask is not None:
-                set_keras_mask(out, query_mask)
-            return out
-        gate = self.gate_dense(x) if self.use_gate else None
-        qk, v = self.project(x)
-        if self.value_shift:
-            v = value_shift.shifted_values(v, valid)
-        if not self.reference_rules:
-            out = self._own_attend(qk, v, valid, length, causal, query_key_mask,
-                                   causal_rows, num_hashes, training)
         else:
-            out = self._reference_attend(qk, v, valid, length, causal, training)
-        out = folded.unfold(self.attend_output(out, gate))
+            gate = self.gate_dense(x) if self.use_gate else None
+            qk, v = self.project(x)
+            if self.value_shift:
+                v = value_shift.shifted_values(v, valid)
+            if not self.reference_rules:
+                out = self._own_attend(qk, v, valid, length, causal, query_key_mask,
+                                       causal_rows, num_hashes, training)
+            else:
+                out = self._reference_attend(qk, v, valid, length, causal, training)
+            out = self.attend_output(out, gate)
+        out = folded.unfold(out)
         if query_mask is not None:
             set_keras_mask(out, query_mask)
         return out
@@ -715,10 +713,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         def hashed():
             # Hashing, sorting, then (a group of rows at a time) the rows in
             # sorted order, chunk attention, unsorting, the rounds combined.
-            if drawn is None:
-                buckets, total = self.hash_buckets(qk, num_hashes, training)
-            else:
-                buckets, total = hashing.hash_vectors(qk, drawn), math.prod(self._factors())
+            buckets, total = self.hash_buckets(qk, num_hashes, training, rotations=drawn)
             sorted_order = sorting.sort_order(buckets, valid, total)
             return chunk_attention.attend(
                 qk, v, sorted_order, valid, settings,
