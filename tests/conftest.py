@@ -111,6 +111,32 @@ def _deal_long_tests_first(items, workers):
     return ordered
 
 
+def _no_op_tracebacks():
+    """TensorFlow records the Python stack of every graph op it creates, for
+    the "defined at" part of its error messages. Under pytest's deep stacks
+    that walk was 6% of the suite's CPU (py-spy, whole default run); no test
+    reads those traces, and results do not depend on them.
+    `KERAS_REFORMER_TEST_OP_TRACEBACKS=1` keeps them, for debugging a
+    failure inside a traced function."""
+    if os.environ.get("KERAS_REFORMER_TEST_OP_TRACEBACKS") == "1":
+        return
+    import functools
+    import inspect
+
+    from tensorflow.python.framework import ops
+
+    create = ops._create_c_op
+    if "extract_traceback" in inspect.signature(create).parameters:
+        ops._create_c_op = functools.partial(create, extract_traceback=False)
+
+
+def pytest_configure(config):
+    xdist_controller = (getattr(config, "workerinput", None) is None
+                        and config.getoption("numprocesses", None) not in (None, 0))
+    if not xdist_controller:  # the controller runs no test: no TensorFlow there
+        _no_op_tracebacks()
+
+
 def pytest_collection_finish(session):
     """Everything imported by now (TensorFlow, Keras, the test modules) lives
     until the end: moved out of the collector's reach, it is not scanned

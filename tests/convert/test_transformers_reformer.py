@@ -121,6 +121,8 @@ def test_missing_and_extra_tensors_are_named(tmp_path):
 def test_generate_runs_full_passes_over_the_prefix():
     # With the reference's rules outputs are not prefix-stable: greedy
     # generation must equal the argmax of a full pass over each prefix.
+    import keras_hub
+
     folder, golden = fixture("crime_and_punishment")
     lm = ReformerCausalLM.from_transformers(folder, rotations=golden["rotations"],
                                             preprocessor=None)
@@ -129,29 +131,18 @@ def test_generate_runs_full_passes_over_the_prefix():
     width = 20
     ids = np.pad(prompt, [[0, 0], [0, width - 13]])
     mask = (np.arange(width) < 13)[None].astype("int32")
-    out = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+    x = {"token_ids": ids, "padding_mask": mask}
+    out = lm.generate(x, stop_token_ids=None)
     row = list(prompt[0])
     while len(row) < width:
-        x = np.array([row], "int32")
-        logits = np.asarray(lm({"token_ids": x, "padding_mask": np.ones_like(x)}))
+        x_row = np.array([row], "int32")
+        logits = np.asarray(lm({"token_ids": x_row, "padding_mask": np.ones_like(x_row)}))
         row.append(int(logits[0, -1].argmax()))
     np.testing.assert_array_equal(out["token_ids"][0], row)
-
-
-def test_contrastive_sampler_gets_the_prompt_hidden_states():
     # Only the contrastive sampler reads the prompt's hidden states (the
     # others skip that pass); with alpha=0 it is greedy.
-    import keras_hub
-
-    folder, golden = fixture("crime_and_punishment")
-    lm = ReformerCausalLM.from_transformers(folder, rotations=golden["rotations"],
-                                            preprocessor=None)
-    ids = np.pad(golden["token_ids"][:1, :13].astype("int32"), [[0, 0], [0, 5]])
-    x = {"token_ids": ids, "padding_mask": (np.arange(18) < 13)[None].astype("int32")}
     lm.compile(sampler=keras_hub.samplers.ContrastiveSampler(k=3, alpha=0.0))
-    contrastive = lm.generate(x, stop_token_ids=None)["token_ids"]
-    lm.compile(sampler="greedy")
-    np.testing.assert_array_equal(contrastive, lm.generate(x, stop_token_ids=None)["token_ids"])
+    np.testing.assert_array_equal(lm.generate(x, stop_token_ids=None)["token_ids"][0], row)
 
 
 def fine_tuned(jit_compile):
@@ -164,12 +155,10 @@ def fine_tuned(jit_compile):
     lm.preprocessor.sequence_length = 16
     texts = ["A few months later, Raskolnikov walked out."] * 4
     lm.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=jit_compile)
-    def loss():
-        return lm.evaluate(texts, batch_size=4, verbose=0, return_dict=True)["loss"]
-
-    first = loss()
-    lm.fit(texts, batch_size=4, epochs=3, verbose=0)
-    assert loss() < first - 0.1
+    # One batch per epoch and no dropout in this checkpoint: epoch k's loss
+    # is the loss of the weights after k - 1 updates.
+    losses = lm.fit(texts, batch_size=4, epochs=4, verbose=0).history["loss"]
+    assert losses[-1] < losses[0] - 0.1
     x, _, _ = lm.preprocessor(texts[:2])
     return lm, {k: np.asarray(v).astype("int32") for k, v in x.items()}
 

@@ -24,6 +24,15 @@ class Attention(keras.layers.Layer):
         self.attention = LSHAttention(2, 4, bucket_size=4, num_hashes=2,
                                       dropout=0.1, seed=seed)
 
+    def build(self, shape):
+        # From its sublayers' shapes: without build() and
+        # compute_output_shape(), ReversibleSequence.build would trace each
+        # block (tests/layers/test_reversible_sequence.py covers that path).
+        self.attention(self.norm(keras.KerasTensor(shape)))
+
+    def compute_output_shape(self, shape):
+        return shape
+
     def call(self, x, training=None):
         return self.attention(self.norm(x), training=training, use_causal_mask=True)
 
