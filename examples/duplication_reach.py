@@ -53,8 +53,8 @@ def record_buckets(model, inputs):
     seen = []
     original = layer.hash_buckets
 
-    def recording(qk, num_hashes=None, training=False, rotations=None):
-        buckets, total = original(qk, num_hashes, training, rotations=rotations)
+    def recording(*args, **kwargs):  # whatever hash_buckets takes, passed on
+        buckets, total = original(*args, **kwargs)
         seen.append(np.asarray(buckets))
         return buckets, total
 
