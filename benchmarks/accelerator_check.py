@@ -270,6 +270,47 @@ def mha_check(run):
 CHECKS = (train_checks, depth_check, decode_check, mha_check)
 
 
+def csv_rows(records, run=None):
+    """The printed records as flat CSV rows: one per check, the
+    MultiHeadAttention ladder one row per length tried (the longest that
+    fitted with its peak), lists and dicts as JSON, no summary line."""
+    rows = []
+    for record in records:
+        if record.get("check") == "summary":
+            continue
+        record = dict(record)
+        ladder = record.pop("ladder", None)
+        if ladder is None:
+            rung_rows = [record]
+        else:
+            rung_rows = []
+            for rung in ladder:
+                row = {**{key: None for key in KEYS}, "check": record["check"],
+                       "dtype": record.get("dtype"), "device": record.get("device"), **rung}
+                if rung["length"] == record.get("length"):
+                    row = {**record, **rung}
+                if row.get("step_ms"):
+                    row["tokens_per_s"] = round(1e3 * row["length"] / row["step_ms"])
+                rung_rows.append(row)
+        for row in rung_rows:
+            row = {key: json.dumps(value) if isinstance(value, (list, dict)) else value
+                   for key, value in row.items()}
+            rows.append(row if run is None else {"run": run, **row})
+    return rows
+
+
+def from_jsonl(paths, name):
+    """Write benchmarks/results/`name` from the stdout of earlier runs (one
+    file per run, `run` numbering them): for a machine whose checkout is
+    thrown away after the run, whose printed lines are what comes back."""
+    rows = []
+    for run, path in enumerate(paths, start=1):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.startswith("{")]
+        rows += csv_rows(records, run=run)
+    return _common.write_csv(name, rows)
+
+
 def no_gpu_record(device):
     """The line for a full run where TensorFlow sees no GPU, or None."""
     if device != "CPU":
@@ -287,10 +328,19 @@ def main(argv=None):
                         help="every check, tiny, on whatever device (a CPU: a few minutes)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for all checks (default 540; --smoke 900)")
+    parser.add_argument("--csv", metavar="NAME",
+                        help="also write the lines as rows of benchmarks/results/NAME")
+    parser.add_argument("--from-jsonl", nargs="+", metavar="FILE",
+                        help="run nothing: write --csv from earlier runs' stdout")
     parser.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.point:
         return point(*args.point)
+    if args.from_jsonl:
+        if not args.csv:
+            parser.error("--from-jsonl needs --csv NAME: the file to write")
+        print(from_jsonl(args.from_jsonl, args.csv))
+        return 0
     mode = SMOKE if args.smoke else FULL
     budget = mode["budget"] if args.budget_s is None else args.budget_s
     if budget <= 0:
@@ -310,6 +360,8 @@ def main(argv=None):
     print(json.dumps({"check": "summary", "device": run.device, "smoke": args.smoke,
                       "all_ok": all_ok, "statuses": statuses,
                       "wall_s": round(time.monotonic() - start, 1)}), flush=True)
+    if args.csv:
+        _common.progress(_common.write_csv(args.csv, csv_rows(r for _, r in run.lines)))
     return 0 if all_ok else 1
 
 

@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/accelerator_check.sh            # on the GPU machine
 #   bash benchmarks/accelerator_check.sh --smoke    # every check, tiny, on a CPU
+#   bash benchmarks/accelerator_check.sh --budget-s 300   # all checks in 300 s (default 540)
+#   bash benchmarks/accelerator_check.sh --csv accelerator_check.csv   # rows in benchmarks/results/ too
 #
 # What it runs and prints: benchmarks/accelerator_check.py and
 # docs/benchmarks.md ("The accelerator check"). It downloads nothing. Only
@@ -14,16 +16,21 @@
 # not, 2 for a bad argument or a machine whose TensorFlow sees no GPU.
 set -euo pipefail
 
-usage="usage: bash benchmarks/accelerator_check.sh [--smoke]"
+usage="usage: bash benchmarks/accelerator_check.sh [--smoke] [--budget-s SECONDS] [--csv NAME]"
 args=()
-for arg in "$@"; do
-    case "$arg" in
-        --smoke) args=(--smoke) ;;
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smoke) args+=(--smoke) ;;
+        --budget-s) [ $# -ge 2 ] || { echo "accelerator_check.sh: --budget-s needs a number of seconds" >&2; exit 2; }
+                    args+=(--budget-s "$2"); shift ;;
+        --csv) [ $# -ge 2 ] || { echo "accelerator_check.sh: --csv needs a file name" >&2; exit 2; }
+               args+=(--csv "$2"); shift ;;
         -h | --help) echo "$usage"; exit 0 ;;
-        *) echo "accelerator_check.sh: unknown argument '$arg'" >&2
+        *) echo "accelerator_check.sh: unknown argument '$1'" >&2
            echo "$usage" >&2
            exit 2 ;;
     esac
+    shift
 done
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

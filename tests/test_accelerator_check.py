@@ -127,6 +127,55 @@ def test_driver_budget_and_no_gpu(driver, monkeypatch, capsys):
     assert lines[0]["check"] == "device" and "sees no GPU" in lines[0]["error"]
 
 
+def test_csv_rows_from_a_run_and_from_its_printed_lines(driver, monkeypatch, capsys,
+                                                         tmp_path):
+    # A run with --csv writes its lines as rows; --from-jsonl writes the same
+    # rows from the lines it printed (what comes back from a GPU machine).
+    mode = driver.SMOKE
+    records = {("mha_train_step", mode["mha_lengths"][-1], "float32"): {
+        "status": "oom", "error": "ResourceExhaustedError: OOM", "device": "GPU:0 Fake"}}
+    monkeypatch.setattr(driver._common, "RESULTS", str(tmp_path))
+    code, lines, _ = run_driver(driver, monkeypatch, capsys, records,
+                                argv=("--smoke", "--csv", "direct.csv"))
+    assert code == 0  # the ladder's stop is its figure, not a failure
+    printed = tmp_path / "printed.jsonl"
+    printed.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert driver.main(["--csv", "converted.csv", "--from-jsonl", str(printed)]) == 0
+    direct = driver._common.read_csv("direct.csv")
+    converted = driver._common.read_csv("converted.csv")
+    assert [row.pop("run") for row in converted] == ["1"] * len(direct)
+    assert converted == direct
+    # One row per check, the summary left out, the ladder one row per
+    # length: the shortest "ok" (1000 tokens/s in its record, 1 ms a step
+    # here: length / 1 ms), then the length that ran out of memory.
+    checks = [line for line in lines if line["check"] != "summary"]
+    assert len(direct) == len(checks) - 1 + len(checks[-1]["ladder"])
+    ladder = [row for row in direct if row["check"] == "mha_train_step"]
+    assert [(int(r["length"]), r["status"]) for r in ladder] == [
+        (mode["mha_lengths"][0], "ok"), (mode["mha_lengths"][1], "oom")]
+    assert int(ladder[0]["tokens_per_s"]) == mode["mha_lengths"][0] * 1000
+    depth = next(row for row in direct if row["check"] == "depth_memory")
+    assert json.loads(depth["blocks"]) == list(mode["depths"])
+    with pytest.raises(SystemExit) as exit_:  # nothing to write to: a usage error
+        driver.main(["--from-jsonl", str(printed)])
+    assert exit_.value.code == 2
+
+
+def test_the_wrapper_passes_budget_and_csv_on(monkeypatch, tmp_path):
+    # A stand-in interpreter prints the arguments the driver would get.
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nshift; echo "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake))
+    proc = subprocess.run(["bash", SCRIPT, "--budget-s", "300", "--csv", "x.csv", "--smoke"],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["--budget-s", "300", "--csv", "x.csv", "--smoke"]
+    proc = subprocess.run(["bash", SCRIPT, "--budget-s"], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "--budget-s needs a number" in proc.stderr
+
+
 def test_is_oom_and_classify(driver):
     assert driver.is_oom("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
     assert driver.classify("timeout after 90s") == "timeout"

@@ -396,8 +396,11 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         self.output_dense.build((None, length, self.num_heads, self.value_dim))
         # The inference rotations' seed is a weight, so save_weights /
         # load_weights reproduce predictions (a config-only seed did not).
+        # int64, not int32: TensorFlow keeps int32 variables in host memory,
+        # and an XLA-compiled step on a GPU cannot read them ("Trying to
+        # access resource ... located in device CPU:0 from device GPU:0").
         self.hash_seed = self.add_weight(
-            name="hash_seed", shape=(2,), dtype="int32", trainable=False,
+            name="hash_seed", shape=(2,), dtype="int64", trainable=False,
             initializer=keras.initializers.Constant([self.seed, 0]),
         )
         if self.reference_rules:
@@ -423,7 +426,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
             # Fresh every step; replayable by StatelessScope (state mapping).
             seed = tf.cast(self.seed_generator.next(), tf.int32)
         else:
-            seed = tf.convert_to_tensor(self.hash_seed.value)
+            seed = tf.cast(self.hash_seed.value, tf.int32)
         return rotations.draw_rotations(self.key_dim, factors, num_hashes, seed)
 
     def _factors(self):
