@@ -204,15 +204,23 @@ def best_step(net, x, y, steps):
 
 
 def point(model, length, jit, steps):
+    # The runtime's floor: RSS once TensorFlow, Keras, keras-hub and the
+    # library are imported, before any model (the peer measures its own
+    # after importing torch and transformers): peak minus floor is what the
+    # model and its training cost, whichever runtime holds them.
+    import keras_reformer.models  # noqa: F401
+
+    floor = _common.current_rss_mb()
     net = build(model, length, jit)
     x, y = batch(model, length)
     base = _common.current_rss_mb()
     seconds = best_step(net, x, y, steps)
+    peak = _common.peak_rss_mb()
     _common.emit({
         "model": model, "length": length, "jit": jit,
         "step_s": round(seconds, 4), "tokens_per_s": round(length / seconds),
-        "peak_rss_mb": round(_common.peak_rss_mb()),
-        "step_mem_mb": round(_common.peak_rss_mb() - base),
+        "peak_rss_mb": round(peak), "step_mem_mb": round(peak - base),
+        "import_rss_mb": round(floor), "above_import_mb": round(peak - floor),
     })
 
 
@@ -293,6 +301,9 @@ def peer_sweep(args, gflops):
                            tokens_per_s_max=tps[2], peak_rss_mb=rss[0],
                            peak_rss_mb_min=rss[1], peak_rss_mb_max=rss[2],
                            status="ok")
+                if all("above_import_mb" in r for r in ok):
+                    row.update(import_rss_mb=spread([r["import_rss_mb"] for r in ok])[0],
+                               above_import_mb=spread([r["above_import_mb"] for r in ok])[0])
                 for key in ("torch", "transformers"):
                     if key in ok[0]:
                         row[key] = ok[0][key]
@@ -306,6 +317,9 @@ def peer_sweep(args, gflops):
         if row["model"] == "reformer" and row["status"] == peer["status"] == "ok":
             row["tokens_per_s_ratio"] = round(row["tokens_per_s"] / peer["tokens_per_s"], 3)
             row["peak_rss_ratio"] = round(row["peak_rss_mb"] / peer["peak_rss_mb"], 3)
+            if "above_import_mb" in row and "above_import_mb" in peer:
+                row["above_import_ratio"] = round(
+                    row["above_import_mb"] / peer["above_import_mb"], 3)
     return rows
 
 

@@ -13,6 +13,7 @@ import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import current_rss_mb  # noqa: E402,F401 (hf_train_step's floor)
 from train_step import CONFIG, axial_shape, num_buckets  # noqa: E402
 
 

@@ -33,7 +33,12 @@ def main():
                      f"got {args.length}")
 
     import torch
+    import transformers  # noqa: F401
+    from transformers import ReformerModelWithLMHead  # noqa: F401
 
+    # The runtime's floor (train_step.py measures ours the same way): RSS
+    # once torch and transformers' Reformer are imported, before any model.
+    floor = hf_common.current_rss_mb()
     cores = hf_common.setup_threads()
     model = hf_common.build(args.length)
     ids = torch.randint(1, hf_common.CONFIG["vocabulary_size"], (1, args.length),
@@ -46,6 +51,8 @@ def main():
         "step_s": round(best, 4), "step_s_median": round(statistics.median(times), 4),
         "tokens_per_s": round(args.length / best),
         "peak_rss_mb": round(hf_common.peak_rss_mb()), "threads": cores,
+        "import_rss_mb": round(floor),
+        "above_import_mb": round(hf_common.peak_rss_mb() - floor),
         **hf_common.versions(),
     })
 
