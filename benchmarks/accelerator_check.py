@@ -268,6 +268,9 @@ def mha_check(run):
 
 
 CHECKS = (train_checks, depth_check, decode_check, mha_check)
+# --only's names: each check's `check` key, in the order they run.
+CHECK_NAMES = dict(zip(("train_step", "depth_memory", "cached_decoding", "mha_train_step"),
+                       CHECKS))
 
 
 def csv_rows(records, run=None):
@@ -328,6 +331,9 @@ def main(argv=None):
                         help="every check, tiny, on whatever device (a CPU: a few minutes)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for all checks (default 540; --smoke 900)")
+    parser.add_argument("--only", nargs="+", choices=list(CHECK_NAMES), metavar="CHECK",
+                        help="run these checks alone (in their usual order): "
+                             + ", ".join(CHECK_NAMES))
     parser.add_argument("--csv", metavar="NAME",
                         help="also write the lines as rows of benchmarks/results/NAME")
     parser.add_argument("--from-jsonl", nargs="+", metavar="FILE",
@@ -353,8 +359,9 @@ def main(argv=None):
     if probe.get("status") != "ok" or refusal:
         run.print(refusal or dict(probe, check="device", status="error"), "device")
         return 2
-    for check in CHECKS:
-        check(run)
+    for name, check in CHECK_NAMES.items():
+        if not args.only or name in args.only:
+            check(run)
     statuses = {label: record["status"] for label, record in run.lines}
     all_ok = all(status == "ok" for status in statuses.values())
     print(json.dumps({"check": "summary", "device": run.device, "smoke": args.smoke,

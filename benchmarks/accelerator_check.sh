@@ -6,6 +6,7 @@
 #   bash benchmarks/accelerator_check.sh --smoke    # every check, tiny, on a CPU
 #   bash benchmarks/accelerator_check.sh --budget-s 300   # all checks in 300 s (default 540)
 #   bash benchmarks/accelerator_check.sh --csv accelerator_check.csv   # rows in benchmarks/results/ too
+#   bash benchmarks/accelerator_check.sh --only depth_memory cached_decoding   # some checks alone
 #
 # What it runs and prints: benchmarks/accelerator_check.py and
 # docs/benchmarks.md ("The accelerator check"). It downloads nothing. Only
@@ -16,7 +17,7 @@
 # not, 2 for a bad argument or a machine whose TensorFlow sees no GPU.
 set -euo pipefail
 
-usage="usage: bash benchmarks/accelerator_check.sh [--smoke] [--budget-s SECONDS] [--csv NAME]"
+usage="usage: bash benchmarks/accelerator_check.sh [--smoke] [--budget-s SECONDS] [--csv NAME] [--only CHECK ...]"
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -25,6 +26,11 @@ while [ $# -gt 0 ]; do
                     args+=(--budget-s "$2"); shift ;;
         --csv) [ $# -ge 2 ] || { echo "accelerator_check.sh: --csv needs a file name" >&2; exit 2; }
                args+=(--csv "$2"); shift ;;
+        --only) shift
+                [ $# -ge 1 ] || { echo "accelerator_check.sh: --only needs check names" >&2; exit 2; }
+                args+=(--only)
+                while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do args+=("$1"); shift; done
+                continue ;;
         -h | --help) echo "$usage"; exit 0 ;;
         *) echo "accelerator_check.sh: unknown argument '$1'" >&2
            echo "$usage" >&2

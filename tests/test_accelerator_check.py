@@ -161,19 +161,34 @@ def test_csv_rows_from_a_run_and_from_its_printed_lines(driver, monkeypatch, cap
     assert exit_.value.code == 2
 
 
-def test_the_wrapper_passes_budget_and_csv_on(monkeypatch, tmp_path):
+def test_the_wrapper_passes_its_options_on(monkeypatch, tmp_path):
     # A stand-in interpreter prints the arguments the driver would get.
     fake = tmp_path / "python"
     fake.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nshift; echo "$@"\n')
     fake.chmod(0o755)
     env = dict(os.environ, PYTHON=str(fake))
-    proc = subprocess.run(["bash", SCRIPT, "--budget-s", "300", "--csv", "x.csv", "--smoke"],
+    proc = subprocess.run(["bash", SCRIPT, "--budget-s", "300", "--only", "depth_memory",
+                           "cached_decoding", "--csv", "x.csv", "--smoke"],
                           capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["--budget-s", "300", "--csv", "x.csv", "--smoke"]
+    assert proc.stdout.split() == ["--budget-s", "300", "--only", "depth_memory",
+                                   "cached_decoding", "--csv", "x.csv", "--smoke"]
     proc = subprocess.run(["bash", SCRIPT, "--budget-s"], capture_output=True, text=True,
                           env=env, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "--budget-s needs a number" in proc.stderr
+
+
+def test_only_runs_the_named_checks_in_their_order(driver, monkeypatch, capsys):
+    code, lines, fake = run_driver(driver, monkeypatch, capsys, {}, argv=(
+        "--smoke", "--only", "cached_decoding", "depth_memory"))
+    assert code == 0
+    assert [line["check"] for line in lines] == ["depth_memory", "cached_decoding", "summary"]
+    assert [args[0] for args, _ in fake.calls] == [
+        "device", "depth_memory", "depth_memory", "cached_decoding"]
+    with pytest.raises(SystemExit) as exit_:
+        driver.main(["--smoke", "--only", "train"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'train'" in capsys.readouterr().err
 
 
 def test_is_oom_and_classify(driver):
