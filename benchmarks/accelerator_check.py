@@ -267,10 +267,9 @@ def mha_check(run):
     run.print(fitted, "mha_train_step (longest that fitted)")
 
 
-CHECKS = (train_checks, depth_check, decode_check, mha_check)
-# --only's names: each check's `check` key, in the order they run.
-CHECK_NAMES = dict(zip(("train_step", "depth_memory", "cached_decoding", "mha_train_step"),
-                       CHECKS))
+# Every check by its lines' `check` key (--only's names), in the order they run.
+CHECKS = {"train_step": train_checks, "depth_memory": depth_check,
+          "cached_decoding": decode_check, "mha_train_step": mha_check}
 
 
 def csv_rows(records, run=None):
@@ -286,12 +285,14 @@ def csv_rows(records, run=None):
         if ladder is None:
             rung_rows = [record]
         else:
+            # The longest length that fitted keeps the record's own figures
+            # (its peak); the other lengths have the ladder's alone.
+            others = {**{key: None for key in KEYS}, "check": record["check"],
+                      "dtype": record.get("dtype"), "device": record.get("device")}
             rung_rows = []
             for rung in ladder:
-                row = {**{key: None for key in KEYS}, "check": record["check"],
-                       "dtype": record.get("dtype"), "device": record.get("device"), **rung}
-                if rung["length"] == record.get("length"):
-                    row = {**record, **rung}
+                row = {**(record if rung["length"] == record.get("length") else others),
+                       **rung}
                 if row.get("step_ms"):
                     row["tokens_per_s"] = round(1e3 * row["length"] / row["step_ms"])
                 rung_rows.append(row)
@@ -331,9 +332,9 @@ def main(argv=None):
                         help="every check, tiny, on whatever device (a CPU: a few minutes)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for all checks (default 540; --smoke 900)")
-    parser.add_argument("--only", nargs="+", choices=list(CHECK_NAMES), metavar="CHECK",
+    parser.add_argument("--only", nargs="+", choices=list(CHECKS), metavar="CHECK",
                         help="run these checks alone (in their usual order): "
-                             + ", ".join(CHECK_NAMES))
+                             + ", ".join(CHECKS))
     parser.add_argument("--csv", metavar="NAME",
                         help="also write the lines as rows of benchmarks/results/NAME")
     parser.add_argument("--from-jsonl", nargs="+", metavar="FILE",
@@ -359,7 +360,7 @@ def main(argv=None):
     if probe.get("status") != "ok" or refusal:
         run.print(refusal or dict(probe, check="device", status="error"), "device")
         return 2
-    for name, check in CHECK_NAMES.items():
+    for name, check in CHECKS.items():
         if not args.only or name in args.only:
             check(run)
     statuses = {label: record["status"] for label, record in run.lines}

@@ -33,7 +33,6 @@ def main():
                      f"got {args.length}")
 
     import torch
-    import transformers  # noqa: F401
     from transformers import ReformerModelWithLMHead  # noqa: F401
 
     # The runtime's floor (train_step.py measures ours the same way): RSS
@@ -46,13 +45,13 @@ def main():
     times = hf_common.train_step_times(model, ids, args.steps, warmup=2,
                                        learning_rate=args.learning_rate)
     best = min(times)
+    peak = hf_common.peak_rss_mb()
     hf_common.emit({
         "model": "hf_reformer", "length": args.length, "steps": args.steps,
         "step_s": round(best, 4), "step_s_median": round(statistics.median(times), 4),
         "tokens_per_s": round(args.length / best),
-        "peak_rss_mb": round(hf_common.peak_rss_mb()), "threads": cores,
-        "import_rss_mb": round(floor),
-        "above_import_mb": round(hf_common.peak_rss_mb() - floor),
+        "peak_rss_mb": round(peak), "threads": cores,
+        "import_rss_mb": round(floor), "above_import_mb": round(peak - floor),
         **hf_common.versions(),
     })
 
