@@ -9,11 +9,11 @@ cannot drift apart.
 import argparse
 import json
 import os
-import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import current_rss_mb  # noqa: E402,F401 (hf_train_step's floor)
+# The same RSS readings as ours (the peer scripts call them through hf_common).
+from _common import current_rss_mb, peak_rss_mb  # noqa: E402,F401
 from train_step import CONFIG, axial_shape, num_buckets  # noqa: E402
 
 
@@ -73,10 +73,6 @@ def versions():
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def positive_int(text):
