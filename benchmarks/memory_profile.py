@@ -20,6 +20,7 @@ and prints the peaks and the largest tensors.
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 
@@ -28,6 +29,7 @@ import _common  # noqa: E402
 import train_step  # noqa: E402
 
 ALLOCATION, DEALLOCATION = "MemoryAllocation", "MemoryDeallocation"
+LOOP_FRAME = re.compile(r"while(_\d+)?|body|_\d+")
 
 
 def allocation_events(logdir):
@@ -68,6 +70,13 @@ def live_at_peak(events):
         if current > peak:
             peak, at_peak = current, dict(live)
     return peak, sorted(at_peak.values(), key=lambda r: -r[0])
+
+
+def short_scope(op, keep=70):
+    """The op's name without the loop frames (`while`, `body`, `_123`)
+    that nest it, its last `keep` characters: what a table can show."""
+    parts = [p for p in op.split("/") if not LOOP_FRAME.fullmatch(p)]
+    return "/".join(parts)[-keep:]
 
 
 def point(length, steps):
@@ -111,7 +120,7 @@ def main():
     record = _common.run_json(cmd, timeout=3600, prefix="RESULT ")
     if "tensors" not in record:
         sys.exit(f"memory profile failed: {record}")
-    rows = [{"mib": mib, "op": op, "shape": shape, "dtype": dtype}
+    rows = [{"mib": mib, "op": op, "scope": short_scope(op), "shape": shape, "dtype": dtype}
             for mib, op, shape, dtype in record["tensors"]]
     path = _common.write_csv(f"memory_profile_{args.length}.csv", rows)
     print(f"wrote {path}")

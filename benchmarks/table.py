@@ -12,7 +12,8 @@ table's heading, the column's name by default); `--pivot ROW[:HEADER]
 COLUMN VALUE` instead makes one line per value of ROW and one column per
 value of COLUMN (both in the CSV's order), holding VALUE; `--where KEY=VALUE` keeps
 the rows where the column KEY equals VALUE, `KEY!=VALUE` those where it
-does not (several conditions: all must hold).
+does not (several conditions: all must hold); `--first N` keeps the first
+N rows left (a long CSV, such as a memory profile's, sorted largest first).
 """
 
 import argparse
@@ -51,13 +52,18 @@ def main(argv=None):
     choice.add_argument("--columns", nargs="+", metavar="NAME[:HEADER]")
     choice.add_argument("--pivot", nargs=3, metavar=("ROW[:HEADER]", "COLUMN", "VALUE"))
     parser.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--first", type=int, metavar="N")
     args = parser.parse_args(argv)
+    if args.first is not None and args.first < 1:
+        parser.error(f"--first must be a positive number of rows, got {args.first}")
     rows = [row for name in args.csv for row in _common.read_csv(name)]
     for condition in args.where:
         key, _, value = condition.partition("=")
         negate = key.endswith("!")
         key = key.rstrip("!")
         rows = [row for row in rows if (row.get(key) == value) != negate]
+    if args.first:
+        rows = rows[:args.first]
     if args.pivot:
         needed = [args.pivot[0].partition(":")[0], *args.pivot[1:]]
     else:

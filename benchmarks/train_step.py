@@ -221,6 +221,9 @@ def point(model, length, jit, steps):
         "step_s": round(seconds, 4), "tokens_per_s": round(length / seconds),
         "peak_rss_mb": round(peak), "step_mem_mb": round(peak - base),
         "import_rss_mb": round(floor), "above_import_mb": round(peak - floor),
+        # XLA's own options change its memory and speed (the fusion
+        # emitters, for one): a row records those it ran with.
+        "xla_flags": os.environ.get("XLA_FLAGS", "") if jit else "",
     })
 
 

@@ -475,46 +475,19 @@ def softmax_attention(queries, keys, values, bias, keep=None):
 def _loop_groups(attend_group, qk, v, index, context, group):
     """`attend_group` (`_attend_group`) over groups of `group` rows in a loop
     whose gradient recomputes each group instead of keeping its
-    intermediates. The loop knows only the shape of the work, not the
-    attention it repeats."""
+    intermediates (`recomputed_map`). The loop knows only the shape of the
+    work, not the attention it repeats."""
     count, positions = qk.shape[0], qk.shape[1]
     groups = count // group
 
     def split(x):
         return tf.reshape(x, [groups, group] + x.shape[1:].as_list())
 
-    def group_inputs(i, qk, v, fields):
-        """Group `i`'s slices of the loop's inputs."""
-        part = [tf.gather(x, i) for x in (qk, v, *fields)]
-        return part[0], part[1], RowIndex(*part[2:])
+    def attend(i, q, w, *fields):
+        return attend_group(q, w, RowIndex(*fields), i, context)
 
-    @tf.custom_gradient
-    def looped(qk, v, *fields):
-        (out,) = over_groups(
-            lambda i: (attend_group(*group_inputs(i, qk, v, fields), i, context),),
-            groups, [_spec(v)])
-
-        def grad(d_out):
-            def group_grad(i):
-                q, w, part = group_inputs(i, qk, v, fields)
-                with tf.GradientTape() as tape:
-                    tape.watch([q, w])
-                    out = attend_group(q, w, part, i, context)
-                # d_out enters the recomputation's gradient, so XLA cannot
-                # hoist the recomputation into the forward pass.
-                return tuple(tape.gradient(out, [q, w], tf.gather(d_out, i)))
-
-            # `after`: in a reversible backward pass the forward loop above
-            # has just been rerun to recompute the block's output; nothing
-            # else orders the two loops, and run side by side they hold two
-            # groups' logits at once.
-            grads = over_groups(group_grad, groups, [_spec(qk), _spec(v)],
-                                after=[out])
-            return list(grads) + [None] * len(fields)
-
-        return out, grad
-
-    out = looped(split(qk), split(v), *[split(x) for x in index])
+    out = recomputed_map(attend, groups, _spec(split(v)), [split(qk), split(v)],
+                         [split(x) for x in index])
     return tf.reshape(out, [count, positions, v.shape[-1]])
 
 
@@ -779,15 +752,19 @@ def _fold_slabs(slabs, span, before, length):
     each range read, summed where ranges overlap: (L, D) in sorted order."""
     ranges, halo = slabs.shape[0], slabs.shape[1] - span
     rest = slabs.shape[2:].as_list()
-    trailing = [[0, 0]] * len(rest)
-    total = tf.reshape(slabs[:, :span], [ranges * span] + rest)
+    own = slabs[:, :span]
     if halo:
-        # Range i's last `halo` chunks are the first ones of range i + 1.
-        tail = tf.pad(slabs[:, span:], [[0, 0], [0, span - halo]] + trailing)
-        tail = tf.reshape(tail, [ranges * span] + rest)
-        total = (tf.pad(total, [[0, span]] + trailing)
-                 + tf.pad(tail, [[span, 0]] + trailing))
-    return tf.reshape(total[before:before + ranges * span], [length, rest[-1]])
+        # Range i's last `halo` chunks are the first ones of range i + 1; the
+        # last range's are the padding after the row. Added where they
+        # overlap, rather than padding both parts to the whole row and
+        # summing those (three more row-sized tensors).
+        tail = slabs[:, span:]
+        first = tf.concat([own[:1, :halo], own[1:, :halo] + tail[:-1]], axis=0)
+        own = tf.concat([first, own[:, halo:]], axis=1)
+        chunks = tf.concat([tf.reshape(own, [ranges * span] + rest), tail[-1]], axis=0)
+    else:
+        chunks = tf.reshape(own, [ranges * span] + rest)
+    return tf.reshape(chunks[before:before + ranges * span], [length, rest[-1]])
 
 
 def _spec(x):
@@ -818,3 +795,51 @@ def over_groups(fn, count, specs, after=()):
     result = tf.while_loop(lambda i, *_: i < count, body, (start, *arrays),
                            parallel_iterations=1)
     return [a.stack() for a in result[1:]]
+
+
+def recomputed_map(fn, count, out_spec, differentiable, rest=()):
+    """`fn(i, *[x[i] for x in differentiable], *[x[i] for x in rest])` for i
+    in range(count), stacked, in a loop (`over_groups`) whose gradient
+    recomputes each item instead of keeping its intermediates.
+
+    Args:
+        fn: `(i, *slices) -> tensor` of `out_spec`; deterministic given its
+            arguments (random numbers from seeds it derives from `i`).
+        count: int, the items (the first axis of every input).
+        out_spec: `tf.TensorSpec` of one item's output.
+        differentiable: float tensors, each differentiated.
+        rest: tensors `fn` reads but that get no gradient (indices, masks).
+
+    Returns:
+        (count, ...) the stacked outputs.
+    """
+    def item(i, inputs):
+        return [tf.gather(x, i) for x in inputs]
+
+    @tf.custom_gradient
+    def looped(*inputs):
+        grads_for, fixed = inputs[:len(differentiable)], inputs[len(differentiable):]
+        (out,) = over_groups(
+            lambda i: (fn(i, *item(i, grads_for), *item(i, fixed)),), count, [out_spec])
+
+        def grad(d_out):
+            def item_grad(i):
+                parts = item(i, grads_for)
+                with tf.GradientTape() as tape:
+                    tape.watch(parts)
+                    out = fn(i, *parts, *item(i, fixed))
+                # d_out enters the recomputation's gradient, so XLA cannot
+                # hoist the recomputation into the forward pass.
+                return tuple(tape.gradient(out, parts, tf.gather(d_out, i)))
+
+            # `after`: in a reversible backward pass the forward loop above
+            # has just been rerun to recompute the block's output; nothing
+            # else orders the two loops, and run side by side they hold two
+            # items' intermediates at once.
+            grads = over_groups(item_grad, count, [_spec(x) for x in grads_for],
+                                after=[out])
+            return list(grads) + [None] * len(fixed)
+
+        return out, grad
+
+    return looped(*differentiable, *rest)

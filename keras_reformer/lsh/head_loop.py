@@ -18,21 +18,25 @@ import tensorflow as tf
 HEAD_LOOP_ELEMENTS = 2**24
 
 
-def sum_over_heads(head_fn, x, per_head, num_heads):
+def sum_over_heads(head_fn, x, per_head, num_heads, output_dim):
     """`sum_h head_fn(h, x, *[w[h] for w in per_head])`, float32, in a loop
     whose gradient recomputes each head.
 
     Args:
-        head_fn: `(h, x, *weights_of_head_h) -> (B, L, F)`; `h` a scalar
-            int32 tensor. Deterministic given its arguments (random numbers
-            drawn before, from seeds it derives from `h`).
+        head_fn: `(h, x, *weights_of_head_h) -> (B, L, output_dim)`; `h` a
+            scalar int32 tensor. Deterministic given its arguments (random
+            numbers drawn before, from seeds it derives from `h`).
         x: (B, L, F) input.
         per_head: tensors with the head on axis 0 (kernels, biases), each
             differentiated.
         num_heads: int, H.
+        output_dim: int, the width of `head_fn`'s output. Known up front,
+            the sum starts from zeros inside the loop, so `head_fn` is
+            traced once for the forward pass and once for the gradient
+            (not a third time for a first head outside the loop).
 
     Returns:
-        (B, L, F) float32 sum.
+        (B, L, output_dim) float32 sum.
     """
 
     def weights_of(h, weights):
@@ -44,9 +48,10 @@ def sum_over_heads(head_fn, x, per_head, num_heads):
             return h + 1, total + tf.cast(head_fn(h, x, *weights_of(h, weights)),
                                           tf.float32)
 
-        first = tf.cast(head_fn(tf.constant(0), x, *weights_of(0, weights)), tf.float32)
+        zeros = tf.zeros(tf.concat([tf.shape(x)[:-1], [output_dim]], 0), tf.float32)
+        zeros = tf.ensure_shape(zeros, x.shape[:-1].concatenate([output_dim]))
         _, total = tf.while_loop(lambda h, _: h < num_heads, body,
-                                 (tf.constant(1), first), parallel_iterations=1)
+                                 (tf.constant(0), zeros), parallel_iterations=1)
 
         def grad(d_total):
             arrays = [tf.TensorArray(w.dtype, size=num_heads, element_shape=w.shape[1:])

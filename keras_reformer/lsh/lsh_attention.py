@@ -677,7 +677,8 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
                 drawn=drawn, dropout=(rate, head_seed))
             return tf.einsum("ble,ef->blf", tf.cast(out[:, 0], dtype), w_out)
 
-        out = head_loop.sum_over_heads(head, x, per_head, self.num_heads)
+        out = head_loop.sum_over_heads(head, x, per_head, self.num_heads,
+                                       output_dim=per_head[2].shape[-1])
         out = tf.cast(out, dtype)
         if self.output_dense.bias is not None:
             out = out + tf.cast(self.output_dense.bias, dtype)

@@ -32,7 +32,7 @@ length), D key width, E value width.
 import tensorflow as tf
 
 from keras_reformer.lsh import scores, sorting
-from keras_reformer.lsh.chunk_attention import GROUP_ELEMENTS, group_size, over_groups
+from keras_reformer.lsh.chunk_attention import GROUP_ELEMENTS, group_size, recomputed_map
 from keras_reformer.ops.dropout import dropout as stateless_dropout
 
 KEY_EPSILON = 1e-6
@@ -109,8 +109,9 @@ def attend_hashed(qk, v, valid, buckets, total, chunk, before, after, causal,
 
 def _loop_heads(attend, qk, v, buckets, seed, group):
     """`attend(qk, v, buckets, seed)` over groups of `group` heads, in a loop
-    whose gradient recomputes each group; group i's dropout seed is `seed`
-    folded with i, the same in the forward pass and its recomputation."""
+    whose gradient recomputes each group (`recomputed_map`); group i's
+    dropout seed is `seed` folded with i, the same in the forward pass and
+    its recomputation."""
     heads = qk.shape[1]
     groups = heads // group
 
@@ -126,37 +127,13 @@ def _loop_heads(attend, qk, v, buckets, seed, group):
         shape = tf.shape(x)
         return tf.reshape(x, tf.concat([shape[:1], [heads], shape[3:]], 0))
 
-    def group_inputs(i, qk, v, buckets):
-        part_seed = None if seed is None else seed + tf.stack([0, i])
-        return tf.gather(qk, i), tf.gather(v, i), tf.gather(buckets, i), part_seed
+    def attend_group(i, q, w, part):
+        return attend(q, w, part, None if seed is None else seed + tf.stack([0, i]))
 
-    def spec(x):
-        return tf.TensorSpec(x.shape[1:], x.dtype)
-
-    @tf.custom_gradient
-    def looped(qk, v, buckets):
-        (out,) = over_groups(lambda i: (attend(*group_inputs(i, qk, v, buckets)),),
-                             groups, [spec(v)])
-
-        def grad(d_out):
-            def group_grad(i):
-                q, w, part, part_seed = group_inputs(i, qk, v, buckets)
-                with tf.GradientTape() as tape:
-                    tape.watch([q, w])
-                    group_out = attend(q, w, part, part_seed)
-                # d_out enters the recomputation's gradient, so XLA cannot
-                # hoist the recomputation into the forward pass.
-                return tuple(tape.gradient(group_out, [q, w], tf.gather(d_out, i)))
-
-            # `after`: in a reversible backward pass the forward loop has
-            # just been rerun; run side by side the two loops would hold
-            # two groups' scores at once.
-            d_qk, d_v = over_groups(group_grad, groups, [spec(qk), spec(v)], after=[out])
-            return d_qk, d_v, None
-
-        return out, grad
-
-    return merge(looped(split(qk), split(v), split(buckets)))
+    v = split(v)
+    out = recomputed_map(attend_group, groups, tf.TensorSpec(v.shape[1:], v.dtype),
+                         [split(qk), v], [split(buckets)])
+    return merge(out)
 
 
 def attend_heads(qk, v, valid, buckets, total, chunk, before, after, causal,

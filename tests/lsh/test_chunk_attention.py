@@ -191,3 +191,18 @@ def test_a_single_row_too_large_for_the_budget_is_looped(monkeypatch, rounds):
     np.testing.assert_allclose(out_a, out_b, atol=1e-5)
     for a, b in zip(grads_a, grads_b):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("before, after", [(1, 1), (2, 0)])
+def test_ranges_with_a_wider_window_equal_single_pass(before, after):
+    # Windows of 3 chunks: ranges of 2 chunks (a budget of 512 logits)
+    # overlap their neighbours by 2, so each range's gradient is folded
+    # into the next one's first 2 chunks (and, looking ahead, the last
+    # range's reaches past the row).
+    qk, v, buckets, valid = problem()
+    kwargs = {"chunks_before": before, "chunks_after": after}
+    out_a, grads_a = run(qk, v, buckets, valid, 2**30, **kwargs)
+    out_b, grads_b = run(qk, v, buckets, valid, 512, **kwargs)
+    np.testing.assert_allclose(out_a, out_b, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
