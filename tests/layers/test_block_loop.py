@@ -11,33 +11,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_reformer.layers import ChunkedFeedForward, LSHAttention, ReversibleSequence
+from keras_reformer.layers import ChunkedFeedForward, ReversibleSequence
+from tests.layers.blocks import AttentionBlock
 
 FEATURES = 8
 
 
-class Attention(keras.layers.Layer):
-    def __init__(self, seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = seed
-        self.norm = keras.layers.LayerNormalization()
-        self.attention = LSHAttention(2, 4, bucket_size=4, num_hashes=2,
-                                      dropout=0.1, seed=seed)
-
-    def build(self, shape):
-        # From its sublayers' shapes: without build() and
-        # compute_output_shape(), ReversibleSequence.build would trace each
-        # block (tests/layers/test_reversible_sequence.py covers that path).
-        self.attention(self.norm(keras.KerasTensor(shape)))
-
-    def compute_output_shape(self, shape):
-        return shape
-
-    def call(self, x, training=None):
-        return self.attention(self.norm(x), training=training, use_causal_mask=True)
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
+# A block as users write them (LayerNorm -> causal LSHAttention, built from
+# its sublayers' shapes, so ReversibleSequence.build does not trace it).
+Attention = AttentionBlock
 
 
 def stack_of(depth, loop, ffn_dim=16):
