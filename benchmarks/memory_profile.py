@@ -13,12 +13,20 @@ benchmarks/train_step.py (graph mode, batch 1) at `--length`:
   the name of the op that allocated it).
 
     python benchmarks/memory_profile.py --length 65536
+    python benchmarks/memory_profile.py --length 131072 --jit
 
-Writes benchmarks/results/memory_profile_<length>.csv (the live tensors)
-and prints the peaks and the largest tensors.
+With `--jit` the step is one XLA program, whose buffers XLA plans before
+it runs: the script dumps the program's buffer assignment
+(`--xla_dump_to`) and lists the buffers live at its planned peak, from
+XLA's own "peak usage" breakdown (a buffer inside a loop is named by the
+op that defines it in the loop's body).
+
+Writes benchmarks/results/memory_profile_<length>[_xla].csv (the live
+tensors or buffers) and prints the peaks and the largest of them.
 """
 
 import argparse
+import glob
 import os
 import re
 import sys
@@ -105,28 +113,79 @@ def point(length, steps):
     })
 
 
+PEAK_HEADING = "Stack trace breakdown for peak usage:"
+PEAK_ENTRY = re.compile(r"^[\s│├└─]*(\S+) \([\d.]+%, total: ([\d ]+) bytes, "
+                        r"current: ([\d ]+) bytes")
+
+
+def xla_peak_buffers(dump_dir):
+    """(planned peak bytes, [(bytes, name)] live at the peak, largest
+    first) of the largest XLA module dumped (the training step)."""
+    paths = glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt"))
+    if not paths:
+        raise RuntimeError(f"XLA dumped no buffer assignment under {dump_dir}")
+    lines = open(max(paths, key=os.path.getsize)).read().splitlines()
+    start = next(i for i, line in enumerate(lines) if PEAK_HEADING in line)
+    peak = int(lines[start].split(":")[1].replace(" ", "").split("bytes")[0])
+    buffers = []
+    for line in lines[start + 1:]:
+        match = PEAK_ENTRY.match(line)
+        if not match:
+            break  # the end of the breakdown
+        current = int(match.group(3).replace(" ", ""))
+        if current:  # a buffer (loops and calls hold theirs below them)
+            buffers.append((current, match.group(1)))
+    return peak, sorted(buffers, key=lambda b: -b[0])
+
+
+def xla_point(length):
+    dump_dir = tempfile.mkdtemp(prefix="memory_profile_hlo_")
+    _common.add_xla_flags(f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text")
+    net = train_step.build("reformer", length, True)
+    x, y = train_step.batch("reformer", length)
+    for _ in range(2):
+        net.train_on_batch(x, y)
+    peak, buffers = xla_peak_buffers(dump_dir)
+    _common.emit({
+        "length": length,
+        "planned_peak_mib": round(peak / 2**20),
+        "peak_rss_mib": round(_common.peak_rss_mb()),
+        "tensors": [[round(b / 2**20, 1), name, "", ""] for b, name in buffers],
+    })
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=65536)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=20, help="tensors to print")
+    parser.add_argument("--jit", action="store_true",
+                        help="XLA: the buffers live at the program's planned peak")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _common.check_length_and_steps(parser, args)
     if args.point:
+        if args.jit:
+            return xla_point(args.length)
         return point(args.length, args.steps)
     cmd = [sys.executable, os.path.abspath(__file__), "--point", "--length",
-           str(args.length), "--steps", str(args.steps)]
+           str(args.length), "--steps", str(args.steps)] + (["--jit"] if args.jit else [])
     record = _common.run_json(cmd, timeout=3600, prefix="RESULT ")
     if "tensors" not in record:
         sys.exit(f"memory profile failed: {record}")
     rows = [{"mib": mib, "op": op, "scope": short_scope(op), "shape": shape, "dtype": dtype}
             for mib, op, shape, dtype in record["tensors"]]
-    path = _common.write_csv(f"memory_profile_{args.length}.csv", rows)
+    path = _common.write_csv(
+        f"memory_profile_{args.length}{'_xla' if args.jit else ''}.csv", rows)
     print(f"wrote {path}")
-    print(f"length {args.length}: allocator peak per step {record['allocator_peak_mib']} "
-          f"MiB, traced peak {record['traced_peak_mib']} MiB, process peak RSS "
-          f"{record['peak_rss_mib']} MiB")
+    if args.jit:
+        print(f"length {args.length}, XLA: planned peak {record['planned_peak_mib']} MiB, "
+              f"process peak RSS {record['peak_rss_mib']} MiB")
+    else:
+        print(f"length {args.length}: allocator peak per step "
+              f"{record['allocator_peak_mib']} MiB, traced peak "
+              f"{record['traced_peak_mib']} MiB, process peak RSS "
+              f"{record['peak_rss_mib']} MiB")
     print("| MiB | allocated by | shape |")
     print("|---|---|---|")
     for row in rows[:args.top]:
