@@ -168,6 +168,15 @@ def read_xspace(logdir):
     return space
 
 
+def largest_xla_dump(dump_dir, suffix):
+    """The largest file XLA dumped under `dump_dir` whose name ends with
+    `suffix`: the training step's module (smaller ones are helpers)."""
+    paths = glob.glob(os.path.join(dump_dir, f"*{suffix}"))
+    if not paths:
+        raise RuntimeError(f"XLA dumped no *{suffix} under {dump_dir}")
+    return max(paths, key=os.path.getsize)
+
+
 def add_xla_flags(flags):
     """Appends `flags` to XLA_FLAGS; only takes effect before XLA starts."""
     before = os.environ.get("XLA_FLAGS", "")

@@ -26,7 +26,6 @@ tensors or buffers) and prints the peaks and the largest of them.
 """
 
 import argparse
-import glob
 import os
 import re
 import sys
@@ -121,10 +120,8 @@ PEAK_ENTRY = re.compile(r"^[\s│├└─]*(\S+) \([\d.]+%, total: ([\d ]+) byt
 def xla_peak_buffers(dump_dir):
     """(planned peak bytes, [(bytes, name)] live at the peak, largest
     first) of the largest XLA module dumped (the training step)."""
-    paths = glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt"))
-    if not paths:
-        raise RuntimeError(f"XLA dumped no buffer assignment under {dump_dir}")
-    lines = open(max(paths, key=os.path.getsize)).read().splitlines()
+    path = _common.largest_xla_dump(dump_dir, "buffer-assignment.txt")
+    lines = open(path).read().splitlines()
     start = next(i for i, line in enumerate(lines) if PEAK_HEADING in line)
     peak = int(lines[start].split(":")[1].replace(" ", "").split("bytes")[0])
     buffers = []
@@ -142,9 +139,8 @@ def xla_point(length):
     dump_dir = tempfile.mkdtemp(prefix="memory_profile_hlo_")
     _common.add_xla_flags(f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text")
     net = train_step.build("reformer", length, True)
-    x, y = train_step.batch("reformer", length)
-    for _ in range(2):
-        net.train_on_batch(x, y)
+    # One step: XLA dumps the plan when it compiles, on the first call.
+    net.train_on_batch(*train_step.batch("reformer", length))
     peak, buffers = xla_peak_buffers(dump_dir)
     _common.emit({
         "length": length,

@@ -61,7 +61,6 @@ MatMul or Einsum (XLA: the kernels whose HLO metadata names such an op).
 
 import argparse
 import collections
-import glob
 import gzip
 import json
 import os
@@ -146,10 +145,7 @@ CONTROL_HLO = ("while", "conditional", "call")
 def hlo_metadata(dump_dir):
     """{instruction name: (op_type, op_name)} of the largest optimized XLA
     module dumped (the training step; smaller ones are helpers)."""
-    paths = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
-    if not paths:
-        raise RuntimeError(f"XLA dumped no optimized module under {dump_dir}")
-    text = open(max(paths, key=os.path.getsize)).read()
+    text = open(_common.largest_xla_dump(dump_dir, "after_optimizations.txt")).read()
     table = {}
     for line in text.splitlines():
         match = HLO_LINE.match(line)

@@ -208,7 +208,7 @@ def test_export_and_serve_smoke(tmp_path):
     # The generated text continues the prompt; the smoke model is barely
     # trained, so its bytes may include a quote, and Python then quotes the
     # string with the other kind.
-    assert re.search(r"""generate_text \[(['"])def main\(""", out), out
+    assert re.search(r"""generate_text \[['"]def main\(""", out), out
     assert "serving_default" in out and "tensorflow_model_server" in out
     assert "saved_model_cli run" in out and "--signature_def generate_text" in out
 

@@ -17,14 +17,9 @@ from tests.layers.blocks import AttentionBlock
 FEATURES = 8
 
 
-# A block as users write them (LayerNorm -> causal LSHAttention, built from
-# its sublayers' shapes, so ReversibleSequence.build does not trace it).
-Attention = AttentionBlock
-
-
 def stack_of(depth, loop, ffn_dim=16):
     keras.utils.set_random_seed(0)
-    blocks = [(Attention(seed=i), ChunkedFeedForward(ffn_dim, chunk_size=4, seed=i))
+    blocks = [(AttentionBlock(seed=i), ChunkedFeedForward(ffn_dim, chunk_size=4, seed=i))
               for i in range(depth)]
     # The loop over each block's own variables ("auto" would stack them:
     # tests/layers/test_stacked_weights.py).
@@ -68,19 +63,19 @@ def test_program_does_not_grow_with_depth():
 def test_auto_loops_only_identical_blocks():
     stack = stack_of(3, "auto")
     assert stack._loops()
-    different = [(Attention(), ChunkedFeedForward(16, chunk_size=4)),
-                 (Attention(), ChunkedFeedForward(32, chunk_size=4))]
+    different = [(AttentionBlock(), ChunkedFeedForward(16, chunk_size=4)),
+                 (AttentionBlock(), ChunkedFeedForward(32, chunk_size=4))]
     assert not ReversibleSequence(different)._loops()
     assert not stack_of(1, "auto")._loops()
-    shared = Attention()
+    shared = AttentionBlock()
     assert not ReversibleSequence(
         [(shared, ChunkedFeedForward(16)), (shared, ChunkedFeedForward(16))]
     )._loops()
 
 
 def test_loop_true_refuses_different_blocks():
-    different = [(Attention(), ChunkedFeedForward(16, chunk_size=4)),
-                 (Attention(), ChunkedFeedForward(32, chunk_size=4))]
+    different = [(AttentionBlock(), ChunkedFeedForward(16, chunk_size=4)),
+                 (AttentionBlock(), ChunkedFeedForward(32, chunk_size=4))]
     stack = ReversibleSequence(different, loop_blocks=True)
     x = tf.zeros((1, 8, FEATURES))
     with pytest.raises(ValueError, match="block 1's `g`.*differs"):
@@ -90,7 +85,7 @@ def test_loop_true_refuses_different_blocks():
 @pytest.mark.parametrize("value", ["yes", 1, None, [True]])
 def test_loop_blocks_must_be_auto_or_bool(value):
     with pytest.raises(ValueError, match=r"`loop_blocks` must be one of .*Received: loop_blocks="):
-        ReversibleSequence([(Attention(), Attention())], loop_blocks=value)
+        ReversibleSequence([(AttentionBlock(), AttentionBlock())], loop_blocks=value)
 
 
 def test_seed_states_advance_as_unrolled():

@@ -17,18 +17,13 @@ import tensorflow as tf
 
 from keras_reformer.layers import ChunkedFeedForward, ReversibleSequence
 from keras_reformer.models import ReformerBackbone, ReformerCausalLM
-from tests.layers.test_block_loop import FEATURES, Attention
-
-
-# The loop tests' block; registered so that a stack's config round trip
-# (test_arguments) can rebuild it.
-Attention = keras.saving.register_keras_serializable(package="test_stacked_weights")(
-    Attention)
+from tests.layers.blocks import AttentionBlock
+from tests.layers.test_block_loop import FEATURES
 
 
 def blocks_of(depth):
     keras.utils.set_random_seed(0)
-    return [(Attention(seed=i), ChunkedFeedForward(16, chunk_size=4, dropout=0.1, seed=i))
+    return [(AttentionBlock(seed=i), ChunkedFeedForward(16, chunk_size=4, dropout=0.1, seed=i))
             for i in range(depth)]
 
 
@@ -160,8 +155,8 @@ def test_inverse_rebuilds_inputs():
 def test_arguments():
     with pytest.raises(ValueError, match="cannot be combined with loop_blocks=False"):
         ReversibleSequence(blocks_of(2), loop_blocks=False, stack_weights=True)
-    different = [(Attention(), ChunkedFeedForward(16, chunk_size=4)),
-                 (Attention(), ChunkedFeedForward(32, chunk_size=4))]
+    different = [(AttentionBlock(), ChunkedFeedForward(16, chunk_size=4)),
+                 (AttentionBlock(), ChunkedFeedForward(32, chunk_size=4))]
     with pytest.raises(ValueError, match=r"`stack_weights=True` needs blocks of one "
                                          r"structure, but block 1's `g`"):
         ReversibleSequence(different, stack_weights=True)
@@ -183,12 +178,12 @@ def test_auto_stacks_the_blocks_that_loop():
     assert not built(ReversibleSequence(blocks_of(1))).stacked
     assert not built(ReversibleSequence(blocks_of(2), loop_blocks=False)).stacked
     assert not built(ReversibleSequence(blocks_of(2), stack_weights=False)).stacked
-    different = [(Attention(), ChunkedFeedForward(16, chunk_size=4)),
-                 (Attention(), ChunkedFeedForward(32, chunk_size=4))]
+    different = [(AttentionBlock(), ChunkedFeedForward(16, chunk_size=4)),
+                 (AttentionBlock(), ChunkedFeedForward(32, chunk_size=4))]
     assert not built(ReversibleSequence(different)).stacked
     shared = ChunkedFeedForward(16, chunk_size=4)
-    assert not built(ReversibleSequence([(Attention(), shared),
-                                         (Attention(), shared)])).stacked
+    assert not built(ReversibleSequence([(AttentionBlock(), shared),
+                                         (AttentionBlock(), shared)])).stacked
     # The choice is remade from the config; a config saved before "auto"
     # (no key) keeps each block's weights, as it did.
     config = ReversibleSequence(blocks_of(2)).get_config()
