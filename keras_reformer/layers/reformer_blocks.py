@@ -22,6 +22,29 @@ def _resolve_seed(seed):
     return resolve_seed(seed) % (SEED_LIMIT - 1)
 
 
+def _fused_inputs(block, inputs, dy, training):
+    """A block's input and upstream gradient as its `value_and_vjp` takes
+    them: autocast as Keras' __call__ would, `dy` through the residual
+    dropout, and that dropout's mask as a factor (None without dropout).
+
+    The residual dropout is linear: it multiplies its input, and so its
+    gradient, by one mask. Drawn once (the forward's, replayed) as
+    `dropout(ones)`, it is known before the inner layer's output exists,
+    which the inner layer's fused VJP needs.
+    """
+    x = ops.cast(inputs, block.compute_dtype)
+    dy = ops.cast(dy, block.compute_dtype)
+    scale = None
+    if training and block.dropout.rate > 0:
+        scale = block.dropout(ops.ones_like(dy), training=True)
+        dy = dy * scale
+    return x, dy, scale
+
+
+def _scaled(outputs, scale):
+    return outputs if scale is None else outputs * scale
+
+
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class AttentionBlock(keras.layers.Layer):
     """`F` of a Reformer layer: LayerNorm -> attention -> dropout.
@@ -80,6 +103,29 @@ class AttentionBlock(keras.layers.Layer):
             x, query_mask=mask, use_causal_mask=self.causal, training=training
         )
         return self.dropout(x, training=training)
+
+    def value_and_vjp(self, inputs, dy, mask=None, training=None):
+        """The output and its VJP with `dy`, each attention head run once.
+
+        What `ReversibleSequence`'s backward pass calls instead of rerunning
+        the block under a tape: the LayerNorm is recorded by the caller's
+        tape, the attention gives its output and gradients together where
+        it runs its heads one at a time (`LSHAttention.value_and_vjp`).
+        Same contract as `FeedForwardBlock.value_and_vjp`.
+
+        Returns:
+            `(outputs, targets, target_grads)`.
+        """
+        fused = getattr(self.attention, "value_and_vjp", None)
+        if fused is None:  # LocalAttention: ordinary autodiff via the tape
+            outputs = self(inputs, mask=mask, training=training)
+            return outputs, [outputs], [ops.cast(dy, outputs.dtype)]
+        x, dy, scale = _fused_inputs(self, inputs, dy, training)
+        outputs, targets, grads = fused(
+            self.norm(x), dy, query_mask=mask, use_causal_mask=self.causal,
+            training=training,
+        )
+        return _scaled(outputs, scale), targets, grads
 
     def init_cache(self, inputs, padding_mask, max_length):
         """The attention's decoding cache after a causal pass over `inputs`
@@ -170,23 +216,11 @@ class FeedForwardBlock(keras.layers.Layer):
         Returns:
             `(outputs, targets, target_grads)`.
         """
-        # What Keras' __call__ would do to the inputs (autocast).
-        x = ops.cast(inputs, self.compute_dtype)
-        dy = ops.cast(dy, self.compute_dtype)
-        scale = None
-        if training and self.dropout.rate > 0:
-            # The residual dropout is linear: it multiplies its input, and so
-            # its gradient, by one mask. Draw that mask once (the forward's,
-            # replayed) as the factor `dropout(ones)`: the FFN's upstream
-            # gradient needs it before the FFN's output exists.
-            scale = self.dropout(ops.ones_like(dy), training=True)
-            dy = dy * scale
+        x, dy, scale = _fused_inputs(self, inputs, dy, training)
         outputs, targets, grads = self.feed_forward.value_and_vjp(
             self.norm(x), dy, training=training
         )
-        if scale is not None:
-            outputs = outputs * scale
-        return outputs, targets, grads
+        return _scaled(outputs, scale), targets, grads
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -39,43 +39,90 @@ def sum_over_heads(head_fn, x, per_head, num_heads, output_dim):
         (B, L, output_dim) float32 sum.
     """
 
-    def weights_of(h, weights):
-        return [tf.gather(w, h) for w in weights]
-
     @tf.custom_gradient
     def looped(x, *weights):
         def body(h, total):
-            return h + 1, total + tf.cast(head_fn(h, x, *weights_of(h, weights)),
+            return h + 1, total + tf.cast(head_fn(h, x, *_weights_of(h, weights)),
                                           tf.float32)
 
-        zeros = tf.zeros(tf.concat([tf.shape(x)[:-1], [output_dim]], 0), tf.float32)
-        zeros = tf.ensure_shape(zeros, x.shape[:-1].concatenate([output_dim]))
         _, total = tf.while_loop(lambda h, _: h < num_heads, body,
-                                 (tf.constant(0), zeros), parallel_iterations=1)
+                                 (tf.constant(0), _zero_sum(x, output_dim)),
+                                 parallel_iterations=1)
 
         def grad(d_total):
-            arrays = [tf.TensorArray(w.dtype, size=num_heads, element_shape=w.shape[1:])
-                      for w in weights]
             # In a reversible backward pass the forward loop has just been
             # rerun to rebuild the block's input; run side by side, the two
             # loops would hold two heads' tensors at once.
             with tf.control_dependencies([total]):
                 start = tf.constant(0)
-
-            def grad_body(h, dx, *arrays):
-                parts = weights_of(h, weights)
-                with tf.GradientTape() as tape:
-                    tape.watch([x] + parts)
-                    out = tf.cast(head_fn(h, x, *parts), tf.float32)
-                grads = tape.gradient(out, [x] + parts, output_gradients=d_total)
-                return (h + 1, dx + grads[0],
-                        *[a.write(h, g) for a, g in zip(arrays, grads[1:])])
-
-            _, dx, *arrays = tf.while_loop(
-                lambda h, *_: h < num_heads, grad_body,
-                (start, tf.zeros_like(x), *arrays), parallel_iterations=1)
-            return [dx] + [a.stack() for a in arrays]
+            _, dx, dweights = _vjp_loop(head_fn, x, weights, num_heads, d_total,
+                                        start, output_dim=None)
+            return [dx] + dweights
 
         return total, grad
 
     return looped(x, *per_head)
+
+
+def sum_and_vjp_over_heads(head_fn, x, per_head, num_heads, output_dim, d_total):
+    """`sum_over_heads` and its VJP with `d_total`, each head run once.
+
+    What a reversible backward pass needs of a block: its output (to rebuild
+    the block's input) and its VJP, with an upstream gradient known before
+    the output. `sum_over_heads` under a tape would run every head twice
+    there, once for the sum and once more in its recomputing gradient; here
+    each head's forward runs once, under its own tape, and gives its share
+    of the sum and of the gradients.
+
+    Args:
+        head_fn, x, per_head, num_heads, output_dim: as in `sum_over_heads`.
+        d_total: (B, L, output_dim) gradient of the sum.
+
+    Returns:
+        `(total, dx, dper_head)`: the float32 sum, the gradient with respect
+        to `x` and the list of gradients with respect to `per_head` (head on
+        axis 0). Values for a backward pass: a gradient stops there.
+    """
+    # Cut from the caller's tape on the way in: its gradient ends at `x` and
+    # `per_head`, and recording the loop's own tapes and gradients (loops of
+    # recomputing gradients inside) would have TF try to differentiate them.
+    x, d_total = tf.stop_gradient(x), tf.stop_gradient(tf.cast(d_total, tf.float32))
+    per_head = [tf.stop_gradient(w) for w in per_head]
+    return _vjp_loop(head_fn, x, per_head, num_heads, d_total, tf.constant(0),
+                     output_dim=output_dim)
+
+
+def _zero_sum(x, output_dim):
+    """float32 zeros of shape (B, L, output_dim), static where `x`'s is."""
+    zeros = tf.zeros(tf.concat([tf.shape(x)[:-1], [output_dim]], 0), tf.float32)
+    return tf.ensure_shape(zeros, x.shape[:-1].concatenate([output_dim]))
+
+
+def _weights_of(h, weights):
+    return [tf.gather(w, h) for w in weights]
+
+
+def _vjp_loop(head_fn, x, weights, num_heads, d_total, start, output_dim):
+    """Heads `start..num_heads-1`, each recomputed under a tape: the sum of
+    their VJPs with `d_total` (for `x`; per head for `weights`), and with an
+    `output_dim` the sum of their outputs too (else None)."""
+    arrays = [tf.TensorArray(w.dtype, size=num_heads, element_shape=w.shape[1:])
+              for w in weights]
+    totals = [] if output_dim is None else [_zero_sum(x, output_dim)]
+
+    def body(h, dx, *state):
+        parts = _weights_of(h, weights)
+        with tf.GradientTape() as tape:
+            tape.watch([x] + parts)
+            out = tf.cast(head_fn(h, x, *parts), tf.float32)
+        grads = tape.gradient(out, [x] + parts, output_gradients=d_total)
+        sums = [state[0] + out] if totals else []
+        arrays_h = state[len(totals):]
+        return (h + 1, dx + grads[0], *sums,
+                *[a.write(h, g) for a, g in zip(arrays_h, grads[1:])])
+
+    _, dx, *state = tf.while_loop(
+        lambda h, *_: h < num_heads, body,
+        (start, tf.zeros_like(x), *totals, *arrays), parallel_iterations=1)
+    total = state[0] if totals else None
+    return total, dx, [a.stack() for a in state[len(totals):]]

@@ -2,6 +2,7 @@
 
 import math
 import string
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -27,6 +28,19 @@ from keras_reformer.lsh import (
     sorting,
     value_shift,
 )
+
+class _Prepared(NamedTuple):
+    """`call`'s input folded to (B, L, F) (`x`), with its masks and settings."""
+    folded: "Folded"
+    x: tf.Tensor
+    valid: tf.Tensor
+    length: object  # int, or a scalar tensor where unknown statically
+    causal: bool
+    query_key_mask: object
+    causal_rows: object
+    num_hashes: int
+    query_mask: object
+
 
 # When neither `num_buckets`, `max_length` nor a static length is known, the
 # bucket count is derived as for this length (64 buckets at bucket_size 64).
@@ -546,6 +560,79 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
     ):
         # `__call__` forwards only the query and refuses attention scores.
         del value, key, return_attention_scores
+        p = self._prepare(query, query_mask, value_mask, key_mask, attention_mask,
+                          use_causal_mask, num_hashes)
+        if self._heads_in_turn(p.x):
+            out = self._attend_heads_in_turn(p, training)
+        else:
+            x, valid = p.x, p.valid
+            gate = self.gate_dense(x) if self.use_gate else None
+            qk, v = self.project(x)
+            if self.value_shift:
+                v = value_shift.shifted_values(v, valid)
+            if not self.reference_rules:
+                out = self._own_attend(qk, v, valid, p.length, p.causal,
+                                       p.query_key_mask, p.causal_rows, p.num_hashes,
+                                       training)
+            else:
+                out = self._reference_attend(qk, v, valid, p.length, p.causal, training)
+            out = self.attend_output(out, gate)
+        out = p.folded.unfold(out)
+        if p.query_mask is not None:
+            set_keras_mask(out, p.query_mask)
+        return out
+
+    def value_and_vjp(self, query, dy, query_mask=None, value_mask=None, key_mask=None,
+                      attention_mask=None, training=None, use_causal_mask=False,
+                      num_hashes=None):
+        """The output and its VJP with `dy`, for a reversible backward pass.
+
+        For inputs long enough that the layer runs its heads one at a time
+        (see `head_loop`), each head's forward runs once here, under its own
+        tape, and gives its share of the output and of the gradients; run
+        under a tape, `call` would run every head twice (for the output, and
+        again in its recomputing gradient). For other inputs this is `call`.
+
+        Same contract as `ChunkedFeedForward.value_and_vjp`: run it under the
+        caller's `tf.GradientTape` (and, to replay the random draws, the
+        `keras.StatelessScope` holding the forward's seed states), then
+        finish with `tape.gradient(targets, sources,
+        output_gradients=target_grads)`.
+
+        Args:
+            query, query_mask, value_mask, key_mask, attention_mask,
+            training, use_causal_mask, num_hashes: as in `call`.
+            dy: gradient of the output, of its shape.
+
+        Returns:
+            `(outputs, targets, target_grads)`: the output as `call` returns
+            it, and two lists of tensors and their gradients.
+        """
+        kwargs = dict(query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
+                      attention_mask=attention_mask, use_causal_mask=use_causal_mask,
+                      num_hashes=num_hashes)
+        # What Keras' __call__ would do to the inputs (autocast).
+        p = self._prepare(tf.cast(query, self.compute_dtype), **kwargs)
+        if not self._heads_in_turn(p.x):
+            outputs = self(query, training=training, **kwargs)
+            return outputs, [outputs], [tf.cast(dy, outputs.dtype)]
+        head, per_head, bias = self._head_program(p, training)
+        d_out = Folded(tf.cast(dy, self.compute_dtype), self._axes(len(dy.shape))).tensor
+        total, dx, d_per_head = head_loop.sum_and_vjp_over_heads(
+            head, p.x, per_head, self.num_heads, per_head[2].shape[-1], d_out)
+        out = tf.cast(total, self.compute_dtype)
+        targets, grads = [p.x] + per_head, [dx] + d_per_head
+        if bias is not None:
+            # The bias is added after the loop; its gradient is dy's sum.
+            out = out + bias
+            targets.append(bias)
+            grads.append(tf.reduce_sum(d_out, axis=[0, 1]))
+        return p.folded.unfold(out), targets, grads
+
+    def _prepare(self, query, query_mask, value_mask, key_mask, attention_mask,
+                 use_causal_mask, num_hashes):
+        """`call`'s checks, and its input and masks folded to (B, L) by
+        `attention_axes` (a `_Prepared`)."""
         num_hashes = self.num_hashes if num_hashes is None else _checks.positive_int(
             "num_hashes", num_hashes
         )
@@ -598,25 +685,8 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         valid, causal_rows = masks.valid_keys(
             key_masks, query_key_mask, batch, length, causal
         )
-        if self._heads_in_turn(x):
-            out = self._attend_heads_in_turn(
-                x, valid, length, causal, query_key_mask, causal_rows, num_hashes,
-                training)
-        else:
-            gate = self.gate_dense(x) if self.use_gate else None
-            qk, v = self.project(x)
-            if self.value_shift:
-                v = value_shift.shifted_values(v, valid)
-            if not self.reference_rules:
-                out = self._own_attend(qk, v, valid, length, causal, query_key_mask,
-                                       causal_rows, num_hashes, training)
-            else:
-                out = self._reference_attend(qk, v, valid, length, causal, training)
-            out = self.attend_output(out, gate)
-        out = folded.unfold(out)
-        if query_mask is not None:
-            set_keras_mask(out, query_mask)
-        return out
+        return _Prepared(folded, x, valid, length, causal, query_key_mask,
+                         causal_rows, num_hashes, query_mask)
 
     def _heads_in_turn(self, x):
         """Whether `call` runs its heads one at a time (`head_loop`): for
@@ -633,13 +703,25 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         width = max(self.key_dim, self.value_dim)
         return length * self.num_heads * width > head_loop.HEAD_LOOP_ELEMENTS
 
-    def _attend_heads_in_turn(self, x, valid, length, causal, query_key_mask,
-                              causal_rows, num_hashes, training):
+    def _attend_heads_in_turn(self, p, training):
         """`call`'s projections, attention and output projection one head at
-        a time, the heads' outputs summed (see `head_loop`). The random
-        numbers (rotations, dropout seeds) are drawn once, before the loop:
-        each head's recomputation in the backward pass sees the same."""
+        a time, the heads' outputs summed (see `head_loop`)."""
+        head, per_head, bias = self._head_program(p, training)
+        out = head_loop.sum_over_heads(head, p.x, per_head, self.num_heads,
+                                       output_dim=per_head[2].shape[-1])
+        out = tf.cast(out, self.compute_dtype)
+        return out if bias is None else out + bias
+
+    def _head_program(self, p, training):
+        """`(head_fn, per_head, bias)` of `head_loop`'s sums for the prepared
+        input `p`: one head's projections, attention and output projection,
+        the weights with the head first, and the output bias (or None).
+
+        The random numbers (rotations, dropout seeds) are drawn here, before
+        any loop: each head's recomputation in the backward pass sees the
+        same."""
         dtype = self.compute_dtype
+        valid, length, causal = p.valid, p.length, p.causal
 
         def kernel(dense, order):
             return tf.transpose(tf.cast(dense.kernel, dtype), order)
@@ -650,7 +732,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         biases = [d.bias for d in (self.qk_dense, self.value_dense)]
         if all(b is not None for b in biases):
             per_head += [tf.cast(b, dtype) for b in biases]
-        drawn = self._rotations(self._factors(), num_hashes, training)
+        drawn = self._rotations(self._factors(), p.num_hashes, training)
         rate, seed = self._dropout(training)
 
         def head_of(mask, h):
@@ -672,17 +754,13 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
             if seed is not None:
                 head_seed = tf.random.experimental.stateless_fold_in(seed, h)
             out = self._own_attend(
-                qk, v, valid, length, causal, head_of(query_key_mask, h),
-                head_of(causal_rows, h), num_hashes, training,
+                qk, v, valid, length, causal, head_of(p.query_key_mask, h),
+                head_of(p.causal_rows, h), p.num_hashes, training,
                 drawn=drawn, dropout=(rate, head_seed))
             return tf.einsum("ble,ef->blf", tf.cast(out[:, 0], dtype), w_out)
 
-        out = head_loop.sum_over_heads(head, x, per_head, self.num_heads,
-                                       output_dim=per_head[2].shape[-1])
-        out = tf.cast(out, dtype)
-        if self.output_dense.bias is not None:
-            out = out + tf.cast(self.output_dense.bias, dtype)
-        return out
+        bias = self.output_dense.bias
+        return head, per_head, None if bias is None else tf.cast(bias, dtype)
 
     def _own_attend(self, qk, v, valid, length, causal, query_key_mask, causal_rows,
                     num_hashes, training, drawn=None, dropout=None):
