@@ -312,7 +312,6 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
             dtype=dtype,
             name="reversible_stack",
         )
-        self.concat_streams = keras.layers.Concatenate(dtype=dtype, name="concat_streams")
         self.final_norm = LayerNorm(
             epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm")
 
@@ -322,7 +321,10 @@ class ReformerBackbone(TokenIdInputs, keras_hub.models.Backbone):
         mask = keras.ops.cast(padding_mask, "bool")
         x = self.embed(token_ids, mask)
         y1, y2 = self.reversible_stack([x, x], mask=[mask, mask])
-        outputs = self.final_norm(self.concat_streams([y1, y2]))
+        # The streams concatenated and normalized; the norm's gradient keeps
+        # the two streams (which the stack's backward pass keeps anyway), not
+        # their concatenation.
+        outputs = self.final_norm([y1, y2])
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
             outputs=outputs,
