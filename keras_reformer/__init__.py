@@ -2,7 +2,8 @@
 
 Public API: `keras_reformer.layers`, `keras_reformer.models` (the keras-hub
 model family: imported on first use, since it loads keras-hub),
-`keras_reformer.export`, `keras_reformer.data`, `keras_reformer.distribute`.
+`keras_reformer.export`, `keras_reformer.data`, `keras_reformer.distribute`,
+`keras_reformer.memory`.
 Before loading a saved Reformer model or preset, `import keras_reformer.models`
 (it registers the model classes).
 """
@@ -14,6 +15,7 @@ from keras_reformer import data  # noqa: F401
 from keras_reformer import distribute  # noqa: F401
 from keras_reformer import export  # noqa: F401
 from keras_reformer import layers  # noqa: F401
+from keras_reformer import memory  # noqa: F401
 
 __version__ = "0.1.0"
 

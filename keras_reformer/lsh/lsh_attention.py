@@ -619,7 +619,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         head, per_head, bias = self._head_program(p, training)
         d_out = Folded(tf.cast(dy, self.compute_dtype), self._axes(len(dy.shape))).tensor
         total, dx, d_per_head = head_loop.sum_and_vjp_over_heads(
-            head, p.x, per_head, self.num_heads, per_head[2].shape[-1], d_out)
+            head, p.x, per_head, self.num_heads, per_head[1].shape[-1], d_out)
         out = tf.cast(total, self.compute_dtype)
         targets, grads = [p.x] + per_head, [dx] + d_per_head
         if bias is not None:
@@ -708,7 +708,7 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         a time, the heads' outputs summed (see `head_loop`)."""
         head, per_head, bias = self._head_program(p, training)
         out = head_loop.sum_over_heads(head, p.x, per_head, self.num_heads,
-                                       output_dim=per_head[2].shape[-1])
+                                       output_dim=per_head[1].shape[-1])
         out = tf.cast(out, self.compute_dtype)
         return out if bias is None else out + bias
 
@@ -726,12 +726,21 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         def kernel(dense, order):
             return tf.transpose(tf.cast(dense.kernel, dtype), order)
 
-        # Head first: (H, F, D), (H, F, E), (H, E, F_out); biases (H, .).
-        per_head = [kernel(self.qk_dense, [1, 0, 2]), kernel(self.value_dense, [1, 0, 2]),
+        # Head first: the two input projections side by side (H, F, D + E),
+        # so that a head's input gradient is one matmul. Two, summed with
+        # the loop's running total, make a three-input AddN inside nested
+        # loops, which graph mode's memory optimizer (Grappler) rewrites
+        # into a temporary variable when it estimates the step near the
+        # machine's memory; that variable's name then collides between
+        # loop iterations (AlreadyExistsError at 128K tokens). Then
+        # (H, E, F_out) and the input biases (H, D + E).
+        per_head = [tf.concat([kernel(self.qk_dense, [1, 0, 2]),
+                               kernel(self.value_dense, [1, 0, 2])], -1),
                     tf.cast(self.output_dense.kernel, dtype)]
         biases = [d.bias for d in (self.qk_dense, self.value_dense)]
         if all(b is not None for b in biases):
-            per_head += [tf.cast(b, dtype) for b in biases]
+            per_head.append(tf.concat([tf.cast(b, dtype) for b in biases], -1))
+        key_dim = self.key_dim
         drawn = self._rotations(self._factors(), p.num_hashes, training)
         rate, seed = self._dropout(training)
 
@@ -741,13 +750,12 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
                 return mask
             return tf.gather(mask, tf.reshape(h, [1]), axis=1)
 
-        def head(h, x, w_qk, w_v, w_out, *b):
-            qk = tf.einsum("blf,fd->bld", x, w_qk)
-            v = tf.einsum("blf,fe->ble", x, w_v)
+        def head(h, x, w_in, w_out, *b):
+            qkv = tf.einsum("blf,fk->blk", x, w_in)
             if b:
-                qk, v = qk + b[0], v + b[1]
-            qk = tf.cast(qk, tf.float32)[:, None]
-            v = tf.cast(v, tf.float32)[:, None]
+                qkv = qkv + b[0]
+            qkv = tf.cast(qkv, tf.float32)[:, None]
+            qk, v = qkv[..., :key_dim], qkv[..., key_dim:]
             if self.value_shift:
                 v = value_shift.shifted_values(v, valid)
             head_seed = None

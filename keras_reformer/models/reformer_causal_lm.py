@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_reformer import _checks, _token_ids
+from keras_reformer import _checks, _token_ids, memory
 from keras_reformer.models._calibration import block_layers_only
 from keras_reformer.models._stacks import blocks_in_sync, calibrated_mode
 from keras_reformer.data._token_id_inputs import TokenIdInputs
@@ -197,6 +197,21 @@ class ReformerCausalLM(TokenIdInputs, keras_hub.models.CausalLM):
             in_place=not in_xla_context() and not tf.executing_eagerly(),
         )
         return logits[:, None], hidden[:, None], cache
+
+    def make_train_function(self, force=False):
+        """Keras', its first call (which compiles the step) returning the
+        memory the compiler freed to the system as it runs
+        (`keras_reformer.memory`)."""
+        super().make_train_function(force=force)
+        self.train_function = memory.first_call_returns_freed_memory(self.train_function)
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        """Keras', its first call returning freed memory as
+        `make_train_function`'s does."""
+        super().make_test_function(force=force)
+        self.test_function = memory.first_call_returns_freed_memory(self.test_function)
+        return self.test_function
 
     def make_generate_function(self):
         """keras-hub's, but never XLA for a backbone with `reference_rules`:
