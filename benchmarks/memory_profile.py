@@ -7,6 +7,11 @@ benchmarks/train_step.py (graph mode, batch 1) at `--length`:
 
 - the CPU allocator's peak (`tf.config.experimental.get_memory_info`) of
   each of `--steps` steps after two warm-ups, and the process's peak RSS;
+  the step runs on TensorFlow's BFC CPU allocator
+  (`TF_CPU_ALLOCATOR_USE_BFC=true`, set here unless set already), which
+  always keeps these statistics and reports its allocations to the
+  profiler (TensorFlow's default CPU allocator does so only where
+  something has turned its statistics on);
 - the tensors alive at the peak of one profiled step, from the profiler's
   allocation and deallocation events, largest first, with the op that
   allocated each buffer (a buffer that an op reuses for its output keeps
@@ -164,6 +169,8 @@ def main():
         if args.jit:
             return xla_point(args.length)
         return point(args.length, args.steps)
+    if not args.jit:
+        os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     cmd = [sys.executable, os.path.abspath(__file__), "--point", "--length",
            str(args.length), "--steps", str(args.steps)] + (["--jit"] if args.jit else [])
     record = _common.run_json(cmd, timeout=3600, prefix="RESULT ")

@@ -224,6 +224,10 @@ def point(model, length, jit, steps):
         # XLA's own options change its memory and speed (the fusion
         # emitters, for one): a row records those it ran with.
         "xla_flags": os.environ.get("XLA_FLAGS", "") if jit else "",
+        # Whether the first call returned the compiler's freed memory
+        # (keras_reformer.memory; off with KERAS_REFORMER_KEEP_FREED_MEMORY=1).
+        "freed_memory": "returned" if model == "reformer"
+        and keras_reformer.memory.models_return_freed_memory() else "kept",
     })
 
 

@@ -20,10 +20,13 @@ with memory.returning_freed_memory():
     model.train_on_batch(x, y)       # compiles, then runs one step
 ```
 
-Without glibc (macOS, Windows, musl) both helpers do nothing.
+Without glibc (macOS, Windows, musl) both helpers do nothing. Setting the
+environment variable `KERAS_REFORMER_KEEP_FREED_MEMORY=1` turns the models'
+default off (`returning_freed_memory` itself still works).
 """
 
 import ctypes
+import os
 import threading
 
 # How often the helper thread returns freed memory while a call runs: a
@@ -113,10 +116,20 @@ class _FirstCallReturnsFreedMemory:
             return self.function(*args, **kwargs)
 
 
+KEEP_ENV = "KERAS_REFORMER_KEEP_FREED_MEMORY"
+
+
+def models_return_freed_memory():
+    """False when the environment variable `KERAS_REFORMER_KEEP_FREED_MEMORY`
+    is set to anything but "" or "0"."""
+    return os.environ.get(KEEP_ENV, "") in ("", "0")
+
+
 def first_call_returns_freed_memory(function):
     """`function` (a Keras train/test function), its first call run inside
-    `returning_freed_memory()`; `function` itself when already wrapped or
-    None."""
-    if function is None or isinstance(function, _FirstCallReturnsFreedMemory):
+    `returning_freed_memory()`; `function` itself when already wrapped, None,
+    or when `models_return_freed_memory()` is False."""
+    if function is None or isinstance(function, _FirstCallReturnsFreedMemory) \
+            or not models_return_freed_memory():
         return function
     return _FirstCallReturnsFreedMemory(function)

@@ -122,6 +122,21 @@ def test_first_call_only_runs_inside_the_context():
     assert memory.first_call_returns_freed_memory(None) is None
 
 
+@pytest.mark.parametrize("value, returns", [("", True), ("0", True), ("1", False),
+                                            ("yes", False)])
+def test_environment_turns_the_default_off(monkeypatch, value, returns):
+    monkeypatch.setenv(memory.KEEP_ENV, value)
+    assert memory.models_return_freed_memory() is returns
+
+    def step():
+        return len(_trim_threads())
+
+    wrapped = memory.first_call_returns_freed_memory(step)
+    assert (wrapped is step) is (not returns)
+    if GLIBC:
+        assert wrapped() == int(returns)
+
+
 @needs_glibc
 def test_causal_lm_trains_and_evaluates_with_its_first_calls_inside(monkeypatch):
     import keras
