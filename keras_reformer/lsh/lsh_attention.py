@@ -616,17 +616,20 @@ class LSHAttention(SelfAttentionCall, SeedStatesInWeights, keras.layers.Layer):
         if not self._heads_in_turn(p.x):
             outputs = self(query, training=training, **kwargs)
             return outputs, [outputs], [tf.cast(dy, outputs.dtype)]
-        head, per_head, bias = self._head_program(p, training)
-        d_out = Folded(tf.cast(dy, self.compute_dtype), self._axes(len(dy.shape))).tensor
-        total, dx, d_per_head = head_loop.sum_and_vjp_over_heads(
-            head, p.x, per_head, self.num_heads, per_head[1].shape[-1], d_out)
-        out = tf.cast(total, self.compute_dtype)
-        targets, grads = [p.x] + per_head, [dx] + d_per_head
-        if bias is not None:
-            # The bias is added after the loop; its gradient is dy's sum.
-            out = out + bias
-            targets.append(bias)
-            grads.append(tf.reduce_sum(d_out, axis=[0, 1]))
+        # Under the layer's name, as `call`'s ops are (profiles and graphs
+        # then show this loop as the layer's).
+        with tf.name_scope(self.name):
+            head, per_head, bias = self._head_program(p, training)
+            d_out = Folded(tf.cast(dy, self.compute_dtype), self._axes(len(dy.shape))).tensor
+            total, dx, d_per_head = head_loop.sum_and_vjp_over_heads(
+                head, p.x, per_head, self.num_heads, per_head[1].shape[-1], d_out)
+            out = tf.cast(total, self.compute_dtype)
+            targets, grads = [p.x] + per_head, [dx] + d_per_head
+            if bias is not None:
+                # The bias is added after the loop; its gradient is dy's sum.
+                out = out + bias
+                targets.append(bias)
+                grads.append(tf.reduce_sum(d_out, axis=[0, 1]))
         return p.folded.unfold(out), targets, grads
 
     def _prepare(self, query, query_mask, value_mask, key_mask, attention_mask,
