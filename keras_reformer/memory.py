@@ -29,10 +29,10 @@ import ctypes
 import os
 import threading
 
-# How often the helper thread returns freed memory while a call runs: a
-# malloc_trim over a process of a few GiB takes milliseconds, so this costs
-# well under 1% of a core, and an allocation peak that builds up faster
-# than this is rare (the compiler frees its memory over seconds).
+# How often the helper thread returns freed memory while a call runs:
+# often enough to return the compiler's memory before the step's buffers
+# take their place (a compile frees its memory over seconds), and each
+# malloc_trim only walks malloc's free lists, a small cost beside a step.
 INTERVAL_S = 0.1
 
 
