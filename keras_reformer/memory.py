@@ -29,6 +29,8 @@ import ctypes
 import os
 import threading
 
+from keras_reformer import _checks
+
 # How often the helper thread returns freed memory while a call runs:
 # often enough to return the compiler's memory before the step's buffers
 # take their place (a compile frees its memory over seconds), and each
@@ -71,11 +73,7 @@ class returning_freed_memory:
     """
 
     def __init__(self, interval_s=INTERVAL_S):
-        if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) \
-                or not interval_s > 0:
-            raise ValueError(
-                f"`interval_s` must be a number of seconds > 0; got {interval_s!r}")
-        self.interval_s = float(interval_s)
+        self.interval_s = _checks.positive_number("interval_s", interval_s)
         self._stop = threading.Event()
         self._thread = None
 
