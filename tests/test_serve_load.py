@@ -6,7 +6,9 @@ requests of which 10 malformed): every answer equals the sequential one and
 every malformed request (wrong dtype, wrong rank, a length above the
 maximum, an empty batch) is an InvalidArgumentError, with the requests after
 it still answered. The slow test is the full run (8 clients, 6,000
-requests): no mismatch, and RSS from request 2,000 to 6,000 grows under 1%.
+requests): no mismatch, and RSS from request 2,000 to 6,000 grows under 1%
+(`serve_load.growth`: the medians of the first and the last quarter of that
+span, which quick tests check on made-up readings).
 """
 
 import importlib
@@ -26,6 +28,32 @@ def serve_load(monkeypatch):
 def load_run(serve_load, *argv):
     argv = list(argv)
     return serve_load.run(serve_load.parse(argv), argv)
+
+
+def trace(readings, every=500):
+    return dict(trace=[[every * (k + 1), rss] for k, rss in enumerate(readings)])
+
+
+def test_growth_reads_a_steady_climb_through_noise(serve_load):
+    # 13 readings, 200 MiB base: a leak of 0.01 MiB per request adds 40 MiB
+    # (20%) from 2,000 to 6,000, under +-15 MiB of alternating noise.
+    noise = [15 * (-1) ** k for k in range(12)]
+    climb = [200 + 0.01 * 500 * (k + 1) + noise[k] for k in range(12)]
+    change = serve_load.growth(trace(climb))
+    # Readings 2,000-3,000 and 5,000-6,000 are k = 3..5 and 9..11.
+    expected = 100 * (sorted(climb[9:12])[1] - sorted(climb[3:6])[1]) / sorted(climb[3:6])[1]
+    assert change == pytest.approx(expected) and change > 10
+
+
+def test_growth_is_not_moved_by_one_outlying_reading(serve_load):
+    # Flat at 850 MiB but for a 20 MiB spike at request 6,000: the last
+    # reading alone would read +2.4%.
+    readings = [850.0] * 11 + [870.0]
+    assert serve_load.growth(trace(readings)) == 0.0
+
+
+def test_growth_needs_the_whole_span(serve_load):
+    assert serve_load.growth(trace([850.0] * 10)) is None  # up to 5,000 requests
 
 
 @pytest.mark.slow  # ~20 s; served signatures and bad requests: tests/test_export.py
