@@ -29,6 +29,8 @@ medians. Only ratios from one such run count: the machines are shared.
 
     python benchmarks/train_step.py                       # 1K..128K, CSV + plot
     python benchmarks/train_step.py --lengths 4096 --models reformer
+    python benchmarks/train_step.py --lengths 4096 131072 --models reformer \
+        --jit on --repeats 3      # 3 rounds, each length against 4K's in its round
     python benchmarks/train_step.py --peer --lengths 1024 4096 16384 65536
     python benchmarks/train_step.py --table train_step_peer_modes2.csv  # docs' table
 """
@@ -399,7 +401,40 @@ def peer_table(rows):
     return "\n".join(lines)
 
 
+def sweep_round(args, gflops, repeat):
+    """One round of the plain sweep: every length, model and mode in turn,
+    each a fresh process. With `--repeats` above 1 the rows carry their
+    `round` and `vs_shortest`: tokens/s over that of the round's shortest
+    length for the same model and mode, a ratio of two processes run
+    minutes apart rather than across the whole run."""
+    rows = []
+    for length in args.lengths:
+        for model in args.models:
+            for jit in args.jit:
+                row = {"model": model, "length": length, "jit": jit == "on"}
+                if args.repeats > 1:
+                    row["round"] = repeat + 1
+                if model == "mha" and length > args.mha_max_length:
+                    row["status"] = "not run: O(L^2) attention does not fit"
+                else:
+                    row.update(_common.run_point(
+                        __file__, [model, length, jit, args.steps], timeout=3600))
+                rows.append(add_utilisation(row, gflops))
+                _common.progress(f"{row}")
+    if args.repeats > 1:
+        shortest = min(args.lengths)
+        first = {(r["model"], r["jit"]): r.get("tokens_per_s")
+                 for r in rows if r["length"] == shortest}
+        for row in rows:
+            base = first.get((row["model"], row["jit"]))
+            if row.get("tokens_per_s") and base:
+                row["vs_shortest"] = round(row["tokens_per_s"] / base, 3)
+    return rows
+
+
 def check_args(parser, args):
+    if args.repeats is None:
+        args.repeats = 5 if args.peer else 1
     if any(n < 1 for n in args.lengths) or args.steps < 1 or args.repeats < 1:
         parser.error("--lengths, --steps and --repeats must be positive")
     if args.jit is None:
@@ -438,8 +473,10 @@ def main():
     parser.add_argument("--peer", action="store_true",
                         help="ours vs the PyTorch Reformer (benchmarks/peers), "
                              "alternating processes; ignores --models")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="with --peer: process pairs per length")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds of fresh processes: with --peer, process "
+                             "pairs per length (default 5); else rounds of the "
+                             "whole sweep (default 1)")
     parser.add_argument("--csv", help="default train_step.csv (train_step_peer.csv with --peer)")
     parser.add_argument("--table", nargs="+", metavar="CSV",
                         help="print these --peer CSVs (benchmarks/results/) as "
@@ -464,17 +501,8 @@ def main():
         plot_peer(rows, figure_path(args, path, "train_step_peer.png"))
         return report_peer(rows, gflops, path)
     rows = []
-    for length in args.lengths:
-        for model in args.models:
-            for jit in args.jit:
-                row = {"model": model, "length": length, "jit": jit == "on"}
-                if model == "mha" and length > args.mha_max_length:
-                    row["status"] = "not run: O(L^2) attention does not fit"
-                else:
-                    row.update(_common.run_point(
-                        __file__, [model, length, jit, args.steps], timeout=3600))
-                rows.append(add_utilisation(row, gflops))
-                _common.progress(f"{row}")
+    for repeat in range(args.repeats):
+        rows += sweep_round(args, gflops, repeat)
     path = _common.write_csv(args.csv or "train_step.csv", rows)
     if len(rows) > 1:  # (a single point, as the 128K row, draws nothing)
         plot(rows, figure_path(args, path, "train_step_benchmark.png"))

@@ -58,3 +58,31 @@ def test_rows_without_a_floor_have_no_floor_ratio(train_step, monkeypatch):
     rows = train_step.peer_sweep(args, gflops=100.0)
     assert all("above_import_mb" not in r and "above_import_ratio" not in r for r in rows)
     assert rows[0]["tokens_per_s_ratio"] == 1.0
+
+
+def test_sweep_rounds_compare_each_length_with_its_own_rounds_shortest(train_step, monkeypatch):
+    # Two rounds of 4K then 128K, XLA only; the machine is slower in round
+    # 2, so each 128K is compared with the 4K of its own round.
+    tokens = iter([5000, 4600, 4000, 3900])
+    started = []
+
+    def point(script, args, timeout):
+        started.append(args[1])
+        return dict(status="ok", tokens_per_s=next(tokens), peak_rss_mb=1000)
+
+    monkeypatch.setattr(train_step._common, "run_point", point)
+    args = types.SimpleNamespace(lengths=[4096, 131072], repeats=2, models=["reformer"],
+                                 jit=["on"], steps=2, mha_max_length=8192)
+    rows = [r for k in range(2) for r in train_step.sweep_round(args, None, k)]
+    assert started == [4096, 131072, 4096, 131072]  # rounds alternate the lengths
+    assert [(r["round"], r["length"], r["vs_shortest"]) for r in rows] == [
+        (1, 4096, 1.0), (1, 131072, 0.92), (2, 4096, 1.0), (2, 131072, 0.975)]
+
+
+def test_a_single_sweep_has_no_rounds(train_step, monkeypatch):
+    monkeypatch.setattr(train_step._common, "run_point",
+                        lambda *a, **k: dict(status="ok", tokens_per_s=10, peak_rss_mb=1))
+    args = types.SimpleNamespace(lengths=[1024, 2048], repeats=1, models=["reformer"],
+                                 jit=["off"], steps=1, mha_max_length=8192)
+    rows = train_step.sweep_round(args, None, 0)
+    assert all("round" not in r and "vs_shortest" not in r for r in rows)
