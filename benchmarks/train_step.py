@@ -264,9 +264,15 @@ def plot(rows, path):
             if not ok:
                 continue
             label = f"{model}{' + XLA' if jit else ''}"
-            xs = [r["length"] for r in ok]
-            axes[0].plot(xs, [r["tokens_per_s"] for r in ok], "o-", label=label)
-            axes[1].plot(xs, [r["peak_rss_mb"] for r in ok], "o-", label=label)
+            # One line per round (`--repeats`), in one colour: a single line
+            # through all rounds would run back from the longest length.
+            rounds = sorted({r.get("round", 1) for r in ok})
+            for k, round_ in enumerate(rounds):
+                mine = [r for r in ok if r.get("round", 1) == round_]
+                xs = [r["length"] for r in mine]
+                for ax, key in zip(axes, ("tokens_per_s", "peak_rss_mb")):
+                    ax.plot(xs, [r[key] for r in mine], "o-", label=label if k == 0 else None,
+                            color=f"C{2 * (model == 'mha') + jit}")
     _common.finish_length_figure(
         fig, axes, ("tokens / s (training step)", "peak RSS (MiB)"),
         "2-layer model, d 256, 4x64 heads, FFN 1024, batch 1, Adam", path)
